@@ -1,0 +1,9 @@
+//! The `dataset` crate owns everything between a user's annotation files and a batch of tensors:
+//! the `dataset`/`convert` sections of the experiment spec, COCO and KITTI readers, the
+//! memory-mapped dataset cache that every rank of a node maps read-only, the synthetic shapes
+//! dataset the demo and tests train on, the TAO/official augmentation, the distributed sampler, and
+//! collation into padded tch tensors with masks.
+
+pub mod config;
+
+pub use config::{AugmentationConfig, ConvertConfig, DataSource, DatasetConfig};

@@ -1,0 +1,48 @@
+//! The exit-code contract of `ddetr` and `ddetr-launch` (README "Exit codes").
+//!
+//! | code    | meaning                                                                      |
+//! |---------|------------------------------------------------------------------------------|
+//! | 0       | success                                                                      |
+//! | 1       | runtime failure (bad data, I/O, a rank failed after its restarts, …)         |
+//! | 2       | usage or spec error: bad flags, unreadable/invalid spec, unknown key          |
+//! | 128 + N | stopped by signal N after a clean shutdown (130 SIGINT, 143 SIGTERM)         |
+//!
+//! `ddetr-launch` returns 1 when a trainer failed and `--max-restarts` is spent (the message names
+//! the first failure: node, rank, exit code or signal, last lines of its stderr), 128 + N when it
+//! was itself stopped by signal N and shut its trainers down, and 2 for usage errors.
+
+use std::process::ExitCode;
+
+use ddetr_trainer::spec::SpecError;
+
+pub const SUCCESS: u8 = 0;
+pub const FAILURE: u8 = 1;
+pub const USAGE: u8 = 2;
+/// Base of the signal codes: 128 + signal number.
+pub const SIGNAL_BASE: u8 = 128;
+
+/// An error that is the user's invocation, not the run: exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The exit code for an error: 2 when anything in its chain is a usage or spec error, else 1.
+pub fn code_for(err: &anyhow::Error) -> u8 {
+    let usage = err.chain().any(|e| e.is::<SpecError>() || e.is::<UsageError>() || e.is::<clap::Error>());
+    if usage {
+        USAGE
+    } else {
+        FAILURE
+    }
+}
+
+/// Prints the error chain once, on one line, and turns it into the process exit code.
+pub fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::from(SUCCESS),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(code_for(&err))
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Reading a spec: YAML file → tree → `key.path=value` overrides → typed [`ExperimentSpec`] →
+//! validation. Every failure is a [`SpecError`] whose message is one line saying what is wrong and
+//! how to fix it.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::sections::ExperimentSpec;
+use super::validate::{validate, Notice};
+use super::SpecError;
+
+/// A spec after overrides and validation, with the notices validation produced (e.g. num_gpus
+/// raised to match gpu_ids).
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub spec: ExperimentSpec,
+    pub notices: Vec<Notice>,
+}
+
+/// Loads `path`, applies `overrides` (`key.path=value`, in order) and `results_dir` (the CLI's
+/// `-r`, applied last), and validates.
+pub fn load(path: &Path, overrides: &[String], results_dir: Option<&str>) -> Result<Resolved, SpecError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SpecError::Read { path: path.display().to_string(), reason: e.to_string() })?;
+    let tree = parse_yaml(&text).map_err(|reason| SpecError::Parse { path: path.display().to_string(), reason })?;
+    resolve_tree(tree, overrides, results_dir)
+}
+
+/// Like [`load`], from YAML text (tests, stdin).
+pub fn load_str(text: &str, overrides: &[String], results_dir: Option<&str>) -> Result<Resolved, SpecError> {
+    let tree = parse_yaml(text).map_err(|reason| SpecError::Parse { path: "<spec>".into(), reason })?;
+    resolve_tree(tree, overrides, results_dir)
+}
+
+fn resolve_tree(mut tree: Value, overrides: &[String], results_dir: Option<&str>) -> Result<Resolved, SpecError> {
+    if tree.is_null() {
+        tree = Value::Object(Map::new());
+    }
+    if !tree.is_object() {
+        return Err(SpecError::Parse {
+            path: "<spec>".into(),
+            reason: "the top level must be a mapping of sections (model:, dataset:, train:, …)".into(),
+        });
+    }
+    let mut overridden = Vec::new();
+    for raw in overrides {
+        let (key, value) = parse_override(raw)?;
+        set_path(&mut tree, &key, value.clone())?;
+        overridden.push((key, value, raw.split_once('=').map(|(_, v)| v.trim().to_string()).unwrap_or_default()));
+    }
+    if let Some(dir) = results_dir {
+        set_path(&mut tree, "results_dir", Value::String(dir.to_string()))?;
+    }
+    let spec = loop {
+        match deserialize(&tree) {
+            Ok(spec) => break spec,
+            Err(err) => {
+                // An override typed as a number/bool for a string key (`model_name=123`) is meant
+                // as the string: retry once with the raw text.
+                if let SpecError::BadValue { key, .. } = &err {
+                    if let Some((k, _, raw)) =
+                        overridden.iter().find(|(k, v, _)| k == key && !v.is_string() && !v.is_array())
+                    {
+                        let k = k.clone();
+                        let raw = Value::String(raw.clone());
+                        overridden.retain(|(o, _, _)| *o != k);
+                        set_path(&mut tree, &k, raw)?;
+                        continue;
+                    }
+                }
+                return Err(err);
+            }
+        }
+    };
+    let mut spec = spec;
+    let notices = validate(&mut spec)?;
+    Ok(Resolved { spec, notices })
+}
+
+/// Parses YAML into a JSON-like tree; the error says where (line:column).
+pub(crate) fn parse_yaml(text: &str) -> Result<Value, String> {
+    serde_yaml_ng::from_str::<Value>(text).map_err(|e| match e.location() {
+        Some(loc) => format!("line {} column {}: {}", loc.line(), loc.column(), strip_location(&e.to_string())),
+        None => e.to_string(),
+    })
+}
+
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// `key.path=value`: the value is read as a YAML scalar or flow sequence (`3`, `1e-4`, `true`,
+/// `[0,1]`, `resnet_50`, `"quoted"`).
+pub fn parse_override(raw: &str) -> Result<(String, Value), SpecError> {
+    let Some((key, value)) = raw.split_once('=') else {
+        return Err(SpecError::BadOverride {
+            raw: raw.to_string(),
+            reason: "expected key.path=value, e.g. train.num_epochs=3".into(),
+        });
+    };
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|part| part.is_empty()) {
+        return Err(SpecError::BadOverride {
+            raw: raw.to_string(),
+            reason: "the key is empty or has an empty component; write e.g. train.optim.lr=1e-4".into(),
+        });
+    }
+    let text = value.trim();
+    let parsed = if text.is_empty() {
+        Value::String(String::new())
+    } else {
+        parse_yaml(text).map_err(|reason| SpecError::BadOverride { raw: raw.to_string(), reason })?
+    };
+    Ok((key.to_string(), parsed))
+}
+
+/// Sets `a.b.c` in the tree, creating mappings on the way (a null section becomes a mapping).
+fn set_path(tree: &mut Value, key: &str, value: Value) -> Result<(), SpecError> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut node = tree;
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            *node = Value::Object(Map::new());
+        }
+        let Value::Object(map) = node else {
+            return Err(SpecError::BadOverride {
+                raw: key.to_string(),
+                reason: format!("{} is not a section, so it has no key '{}'", parts[..i].join("."), part),
+            });
+        };
+        if i + 1 == parts.len() {
+            map.insert(part.to_string(), value);
+            return Ok(());
+        }
+        node = map.entry(part.to_string()).or_insert(Value::Null);
+    }
+    unreachable!("a key has at least one component")
+}
+
+/// Tree → typed spec, with errors that name the key path.
+fn deserialize(tree: &Value) -> Result<ExperimentSpec, SpecError> {
+    serde_path_to_error::deserialize::<_, ExperimentSpec>(tree).map_err(|err| {
+        let path = clean_path(&err.path().to_string());
+        let message = err.inner().to_string();
+        classify(path, &message)
+    })
+}
+
+/// serde_path_to_error writes `?` for the root and `[0]` for list entries.
+fn clean_path(path: &str) -> String {
+    if path == "." || path == "?" {
+        String::new()
+    } else {
+        path.to_string()
+    }
+}
+
+/// Turns serde's message into the user-facing error: unknown keys and unknown enum values get
+/// the nearest valid name.
+fn classify(path: String, message: &str) -> SpecError {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (key, tail) = rest.split_once('`').unwrap_or((rest, ""));
+        let valid = backticked(tail);
+        // For unknown fields serde_path_to_error's path already ends with the unknown key.
+        let parent = match path.rsplit_once('.') {
+            Some((parent, last)) if last == key => parent.to_string(),
+            _ if path == key => String::new(),
+            _ => path.clone(),
+        };
+        let full = if parent.is_empty() { key.to_string() } else { format!("{parent}.{key}") };
+        return SpecError::UnknownKey { suggestion: nearest(key, &valid), key: full, section: parent, valid };
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let (value, tail) = rest.split_once('`').unwrap_or((rest, ""));
+        let valid = backticked(tail);
+        return SpecError::UnknownValue { suggestion: nearest(value, &valid), key: path, value: value.to_string(), valid };
+    }
+    SpecError::BadValue { key: path, reason: message.to_string() }
+}
+
+/// Names between backticks in serde's "expected one of `a`, `b`".
+fn backticked(text: &str) -> Vec<String> {
+    text.split('`').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+/// The valid name closest to `got`, if any is close enough to be a plausible typo.
+pub(crate) fn nearest(got: &str, valid: &[String]) -> Option<String> {
+    valid
+        .iter()
+        .map(|v| (strsim::normalized_damerau_levenshtein(&got.to_lowercase(), &v.to_lowercase()), v))
+        .filter(|(score, _)| *score >= 0.5)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, v)| v.clone())
+}

@@ -1,0 +1,67 @@
+//! The TAO Deformable DETR experiment spec: typed sections with TAO's defaults
+//! ([`sections`]), loading with `key.path=value` overrides and nearest-key suggestions ([`load`]),
+//! and cross-field validation ([`validate`]).
+
+pub mod load;
+pub mod sections;
+pub mod validate;
+
+pub use load::{load, load_str, Resolved};
+pub use sections::*;
+pub use validate::Notice;
+
+use sha2::{Digest, Sha256};
+
+/// Why a spec could not be used. Each message is one line: what is wrong, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read spec {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("spec {path} is not valid YAML: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("bad override '{raw}': {reason}")]
+    BadOverride { raw: String, reason: String },
+    #[error("{}", unknown_key_message(.key, .section, .suggestion, .valid))]
+    UnknownKey { key: String, section: String, suggestion: Option<String>, valid: Vec<String> },
+    #[error("{}", unknown_value_message(.key, .value, .suggestion, .valid))]
+    UnknownValue { key: String, value: String, suggestion: Option<String>, valid: Vec<String> },
+    #[error("{key}: {reason}")]
+    BadValue { key: String, reason: String },
+    #[error("{key} {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn unknown_key_message(key: &str, section: &str, suggestion: &Option<String>, valid: &[String]) -> String {
+    let place = if section.is_empty() { "at the top level".to_string() } else { format!("in {section}") };
+    match suggestion {
+        Some(s) => {
+            let fixed = if section.is_empty() { s.clone() } else { format!("{section}.{s}") };
+            format!("unknown key '{key}' {place}: did you mean '{fixed}'?")
+        }
+        None => format!("unknown key '{key}' {place}: valid keys are {}", valid.join(", ")),
+    }
+}
+
+fn unknown_value_message(key: &str, value: &str, suggestion: &Option<String>, valid: &[String]) -> String {
+    if key == "model.backbone" && value.starts_with("gc_vit") {
+        return format!(
+            "model.backbone '{value}': GCViT backbones are not supported by ddetr; use resnet_50 (or resnet_18/resnet_34 for small CPU runs)"
+        );
+    }
+    let hint = suggestion.as_ref().map(|s| format!(" (did you mean '{s}'?)")).unwrap_or_default();
+    format!("{key}: unknown value '{value}'{hint}; valid values are {}", valid.join(", "))
+}
+
+impl ExperimentSpec {
+    /// The resolved spec as YAML, every key present (what `ddetr spec show` prints and
+    /// `experiment.yaml` holds).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("a spec always serializes")
+    }
+
+    /// SHA-256 of the resolved spec's canonical JSON, hex. Ranks of one job must agree on it.
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a spec always serializes");
+        hex::encode(Sha256::digest(json))
+    }
+}

@@ -1,0 +1,457 @@
+//! The typed TAO Deformable DETR experiment spec: `model`, `train` (+`optim`), `evaluate`,
+//! `inference`, `export`, and the top level. The `dataset` and `convert` sections live in
+//! `ddetr-dataset`, which owns them.
+//!
+//! Keys and defaults mirror TAO's schema (`nvidia_tao_core/config/deformable_detr/{model,train,
+//! default_config}.py` and `config/common/common_config.py`); `../shared/reference/
+//! deformable-detr-anchors.md` §3.6 lists them. Where TAO's schema and its model builder disagree,
+//! the builder wins (num_select: the schema says 300, `pl_dd_model` builds `PostProcess()` with 100).
+//! ddetr's own additions are marked "(ddetr)".
+
+use std::collections::BTreeMap;
+
+use ddetr_dataset::config::{ConvertConfig, DatasetConfig};
+use serde::{Deserialize, Serialize};
+
+/// `model.backbone`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backbone {
+    /// (ddetr) for small CPU configs.
+    #[serde(rename = "resnet_18")]
+    Resnet18,
+    /// (ddetr) for small CPU configs.
+    #[serde(rename = "resnet_34")]
+    Resnet34,
+    #[serde(rename = "resnet_50")]
+    Resnet50,
+}
+
+/// `train.optim.optimizer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Optimizer {
+    AdamW,
+    SGD,
+}
+
+/// `train.optim.lr_scheduler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LrScheduler {
+    /// Multiply the lr by `lr_decay` at each epoch of `lr_steps`.
+    MultiStep,
+    /// Multiply the lr by `lr_decay` every `lr_step_size` epochs.
+    StepLR,
+}
+
+/// `train.optim.monitor_name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MonitorName {
+    ValLoss,
+    TrainLoss,
+}
+
+/// `train.precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    /// Autocast fp16 with dynamic loss scaling (CUDA only).
+    Fp16,
+    /// (ddetr) autocast bf16 (CUDA only).
+    Bf16,
+}
+
+/// `train.distributed_strategy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistributedStrategy {
+    /// Replicated parameters, bucketed gradient all-reduce.
+    Ddp,
+    /// Sharded optimizer state (ZeRO-2 or more).
+    Fsdp,
+}
+
+/// `export.format` (TAO: onnx or xdl).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    Onnx,
+}
+
+/// The `model` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A torchvision ResNet state dict loaded into `backbone.0.body`.
+    pub pretrained_backbone_path: Option<String>,
+    /// TAO DLD export directory (accepted for compatibility; unused).
+    pub dld_model_dir_path: Option<String>,
+    pub backbone: Backbone,
+    /// Train the backbone (layer2..layer4; the stem and layer1 stay frozen, as upstream).
+    pub train_backbone: bool,
+    pub num_queries: u32,
+    pub num_feature_levels: u32,
+    /// ResNet stages feeding the transformer: index i is `layer{i+1}`; 4 is the extra stride-2
+    /// conv level on top of the last stage. Length equals `num_feature_levels`.
+    pub return_interm_indices: Vec<u32>,
+    pub cls_loss_coef: f64,
+    pub bbox_loss_coef: f64,
+    pub giou_loss_coef: f64,
+    pub focal_alpha: f64,
+    /// TAO keeps this key in the model section; clipping uses `train.clip_grad_norm`.
+    pub clip_max_norm: f64,
+    pub with_box_refine: bool,
+    /// (ddetr) the official two-stage variant (needs `with_box_refine`).
+    pub two_stage: bool,
+    /// Top-k detections kept by the post-process.
+    pub num_select: u32,
+    pub nheads: u32,
+    pub dropout_ratio: f64,
+    pub hidden_dim: u32,
+    pub enc_layers: u32,
+    pub dec_layers: u32,
+    pub dim_feedforward: u32,
+    pub dec_n_points: u32,
+    pub enc_n_points: u32,
+    pub aux_loss: bool,
+    /// DC5: dilate the last ResNet stage instead of striding.
+    pub dilation: bool,
+    pub loss_types: Vec<String>,
+    /// Parameter-name prefixes trained with `lr_backbone`.
+    pub backbone_names: Vec<String>,
+    /// Parameter-name substrings trained with `lr × lr_linear_proj_mult`.
+    pub linear_proj_names: Vec<String>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            pretrained_backbone_path: None,
+            dld_model_dir_path: None,
+            backbone: Backbone::Resnet50,
+            train_backbone: true,
+            num_queries: 300,
+            num_feature_levels: 4,
+            return_interm_indices: vec![1, 2, 3, 4],
+            cls_loss_coef: 2.0,
+            bbox_loss_coef: 5.0,
+            giou_loss_coef: 2.0,
+            focal_alpha: 0.25,
+            clip_max_norm: 0.1,
+            with_box_refine: true,
+            two_stage: false,
+            num_select: 100,
+            nheads: 8,
+            dropout_ratio: 0.3,
+            hidden_dim: 256,
+            enc_layers: 6,
+            dec_layers: 6,
+            dim_feedforward: 1024,
+            dec_n_points: 4,
+            enc_n_points: 4,
+            aux_loss: true,
+            dilation: false,
+            loss_types: vec!["labels".into(), "boxes".into()],
+            backbone_names: vec!["backbone.0".into()],
+            linear_proj_names: vec!["reference_points".into(), "sampling_offsets".into()],
+        }
+    }
+}
+
+/// `train.optim`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub optimizer: Optimizer,
+    pub monitor_name: MonitorName,
+    pub lr: f64,
+    pub lr_backbone: f64,
+    pub lr_linear_proj_mult: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub lr_scheduler: LrScheduler,
+    /// Epochs at which MultiStep decays the lr; strictly increasing.
+    pub lr_steps: Vec<u32>,
+    /// StepLR period in epochs.
+    pub lr_step_size: u32,
+    pub lr_decay: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            optimizer: Optimizer::AdamW,
+            monitor_name: MonitorName::ValLoss,
+            lr: 2e-4,
+            lr_backbone: 2e-5,
+            lr_linear_proj_mult: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            lr_scheduler: LrScheduler::MultiStep,
+            lr_steps: vec![40],
+            lr_step_size: 40,
+            lr_decay: 0.1,
+        }
+    }
+}
+
+/// `train.cudnn`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CudnnConfig {
+    pub benchmark: bool,
+    pub deterministic: bool,
+}
+
+impl Default for CudnnConfig {
+    fn default() -> Self {
+        Self { benchmark: false, deterministic: true }
+    }
+}
+
+/// The `train` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub num_gpus: u32,
+    pub gpu_ids: Vec<u32>,
+    pub num_nodes: u32,
+    /// Base seed (rank r uses seed + r); negative disables the fixed seed.
+    pub seed: i64,
+    pub cudnn: CudnnConfig,
+    pub num_epochs: u32,
+    /// Epochs between `model_epoch_NNN` checkpoints.
+    pub checkpoint_interval: u32,
+    /// Epochs between validations.
+    pub validation_interval: u32,
+    pub resume_training_checkpoint_path: Option<String>,
+    /// Defaults to `<results_dir>/train`.
+    pub results_dir: Option<String>,
+    /// Parameter-name prefixes to freeze, e.g. `["backbone", "transformer.encoder"]`.
+    pub freeze: Vec<String>,
+    /// A full Deformable DETR checkpoint to start from (class heads of another shape are skipped).
+    pub pretrained_model_path: Option<String>,
+    /// Global gradient L2-norm clip; 0 disables.
+    pub clip_grad_norm: f64,
+    pub is_dry_run: bool,
+    pub optim: OptimConfig,
+    pub precision: Precision,
+    pub distributed_strategy: DistributedStrategy,
+    /// Recompute encoder activations in backward to save memory.
+    pub activation_checkpoint: bool,
+    pub verbose: bool,
+    pub input_width: Option<u32>,
+    pub input_height: Option<u32>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            num_gpus: 1,
+            gpu_ids: vec![0],
+            num_nodes: 1,
+            seed: 1234,
+            cudnn: CudnnConfig::default(),
+            num_epochs: 10,
+            checkpoint_interval: 1,
+            validation_interval: 1,
+            resume_training_checkpoint_path: None,
+            results_dir: None,
+            freeze: Vec::new(),
+            pretrained_model_path: None,
+            clip_grad_norm: 0.1,
+            is_dry_run: false,
+            optim: OptimConfig::default(),
+            precision: Precision::Fp32,
+            distributed_strategy: DistributedStrategy::Ddp,
+            activation_checkpoint: true,
+            verbose: false,
+            input_width: None,
+            input_height: None,
+        }
+    }
+}
+
+/// The `evaluate` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvaluateConfig {
+    pub num_gpus: u32,
+    pub gpu_ids: Vec<u32>,
+    pub num_nodes: u32,
+    pub checkpoint: Option<String>,
+    /// TAO-deploy only (accepted for compatibility; unused).
+    pub trt_engine: Option<String>,
+    /// Defaults to `<results_dir>/evaluate`.
+    pub results_dir: Option<String>,
+    pub input_width: Option<u32>,
+    pub input_height: Option<u32>,
+    pub conf_threshold: f64,
+}
+
+impl Default for EvaluateConfig {
+    fn default() -> Self {
+        Self {
+            num_gpus: 1,
+            gpu_ids: vec![0],
+            num_nodes: 1,
+            checkpoint: None,
+            trt_engine: None,
+            results_dir: None,
+            input_width: None,
+            input_height: None,
+            conf_threshold: 0.0,
+        }
+    }
+}
+
+/// The `inference` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InferenceConfig {
+    pub num_gpus: u32,
+    pub gpu_ids: Vec<u32>,
+    pub num_nodes: u32,
+    pub checkpoint: Option<String>,
+    /// TAO-deploy only (accepted for compatibility; unused).
+    pub trt_engine: Option<String>,
+    /// Defaults to `<results_dir>/inference`.
+    pub results_dir: Option<String>,
+    /// Class name → colour name or `#rrggbb` for the rendered boxes.
+    pub color_map: Option<BTreeMap<String, String>>,
+    pub conf_threshold: f64,
+    pub is_internal: bool,
+    pub input_width: Option<u32>,
+    pub input_height: Option<u32>,
+    pub outline_width: u32,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            num_gpus: 1,
+            gpu_ids: vec![0],
+            num_nodes: 1,
+            checkpoint: None,
+            trt_engine: None,
+            results_dir: None,
+            color_map: None,
+            conf_threshold: 0.5,
+            is_internal: false,
+            input_width: None,
+            input_height: None,
+            outline_width: 3,
+        }
+    }
+}
+
+/// The `export` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Defaults to `<results_dir>/export`.
+    pub results_dir: Option<String>,
+    pub gpu_id: u32,
+    pub checkpoint: Option<String>,
+    pub onnx_file: Option<String>,
+    pub on_cpu: bool,
+    pub input_channel: u32,
+    pub input_width: u32,
+    pub input_height: u32,
+    pub opset_version: u32,
+    /// -1 exports a dynamic batch axis.
+    pub batch_size: i32,
+    pub verbose: bool,
+    pub serialize_nvdsinfer: bool,
+    pub format: ExportFormat,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            results_dir: None,
+            gpu_id: 0,
+            checkpoint: None,
+            onnx_file: None,
+            on_cpu: false,
+            input_channel: 3,
+            input_width: 960,
+            input_height: 544,
+            opset_version: 17,
+            batch_size: -1,
+            verbose: false,
+            serialize_nvdsinfer: false,
+            format: ExportFormat::Onnx,
+        }
+    }
+}
+
+/// The whole experiment spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExperimentSpec {
+    /// TAO's model-agnostic entry point name (accepted; unused).
+    pub model_name: Option<String>,
+    /// TAO's checkpoint encryption key. ddetr does not encrypt: must be empty.
+    pub encryption_key: Option<String>,
+    /// Where every task writes; each task uses `<results_dir>/<task>` unless its own is set.
+    pub results_dir: String,
+    pub model: ModelConfig,
+    pub dataset: DatasetConfig,
+    pub train: TrainConfig,
+    pub evaluate: EvaluateConfig,
+    pub inference: InferenceConfig,
+    pub export: ExportConfig,
+    pub convert: ConvertConfig,
+    /// TAO's Weights & Biases settings (accepted; ddetr does not upload anywhere).
+    pub wandb: Option<serde_json::Value>,
+    /// TAO-deploy's TensorRT engine settings (accepted; not a ddetr task).
+    pub gen_trt_engine: Option<serde_json::Value>,
+}
+
+impl Default for ExperimentSpec {
+    fn default() -> Self {
+        Self {
+            model_name: None,
+            encryption_key: None,
+            results_dir: "results".into(),
+            model: ModelConfig::default(),
+            dataset: DatasetConfig::default(),
+            train: TrainConfig::default(),
+            evaluate: EvaluateConfig::default(),
+            inference: InferenceConfig::default(),
+            export: ExportConfig::default(),
+            convert: ConvertConfig::default(),
+            wandb: None,
+            gen_trt_engine: None,
+        }
+    }
+}
+
+/// The tasks that own a results sub-folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    Train,
+    Evaluate,
+    Inference,
+    Export,
+}
+
+impl ExperimentSpec {
+    /// The folder a task writes to: its own `results_dir` if set, else `<results_dir>/<task>`
+    /// (TAO's layout).
+    pub fn task_results_dir(&self, task: Task) -> std::path::PathBuf {
+        let (own, name) = match task {
+            Task::Train => (&self.train.results_dir, "train"),
+            Task::Evaluate => (&self.evaluate.results_dir, "evaluate"),
+            Task::Inference => (&self.inference.results_dir, "inference"),
+            Task::Export => (&self.export.results_dir, "export"),
+        };
+        match own {
+            Some(dir) if !dir.is_empty() => dir.into(),
+            _ => std::path::Path::new(&self.results_dir).join(name),
+        }
+    }
+}
