@@ -8,6 +8,7 @@
 //! that, every operation of a [`Communicator`] has a deadline, so a dead peer is an error that
 //! names its rank, never a hang.
 
+pub mod bench;
 pub mod comm;
 pub mod cpu;
 pub mod nccl;
