@@ -24,7 +24,9 @@ impl std::str::FromStr for BenchOp {
             "all_reduce" => Ok(BenchOp::AllReduce),
             "all_gather" => Ok(BenchOp::AllGather),
             "reduce_scatter" => Ok(BenchOp::ReduceScatter),
-            other => Err(format!("unknown op {other:?}: use all_reduce, all_gather or reduce_scatter")),
+            other => Err(format!(
+                "unknown op {other:?}: use all_reduce, all_gather or reduce_scatter"
+            )),
         }
     }
 }
@@ -73,11 +75,19 @@ fn sync_device(device: Device) {
 
 /// Measures `op` on f32 buffers of `bytes` (rounded down to a multiple of 4 × world) on `device`.
 /// Collective: every rank calls it with the same arguments.
-pub fn measure(comm: &Communicator, op: BenchOp, bytes: usize, device: Device) -> Result<Measurement> {
+pub fn measure(
+    comm: &Communicator,
+    op: BenchOp,
+    bytes: usize,
+    device: Device,
+) -> Result<Measurement> {
     let n = comm.world();
     let count = (bytes / 4 / n * n) as i64;
     if count == 0 {
-        return Err(CollectiveError::InvalidArgument { op: "bench", what: format!("{bytes} bytes is too small for {n} ranks") });
+        return Err(CollectiveError::InvalidArgument {
+            op: "bench",
+            what: format!("{bytes} bytes is too small for {n} ranks"),
+        });
     }
     let opts = (Kind::Float, device);
     let per_rank = count / n as i64;
@@ -107,7 +117,13 @@ pub fn measure(comm: &Communicator, op: BenchOp, bytes: usize, device: Device) -
     let time_s = slowest.double_value(&[0]);
     let s = count as f64 * 4.0;
     let algbw_gbps = s / time_s / 1e9;
-    Ok(Measurement { bytes: count as usize * 4, iters, time_s, algbw_gbps, busbw_gbps: algbw_gbps * op.bus_factor(n) })
+    Ok(Measurement {
+        bytes: count as usize * 4,
+        iters,
+        time_s,
+        algbw_gbps,
+        busbw_gbps: algbw_gbps * op.bus_factor(n),
+    })
 }
 
 #[cfg(test)]

@@ -122,6 +122,10 @@ pub enum CollectiveError {
     NcclLoad(#[from] nccl::NcclLoadError),
     #[error("{call} failed: {reason}")]
     Nccl { call: &'static str, reason: String },
+    #[error("the NCCL backend needs one CUDA GPU per local rank, but {what}: use the cpu backend on this machine, or check CUDA_VISIBLE_DEVICES")]
+    NoGpu { what: String },
+    #[error("{op} did not complete on the GPU within {timeout:?}: a peer rank is dead or stuck (NCCL cannot tell which); the communicator was aborted, check the other ranks' logs")]
+    NcclTimeout { op: &'static str, timeout: Duration },
     #[error("the communicator was aborted on this rank; build a new one")]
     AbortedLocally,
 }

@@ -297,7 +297,13 @@ fn env(transport: &str, timeout_s: &str) -> Vec<(&'static str, String)> {
 fn shm_ops_equal_reference_for_worlds_2_3_4() {
     // Worlds up to 4 all-reduce with the direct scheme by default; the split rounds (the default
     // above 4) run forced at world 3 and by default at world 5.
-    for (world, algo) in [(2, "default"), (3, "default"), (4, "default"), (3, "split"), (5, "default")] {
+    for (world, algo) in [
+        (2, "default"),
+        (3, "default"),
+        (4, "default"),
+        (3, "split"),
+        (5, "default"),
+    ] {
         let mut env = env("shm", "20");
         if algo != "default" {
             env.push(("DDETR_SHM_ALLREDUCE", algo.into()));
@@ -305,7 +311,11 @@ fn shm_ops_equal_reference_for_worlds_2_3_4() {
         let ranks = launch("collectives", "ops", world, &env, Duration::from_secs(90));
         assert_all_ok(&format!("ops/shm/{algo}"), &ranks);
         let pids: Vec<u32> = ranks.iter().map(|r| r.pid).collect();
-        assert_eq!(leftover_segments(&pids), Vec::<String>::new(), "segments left in /dev/shm");
+        assert_eq!(
+            leftover_segments(&pids),
+            Vec::<String>::new(),
+            "segments left in /dev/shm"
+        );
     }
 }
 

@@ -64,7 +64,9 @@ fn parse_size(s: &str) -> Result<usize, String> {
         Some('G' | 'g') => (&s[..s.len() - 1], 30),
         _ => (s, 0),
     };
-    num.parse::<usize>().map(|n| n << shift).map_err(|_| format!("bad size {s:?}: use bytes or K/M/G, e.g. 64M"))
+    num.parse::<usize>()
+        .map(|n| n << shift)
+        .map_err(|_| format!("bad size {s:?}: use bytes or K/M/G, e.g. 64M"))
 }
 
 fn human(bytes: usize) -> String {
@@ -82,13 +84,28 @@ pub fn run(args: CollectiveArgs) -> anyhow::Result<()> {
         return worker(&args, addr);
     }
     if args.nproc < 2 {
-        bail!("--nproc {} measures nothing: use --nproc 2 or more", args.nproc);
+        bail!(
+            "--nproc {} measures nothing: use --nproc 2 or more",
+            args.nproc
+        );
     }
     if args.sizes.is_empty() {
         bail!("--sizes is empty: give at least one size, e.g. --sizes 64M");
     }
+    if args.backend == Backend::Nccl {
+        let gpus = tch::Cuda::device_count() as usize;
+        if gpus < args.nproc {
+            bail!("--backend nccl --nproc {} needs {} CUDA GPUs but {gpus} are visible: use --backend cpu here, or fewer processes", args.nproc, args.nproc);
+        }
+    }
     let (backend, ours) = run_ranks(&args)?;
-    println!("ddetr {} {} nproc={} ({} backend)", args.op.name(), backend, args.nproc, backend);
+    println!(
+        "ddetr {} {} nproc={} ({} backend)",
+        args.op.name(),
+        backend,
+        args.nproc,
+        backend
+    );
     for m in &ours {
         println!(
             "  ddetr size={:>7} time={:9.3}ms algbw={:7.2}GB/s busbw={:7.2}GB/s iters={}",
@@ -102,7 +119,11 @@ pub fn run(args: CollectiveArgs) -> anyhow::Result<()> {
     let peer = if args.no_peer {
         Err("skipped (--no-peer)".to_string())
     } else if args.op != BenchOp::AllReduce || args.backend != Backend::Cpu {
-        Err(format!("the gloo peer measures CPU all_reduce only, not {} on {:?}", args.op.name(), args.backend))
+        Err(format!(
+            "the gloo peer measures CPU all_reduce only, not {} on {:?}",
+            args.op.name(),
+            args.backend
+        ))
     } else {
         run_gloo(&args)
     };
@@ -125,7 +146,10 @@ pub fn run(args: CollectiveArgs) -> anyhow::Result<()> {
         last.algbw_gbps,
         last.busbw_gbps
     );
-    match peer.ok().and_then(|lines| lines.into_iter().find(|l| l.mib << 20 == last.bytes)) {
+    match peer
+        .ok()
+        .and_then(|lines| lines.into_iter().find(|l| l.mib << 20 == last.bytes))
+    {
         Some(g) => kv.push_str(&format!(
             " gloo_time_ms={:.3} gloo_busbw_gbps={:.3} speedup_vs_gloo={:.2}",
             g.time_ms,
@@ -160,7 +184,11 @@ fn run_ranks(args: &CollectiveArgs) -> anyhow::Result<(String, Vec<Measurement>)
         cmd.args(["bench", "collective", "--op", args.op.name(), "--nproc"])
             .arg(args.nproc.to_string())
             .arg("--backend")
-            .arg(if args.backend == Backend::Cpu { "cpu" } else { "nccl" })
+            .arg(if args.backend == Backend::Cpu {
+                "cpu"
+            } else {
+                "nccl"
+            })
             .arg("--transport")
             .arg(match args.transport {
                 Transport::Auto => "auto",
@@ -176,12 +204,24 @@ fn run_ranks(args: &CollectiveArgs) -> anyhow::Result<(String, Vec<Measurement>)
             .env("LOCAL_RANK", rank.to_string())
             .env("LOCAL_WORLD_SIZE", args.nproc.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
-            .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
+            .stdout(if rank == 0 {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::inherit());
-        ranks.0.push(cmd.spawn().with_context(|| format!("cannot spawn rank {rank}"))?);
+        ranks.0.push(
+            cmd.spawn()
+                .with_context(|| format!("cannot spawn rank {rank}"))?,
+        );
     }
     let stdout = ranks.0[0].stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>());
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
     let deadline = Instant::now() + RANKS_LIMIT;
     let mut done = vec![false; args.nproc];
     while done.iter().any(|d| !d) {
@@ -201,7 +241,9 @@ fn run_ranks(args: &CollectiveArgs) -> anyhow::Result<(String, Vec<Measurement>)
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let lines = reader.join().map_err(|_| anyhow::anyhow!("rank 0's output reader panicked"))?;
+    let lines = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("rank 0's output reader panicked"))?;
     let mut backend = String::from("unknown");
     let mut out = Vec::new();
     for l in lines {
@@ -219,7 +261,11 @@ fn run_ranks(args: &CollectiveArgs) -> anyhow::Result<(String, Vec<Measurement>)
         }
     }
     if out.len() != args.sizes.len() {
-        bail!("rank 0 reported {} of {} sizes", out.len(), args.sizes.len());
+        bail!(
+            "rank 0 reported {} of {} sizes",
+            out.len(),
+            args.sizes.len()
+        );
     }
     Ok((backend, out))
 }
@@ -231,15 +277,22 @@ fn worker(args: &CollectiveArgs, store_addr: &str) -> anyhow::Result<()> {
     cfg.transport = args.transport;
     let (comm, device) = match args.backend {
         Backend::Cpu => (Communicator::cpu(&store, info, &cfg)?, tch::Device::Cpu),
-        Backend::Nccl => todo!(),
+        Backend::Nccl => (
+            Communicator::nccl(&store, info, &cfg)?,
+            tch::Device::Cuda(info.local_rank),
+        ),
     };
     if info.rank == 0 {
         println!("BACKEND {}", comm.backend_name());
     }
     for &bytes in &args.sizes {
-        let m = measure(&comm, args.op, bytes, device).with_context(|| format!("{} of {}", args.op.name(), human(bytes)))?;
+        let m = measure(&comm, args.op, bytes, device)
+            .with_context(|| format!("{} of {}", args.op.name(), human(bytes)))?;
         if info.rank == 0 {
-            println!("RESULT {} {} {} {} {}", m.bytes, m.iters, m.time_s, m.algbw_gbps, m.busbw_gbps);
+            println!(
+                "RESULT {} {} {} {} {}",
+                m.bytes, m.iters, m.time_s, m.algbw_gbps, m.busbw_gbps
+            );
         }
     }
     Ok(())
@@ -271,7 +324,12 @@ fn default_python() -> PathBuf {
 
 /// Runs the gloo peer; Err says why there is no figure.
 fn run_gloo(args: &CollectiveArgs) -> Result<Vec<GlooLine>, String> {
-    let mibs: Vec<usize> = args.sizes.iter().filter(|b| *b % (1 << 20) == 0).map(|b| b >> 20).collect();
+    let mibs: Vec<usize> = args
+        .sizes
+        .iter()
+        .filter(|b| *b % (1 << 20) == 0)
+        .map(|b| b >> 20)
+        .collect();
     if mibs.is_empty() {
         return Err("the gloo peer takes whole MiB sizes only".into());
     }
@@ -279,8 +337,12 @@ fn run_gloo(args: &CollectiveArgs) -> Result<Vec<GlooLine>, String> {
     let script = match &args.gloo_script {
         Some(p) => p.clone(),
         None => {
-            tmp = tempfile::Builder::new().suffix(".py").tempfile().map_err(|e| format!("cannot write the peer script: {e}"))?;
-            std::fs::write(tmp.path(), GLOO_PEER).map_err(|e| format!("cannot write the peer script: {e}"))?;
+            tmp = tempfile::Builder::new()
+                .suffix(".py")
+                .tempfile()
+                .map_err(|e| format!("cannot write the peer script: {e}"))?;
+            std::fs::write(tmp.path(), GLOO_PEER)
+                .map_err(|e| format!("cannot write the peer script: {e}"))?;
             tmp.path().to_path_buf()
         }
     };
@@ -295,15 +357,29 @@ fn run_gloo(args: &CollectiveArgs) -> Result<Vec<GlooLine>, String> {
         .map_err(|e| format!("cannot run {}: {e} (pass --python)", python.display()))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("peer failed ({}): {}", out.status, err.lines().last().unwrap_or("")));
+        return Err(format!(
+            "peer failed ({}): {}",
+            out.status,
+            err.lines().last().unwrap_or("")
+        ));
     }
     let mut lines = Vec::new();
     for l in String::from_utf8_lossy(&out.stdout).lines() {
         // gloo world=2 size=64MiB time=44.71ms algbw=1.50GB/s busbw=1.50GB/s
-        let field = |k: &str| l.split_whitespace().find_map(|f| f.strip_prefix(k)).map(|v| v.trim_end_matches(|c: char| c.is_alphabetic() || c == '/'));
-        if let (Some(size), Some(t), Some(bus)) = (field("size="), field("time="), field("busbw=")) {
+        let field = |k: &str| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix(k))
+                .map(|v| v.trim_end_matches(|c: char| c.is_alphabetic() || c == '/'))
+        };
+        if let (Some(size), Some(t), Some(bus)) = (field("size="), field("time="), field("busbw="))
+        {
             if let (Ok(mib), Ok(time_ms), Ok(busbw_gbps)) = (size.parse(), t.parse(), bus.parse()) {
-                lines.push(GlooLine { line: l.to_string(), mib, time_ms, busbw_gbps });
+                lines.push(GlooLine {
+                    line: l.to_string(),
+                    mib,
+                    time_ms,
+                    busbw_gbps,
+                });
             }
         }
     }

@@ -244,13 +244,20 @@ impl ShmTransport {
             seq: AtomicU32::new(0),
             rounds: AtomicU64::new(0),
             calls: AtomicU64::new(0),
-            spin: std::env::var("DDETR_SHM_SPIN").ok().and_then(|v| v.parse().ok()).unwrap_or(
-                if world <= std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) {
-                    DEFAULT_SPIN
-                } else {
-                    200
-                },
-            ),
+            spin: std::env::var("DDETR_SHM_SPIN")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(
+                    if world
+                        <= std::thread::available_parallelism()
+                            .map(|n| n.get())
+                            .unwrap_or(1)
+                    {
+                        DEFAULT_SPIN
+                    } else {
+                        200
+                    },
+                ),
             yields: 8,
             direct: match std::env::var("DDETR_SHM_ALLREDUCE").as_deref() {
                 Ok("direct") => true,
@@ -532,7 +539,14 @@ impl ShmTransport {
     /// one sync, then every rank reduces all slots itself (in rank order, so all ranks compute
     /// identical bits). One sync per round instead of two, and the same memory traffic to DRAM;
     /// the extra reads hit the shared L3.
-    fn all_reduce_direct(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, desc: CallDesc, parity: usize) -> Result<()> {
+    fn all_reduce_direct(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        desc: CallDesc,
+        parity: usize,
+    ) -> Result<()> {
         const OP: &str = "all_reduce";
         let (r, w, es) = (self.rank, self.world, dtype.size());
         let count = buf.len() / es;
