@@ -11,8 +11,10 @@
 pub mod bench;
 pub mod comm;
 pub mod cpu;
+pub mod ddp;
 pub mod nccl;
 pub mod store;
+pub mod zero;
 
 use std::time::Duration;
 
