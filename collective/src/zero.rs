@@ -91,6 +91,13 @@ impl<'c> ShardedAdamW<'c> {
         let shard = (total + world - 1) / world;
         let device = first.device();
         let zeros = || Tensor::zeros([shard], (Kind::Float, device));
+        tracing::info!(
+            rank = comm.rank(),
+            params = total,
+            state_bytes_per_rank = 2 * shard * 4,
+            unsharded_state_bytes = 2 * total * 4,
+            "sharded AdamW (ZeRO-2): optimizer state per rank"
+        );
         Ok(Self {
             comm,
             cfg,

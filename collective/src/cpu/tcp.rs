@@ -4,8 +4,10 @@
 //! its own thread while the receive side reduces each piece as it arrives.
 //!
 //! Every socket read and write has the communicator's timeout; a peer that dies closes its
-//! sockets, so its neighbours fail at once naming it, and the others when the failure reaches
-//! them.
+//! sockets, so its neighbours fail at once. Besides the ring, every pair of ranks shares a control
+//! connection that carries only failure notices: the rank that sees a connection break finds the
+//! culprit (a notice from another rank, else the rank whose control connection closed, else its
+//! neighbour) and tells everyone, so every rank's error names the rank that actually failed.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -23,6 +25,10 @@ const HELLO: u64 = 0x6464_6574_7274_6370; // "ddetrtcp"
 /// Bytes received and reduced at a time while the send of the same step is in flight.
 const PIECE: usize = 256 << 10;
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
+const KIND_DATA: u32 = 0;
+const KIND_CONTROL: u32 = 1;
+/// How long a rank that saw a connection break waits for a notice naming the failed rank.
+const DIAGNOSE_WAIT: Duration = Duration::from_millis(200);
 
 struct Conns {
     /// To rank+1.
@@ -37,6 +43,8 @@ pub(crate) struct TcpTransport {
     conns: Mutex<Conns>,
     /// Clones used by `abort` to shut the sockets from any thread.
     shut: Vec<TcpStream>,
+    /// Control connections to every other rank (failure notices only), non-blocking.
+    control: Mutex<Vec<Option<TcpStream>>>,
     timeout: Duration,
     aborted: AtomicBool,
 }
@@ -86,65 +94,98 @@ impl TcpTransport {
         store.set(&format!("{key}/tcp/{rank}"), me.to_string().as_bytes())?;
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
-        let next_addr: SocketAddr =
-            String::from_utf8_lossy(&store.get_wait(&format!("{key}/tcp/{next}"), timeout)?)
-                .parse()
-                .map_err(|e| tcp_err(format!("rank {next} published a bad endpoint: {e}")))?;
         let deadline = Instant::now() + timeout;
-        let mut send = loop {
-            match TcpStream::connect_timeout(&next_addr, Duration::from_secs(1)) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(CollectiveError::PeerLost {
-                        op: "connect",
-                        rank: next,
-                        reason: format!("cannot connect to {next_addr}: {e}"),
-                    })
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
+        let addr_of = |peer: usize| -> Result<SocketAddr> {
+            String::from_utf8_lossy(&store.get_wait(&format!("{key}/tcp/{peer}"), timeout)?)
+                .parse()
+                .map_err(|e| tcp_err(format!("rank {peer} published a bad endpoint: {e}")))
         };
-        let mut hello = HELLO.to_le_bytes().to_vec();
-        hello.extend_from_slice(&(rank as u32).to_le_bytes());
-        send.write_all(&hello)
-            .map_err(|e| CollectiveError::PeerLost {
+        let connect = |peer: usize, kind: u32| -> Result<TcpStream> {
+            let addr = addr_of(peer)?;
+            let mut s = loop {
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(CollectiveError::PeerLost {
+                            op: "connect",
+                            rank: peer,
+                            reason: format!("cannot connect to {addr}: {e}"),
+                        })
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            let mut hello = HELLO.to_le_bytes().to_vec();
+            hello.extend_from_slice(&(rank as u32).to_le_bytes());
+            hello.extend_from_slice(&kind.to_le_bytes());
+            s.write_all(&hello).map_err(|e| CollectiveError::PeerLost {
                 op: "connect",
-                rank: next,
+                rank: peer,
                 reason: e.to_string(),
             })?;
+            Ok(s)
+        };
+        // The data ring: send to rank+1, receive from rank-1. The control mesh: rank j connects
+        // to every rank i < j; it carries only failure notices.
+        let mut send = connect(next, KIND_DATA)?;
+        let mut control: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        for (i, slot) in control.iter_mut().enumerate().take(rank) {
+            *slot = Some(connect(i, KIND_CONTROL)?);
+        }
         listener.set_nonblocking(true).map_err(tcp_err)?;
-        let mut recv = loop {
+        let mut recv = None;
+        let mut expected_control = world - 1 - rank;
+        while recv.is_none() || expected_control > 0 {
             match listener.accept() {
-                Ok((s, _)) => {
+                Ok((mut s, _)) => {
                     s.set_nonblocking(false).map_err(tcp_err)?;
                     s.set_read_timeout(Some(timeout)).map_err(tcp_err)?;
-                    let mut h = [0u8; 12];
-                    let mut s = s;
-                    if s.read_exact(&mut h).is_ok()
-                        && u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) == HELLO
-                        && u32::from_le_bytes(h[8..].try_into().expect("4 bytes")) as usize == prev
+                    let mut h = [0u8; 16];
+                    if s.read_exact(&mut h).is_err()
+                        || u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) != HELLO
                     {
-                        break s;
+                        tracing::warn!("ignoring a connection that is not from this ring");
+                        continue;
                     }
-                    tracing::warn!("ignoring a connection that is not rank {prev} of this ring");
+                    let from = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")) as usize;
+                    match u32::from_le_bytes(h[12..].try_into().expect("4 bytes")) {
+                        KIND_DATA if from == prev && recv.is_none() => recv = Some(s),
+                        KIND_CONTROL if from > rank && from < world && control[from].is_none() => {
+                            control[from] = Some(s);
+                            expected_control -= 1;
+                        }
+                        _ => tracing::warn!(from, "ignoring an unexpected connection"),
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
                 Err(e) => {
+                    let missing = if recv.is_none() {
+                        prev
+                    } else {
+                        (rank + 1..world)
+                            .find(|&j| control[j].is_none())
+                            .unwrap_or(prev)
+                    };
                     return Err(CollectiveError::PeerLost {
                         op: "connect",
-                        rank: prev,
-                        reason: format!("rank {prev} never connected: {e}"),
-                    })
+                        rank: missing,
+                        reason: format!("rank {missing} never connected: {e}"),
+                    });
                 }
             }
-        };
+        }
+        let mut recv = recv.expect("accepted");
         for s in [&mut send, &mut recv] {
             s.set_nodelay(true).map_err(tcp_err)?;
             s.set_read_timeout(Some(timeout)).map_err(tcp_err)?;
             s.set_write_timeout(Some(timeout)).map_err(tcp_err)?;
             set_buffers(s);
+        }
+        for c in control.iter().flatten() {
+            c.set_nonblocking(true).map_err(tcp_err)?;
+            c.set_nodelay(true).map_err(tcp_err)?;
         }
         let shut = vec![
             send.try_clone().map_err(tcp_err)?,
@@ -156,9 +197,48 @@ impl TcpTransport {
             world,
             conns: Mutex::new(Conns { send, recv }),
             shut,
+            control: Mutex::new(control),
             timeout,
             aborted: AtomicBool::new(false),
         })
+    }
+
+    /// Which rank to blame for a broken connection to `suspect`: a notice from another rank
+    /// naming the culprit wins, then a rank whose control connection closed (its process
+    /// ended), else `suspect` itself. Waits briefly for notices to arrive.
+    fn diagnose(&self, suspect: usize) -> (usize, Option<usize>) {
+        let mut control = self.control.lock().expect("control poisoned");
+        let deadline = Instant::now() + DIAGNOSE_WAIT;
+        let mut closed = Vec::new();
+        loop {
+            for (peer, slot) in control.iter_mut().enumerate() {
+                let Some(c) = slot else { continue };
+                let mut b = [0u8; 4];
+                match c.read(&mut b) {
+                    Ok(4) => return (u32::from_le_bytes(b) as usize, Some(peer)),
+                    Ok(0) => {
+                        closed.push(peer);
+                        *slot = None;
+                    }
+                    Ok(_) | Err(_) => {}
+                }
+            }
+            if closed.contains(&suspect) {
+                return (suspect, None);
+            }
+            if Instant::now() >= deadline {
+                return (closed.first().copied().unwrap_or(suspect), None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Tells every other rank which rank failed.
+    fn notify(&self, culprit: usize) {
+        let mut control = self.control.lock().expect("control poisoned");
+        for c in control.iter_mut().flatten() {
+            let _ = c.write_all(&(culprit as u32).to_le_bytes());
+        }
     }
 
     fn next(&self) -> usize {
@@ -173,12 +253,26 @@ impl TcpTransport {
         if self.aborted.load(Ordering::SeqCst) {
             return CollectiveError::AbortedLocally;
         }
+        let (culprit, told_by) = self.diagnose(peer);
+        self.notify(culprit);
         self.abort();
-        match e.kind() {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => CollectiveError::Timeout {
+        match (e.kind(), told_by) {
+            (ErrorKind::WouldBlock | ErrorKind::TimedOut, None) if culprit == peer => {
+                CollectiveError::Timeout {
+                    op,
+                    ranks: vec![peer],
+                    timeout: self.timeout,
+                }
+            }
+            (_, Some(by)) => CollectiveError::PeerLost {
                 op,
-                ranks: vec![peer],
-                timeout: self.timeout,
+                rank: culprit,
+                reason: format!("reported by rank {by}"),
+            },
+            _ if culprit != peer => CollectiveError::PeerLost {
+                op,
+                rank: culprit,
+                reason: format!("its process is gone; rank {peer} then dropped the ring"),
             },
             _ => CollectiveError::PeerLost {
                 op,
