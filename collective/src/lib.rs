@@ -7,6 +7,17 @@
 //! Bootstrap goes through a [`store::Store`] (the launcher's rendezvous implements it); after
 //! that, every operation of a [`Communicator`] has a deadline, so a dead peer is an error that
 //! names its rank, never a hang.
+//!
+//! Modules: [`store`] (bootstrap stores), [`comm`] (the communicator over tch tensors), [`cpu`]
+//! (shared-memory and TCP transports, reduction kernels), [`nccl`] (runtime-loaded NCCL),
+//! [`ddp`] (bucketed gradient averaging), [`zero`] (ZeRO-2 sharded AdamW), [`bench`]
+//! (nccl-tests-style bandwidth measurement).
+//!
+//! Environment knobs: `DDETR_COLLECTIVE_TIMEOUT_S` (per-operation timeout, default 600),
+//! `DDETR_CPU_TRANSPORT` (auto|shm|tcp), `DDETR_CPU_ADDR` (address the TCP transport publishes),
+//! `DDETR_SHM_CHUNK_KB` (shared-memory round piece per rank), `DDETR_SHM_ALLREDUCE`
+//! (direct|split), `DDETR_SHM_SPIN` (spin iterations before sleeping), `DDETR_NCCL_LIB` (path of
+//! libnccl.so.2; build time: `DDETR_NCCL_INCLUDE`, the directory of nccl.h).
 
 pub mod bench;
 pub mod comm;
