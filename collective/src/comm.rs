@@ -19,8 +19,17 @@ use crate::{CollectiveError, DType, ReduceOp, Result};
 /// Default bound on any one collective: long enough for a slow first step, short enough that a
 /// dead job does not sit for the 30 minutes gloo would.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-/// Default per-rank piece of a shared-memory round: the rounds of all ranks together stay in L3.
-pub const DEFAULT_CHUNK_BYTES: usize = 256 << 10;
+/// Default bytes of one shared-memory round (all ranks' pieces together): few enough rounds that
+/// a rank descheduled by other load costs little, small enough that the segment (2 buffers ×
+/// world × round) stays in a server's L3 for the worlds one node runs.
+pub const DEFAULT_ROUND_BYTES: usize = 2 << 20;
+
+/// The per-rank piece for `world` ranks when none is configured.
+pub fn default_chunk_bytes(world: usize) -> usize {
+    (DEFAULT_ROUND_BYTES / world.max(1))
+        .next_multiple_of(4096)
+        .max(64 << 10)
+}
 
 /// Which CPU transport to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +62,8 @@ pub struct CommConfig {
     /// Store key prefix; communicators built over one store need distinct prefixes.
     pub prefix: String,
     pub transport: Transport,
-    /// Shared-memory round piece per rank, bytes.
-    pub chunk_bytes: usize,
+    /// Shared-memory round piece per rank, bytes (None: [`default_chunk_bytes`]).
+    pub chunk_bytes: Option<usize>,
     /// Address the TCP transport publishes for this rank (default: DDETR_CPU_ADDR, else the
     /// address that routes to MASTER_ADDR, else 127.0.0.1).
     pub advertise_addr: Option<IpAddr>,
@@ -66,7 +75,7 @@ impl Default for CommConfig {
             timeout: DEFAULT_TIMEOUT,
             prefix: "ddetr/collective".into(),
             transport: Transport::Auto,
-            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            chunk_bytes: None,
             advertise_addr: None,
         }
     }
@@ -100,12 +109,13 @@ impl CommConfig {
                 })?;
         }
         if let Ok(v) = std::env::var("DDETR_SHM_CHUNK_KB") {
-            c.chunk_bytes = v
-                .parse::<usize>()
-                .ok()
-                .filter(|k| *k > 0)
-                .ok_or_else(|| bad("DDETR_SHM_CHUNK_KB", &v, "a positive integer"))?
-                << 10;
+            c.chunk_bytes = Some(
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|k| *k > 0)
+                    .ok_or_else(|| bad("DDETR_SHM_CHUNK_KB", &v, "a positive integer"))?
+                    << 10,
+            );
         }
         if let Ok(v) = std::env::var("DDETR_CPU_ADDR") {
             c.advertise_addr = Some(
@@ -372,7 +382,8 @@ impl Communicator {
                     key,
                     info.rank,
                     info.world,
-                    cfg.chunk_bytes,
+                    cfg.chunk_bytes
+                        .unwrap_or_else(|| default_chunk_bytes(info.world)),
                     cfg.timeout,
                 )?),
                 name: "cpu-shm",

@@ -120,9 +120,13 @@ pub fn run(args: CollectiveArgs) -> anyhow::Result<()> {
         Err("skipped (--no-peer)".to_string())
     } else if args.op != BenchOp::AllReduce || args.backend != Backend::Cpu {
         Err(format!(
-            "the gloo peer measures CPU all_reduce only, not {} on {:?}",
+            "no figure: the gloo peer script measures CPU all_reduce only (this run: {} on {})",
             args.op.name(),
-            args.backend
+            if args.backend == Backend::Cpu {
+                "cpu"
+            } else {
+                "nccl"
+            }
         ))
     } else {
         run_gloo(&args)
