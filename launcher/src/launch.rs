@@ -88,7 +88,12 @@ impl Launch {
     /// The `--dry-run` report: the world, then how the trainers would be started.
     pub fn render(&self) -> String {
         let mut s = self.world.render();
-        let _ = writeln!(s, "trainer={}", self.trainer.display());
+        let missing = if self.trainer.exists() {
+            ""
+        } else {
+            " (missing)"
+        };
+        let _ = writeln!(s, "trainer={}{missing}", self.trainer.display());
         let cmd: Vec<String> = self
             .command
             .iter()
@@ -139,6 +144,7 @@ impl Launch {
     pub fn run(self, sinks: &Sinks) -> Result<Outcome, LaunchError> {
         let stop = StopFlag::default();
         stop.install()?;
+        supervise::become_subreaper();
         let spec = TrainerSpec {
             env: self.trainer_env(),
             program: self.trainer,

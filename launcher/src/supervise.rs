@@ -83,6 +83,20 @@ impl StopFlag {
     }
 }
 
+/// Makes the agent the reaper of its trainers' orphans (Linux `PR_SET_CHILD_SUBREAPER`): a
+/// grandchild whose trainer exited is re-parented to the agent instead of init, so shutdown can
+/// reap it and see its process group empty even where PID 1 does not reap.
+pub fn become_subreaper() {
+    // SAFETY: a process attribute of the calling process; no memory is passed.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
+    if rc != 0 {
+        tracing::debug!(
+            "PR_SET_CHILD_SUBREAPER: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// What to run on this node.
 #[derive(Debug, Clone)]
 pub struct TrainerSpec {
@@ -188,6 +202,9 @@ impl fmt::Display for RankFailure {
 }
 
 /// Runs the trainers until they all succeed, restarts are spent, or a stop is requested.
+///
+/// Call it from a thread that lives as long as the trainers (the binary's main thread): each
+/// trainer is spawned with `PR_SET_PDEATHSIG = SIGKILL`, which Linux ties to the spawning thread.
 pub fn supervise(
     spec: &TrainerSpec,
     sinks: &Sinks,
