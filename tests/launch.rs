@@ -392,9 +392,16 @@ fn dry_run_prints_the_world_resolved_from_slurm() {
     }
 }
 
+/// Flags, environment, the start of the expected stderr.
+type UsageCase = (
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
 #[test]
 fn usage_errors_exit_2_with_one_line() {
-    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+    let cases: [UsageCase; 4] = [
         (
             &["--nodes", "2", "--node-rank", "0", "--master-addr", "n0"],
             &[],

@@ -10,7 +10,7 @@ use clap::Parser;
 /// torchrun env > Slurm > Kubernetes), starts one `ddetr` trainer per GPU or CPU slot, prefixes
 /// their output with `[rank N]`, restarts them all when one dies, and forwards SIGTERM/SIGINT.
 /// Exit codes: 0 ok, 1 a trainer failed after its restarts, 2 usage, 128+N stopped by signal N.
-#[derive(Debug, Clone, Default, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "ddetr-launch", version)]
 pub struct Args {
     /// Number of nodes (agents) in the job [env: DDETR_NODES; else WORLD_SIZE, SLURM_NNODES,

@@ -354,6 +354,15 @@ pub fn resolve(args: &Args, env: &Env, host: &mut dyn Host) -> Result<World, Lau
     };
 
     let nodes = resolve_nodes(args, &vars, &nproc)?;
+    if let Some(ws) = vars.get("WORLD_SIZE") {
+        let fits = |n: u32| ws == n.to_string() || ws == (n * nproc.value).to_string();
+        if !nodes.source.contains("WORLD_SIZE") && !fits(nodes.value) {
+            notices.push(format!(
+                "WORLD_SIZE={ws} is ignored: {} nodes from {} win",
+                nodes.value, nodes.source
+            ));
+        }
+    }
 
     let node_rank = if let Some(r) = args.node_rank {
         sourced(r, "--node-rank")
@@ -804,6 +813,100 @@ mod tests {
         );
         assert_eq!(w.node_rank.source, "PET_NODE_RANK");
         assert_eq!(w.job_id.as_ref().unwrap().value, "k8s-job");
+    }
+
+    #[test]
+    fn node_rank_sources_in_order() {
+        let chain = [
+            ("DDETR_NODE_RANK", "7"),
+            ("NODE_RANK", "6"),
+            ("GROUP_RANK", "5"),
+            ("SLURM_NODEID", "4"),
+            ("PET_NODE_RANK", "3"),
+            ("JOB_COMPLETION_INDEX", "2"),
+            ("RANK", "1"),
+        ];
+        let flags = [
+            "--nodes",
+            "8",
+            "--master-addr",
+            "m",
+            "--device",
+            "cpu",
+            "--nproc-per-node",
+            "1",
+        ];
+        for skip in 0..chain.len() {
+            let pairs = &chain[skip..];
+            let w = world(&flags, pairs, &mut cpu_host());
+            assert_eq!(w.node_rank, sourced(7 - skip as u32, chain[skip].0));
+        }
+    }
+
+    #[test]
+    fn node_count_and_address_sources_in_order() {
+        let flags = [
+            "--node-rank",
+            "0",
+            "--device",
+            "cpu",
+            "--nproc-per-node",
+            "1",
+        ];
+        let w = world(
+            &flags,
+            &[
+                ("SLURM_JOB_NUM_NODES", "3"),
+                ("PET_NNODES", "5"),
+                ("PET_MASTER_ADDR", "k"),
+            ],
+            &mut cpu_host(),
+        );
+        assert_eq!(w.nodes, sourced(3, "SLURM_JOB_NUM_NODES"));
+        assert_eq!(w.master_addr, sourced("k".into(), "PET_MASTER_ADDR"));
+        let w = world(
+            &flags,
+            &[
+                ("SLURM_NNODES", "2"),
+                ("SLURM_JOB_NUM_NODES", "3"),
+                ("DDETR_MASTER_ADDR", "d"),
+                ("MASTER_ADDR", "t"),
+            ],
+            &mut cpu_host(),
+        );
+        assert_eq!(w.nodes, sourced(2, "SLURM_NNODES"));
+        assert_eq!(w.master_addr, sourced("d".into(), "DDETR_MASTER_ADDR"));
+        let w = world(
+            &flags,
+            &[
+                ("SLURM_JOB_NODELIST", "s[1-2]"),
+                ("SLURM_NODELIST", "old1"),
+                ("SLURM_NNODES", "2"),
+            ],
+            &mut cpu_host(),
+        );
+        assert_eq!(w.master_addr.value, "s1");
+    }
+
+    #[test]
+    fn world_size_overridden_by_a_flag_is_ignored_with_a_notice() {
+        let w = world(
+            &["--nodes", "1", "--device", "cpu", "--nproc-per-node", "2"],
+            &[("WORLD_SIZE", "16")],
+            &mut cpu_host(),
+        );
+        assert_eq!(w.nodes, sourced(1, "--nodes"));
+        assert_eq!(
+            w.notices,
+            ["WORLD_SIZE=16 is ignored: 1 nodes from --nodes win"]
+        );
+        // Agreeing with either reading: nothing to say.
+        let w = world(
+            &["--nodes", "1", "--device", "cpu", "--nproc-per-node", "2"],
+            &[("WORLD_SIZE", "2")],
+            &mut cpu_host(),
+        );
+        assert!(w.notices.is_empty());
     }
 
     #[test]
