@@ -312,6 +312,12 @@ fn sigterm_to_the_agent_reaches_every_trainer_and_it_exits_143_within_the_grace(
     let st = a.wait(PATIENCE);
     let took = t.elapsed();
     assert_eq!(st.code(), Some(143), "{}", a.stderr());
+    assert!(
+        a.stderr()
+            .contains("SIGTERM received: stopping the trainers"),
+        "{}",
+        a.stderr()
+    );
     assert!(took < Duration::from_secs(grace), "took {took:?}");
     for rank in 0..2 {
         assert_eq!(

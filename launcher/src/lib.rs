@@ -32,7 +32,7 @@ pub enum LaunchError {
         "WORLD_SIZE={world_size} is neither the node count ({nodes}, from {nodes_source}) nor the \
          process count ({nodes} nodes × {procs} per node = {}): unset WORLD_SIZE or make \
          --nodes/--nproc-per-node agree with it",
-        nodes * procs
+        u64::from(*nodes) * u64::from(*procs)
     )]
     WorldSizeMismatch {
         world_size: u32,

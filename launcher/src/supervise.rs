@@ -222,6 +222,13 @@ pub fn supervise(
         );
         let mut group = Group::spawn(spec, restarts, sinks)?;
         let watched = group.watch(stop);
+        if let Ok(Watch::Stopped(sig)) = &watched {
+            tracing::warn!(
+                "{} received: stopping the trainers (SIGTERM, SIGKILL after {:.1} s)",
+                signal_name(*sig),
+                spec.grace.as_secs_f64()
+            );
+        }
         group.shutdown(spec.grace);
         let (local, exit) = match watched {
             Ok(Watch::Succeeded) => return Ok(Outcome::Completed),

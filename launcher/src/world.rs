@@ -354,6 +354,13 @@ pub fn resolve(args: &Args, env: &Env, host: &mut dyn Host) -> Result<World, Lau
     };
 
     let nodes = resolve_nodes(args, &vars, &nproc)?;
+    if nodes.value.checked_mul(nproc.value).is_none() {
+        return Err(LaunchError::BadValue {
+            var: nodes.source,
+            value: nodes.value.to_string(),
+            expected: "a node count whose product with the trainers per node fits in 32 bits",
+        });
+    }
     if let Some(ws) = vars.get("WORLD_SIZE") {
         let fits = |n: u32| ws == n.to_string() || ws == (n * nproc.value).to_string();
         if !nodes.source.contains("WORLD_SIZE") && !fits(nodes.value) {
@@ -479,7 +486,7 @@ fn resolve_nodes(
                     n.value,
                     format!("{} (WORLD_SIZE={} counts nodes)", n.source, ws.value),
                 ))
-            } else if ws.value == n.value * p {
+            } else if u64::from(ws.value) == u64::from(n.value) * u64::from(p) {
                 Ok(sourced(
                     n.value,
                     format!("{} (WORLD_SIZE={} counts processes)", n.source, ws.value),
@@ -1126,6 +1133,22 @@ mod tests {
         assert_eq!(
             e,
             "DDETR_NODES=\"0\" is not a node count of at least 1: fix or unset it"
+        );
+        let e = error(
+            &[
+                "--nodes",
+                "4294967295",
+                "--nproc-per-node",
+                "2",
+                "--device",
+                "cpu",
+            ],
+            &[],
+            &mut cpu_host(),
+        );
+        assert!(
+            e.starts_with("--nodes=\"4294967295\" is not a node count whose product"),
+            "{e}"
         );
         let e = error(&[], &[("DDETR_DEVICE", "tpu")], &mut cpu_host());
         assert_eq!(
