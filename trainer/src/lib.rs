@@ -22,9 +22,20 @@ pub enum TrainerError {
     #[error("cannot write weights {path}: {reason}")]
     WriteWeights { path: String, reason: String },
     #[error("weights {path}: tensor {key} has shape {found:?} but the model expects {expected:?}: {hint}")]
-    ShapeMismatch { path: String, key: String, found: Vec<i64>, expected: Vec<i64>, hint: String },
+    ShapeMismatch {
+        path: String,
+        key: String,
+        found: Vec<i64>,
+        expected: Vec<i64>,
+        hint: String,
+    },
     #[error("weights {path} lack {count} model tensors (first: {first}): {hint}")]
-    MissingKeys { path: String, count: usize, first: String, hint: String },
+    MissingKeys {
+        path: String,
+        count: usize,
+        first: String,
+        hint: String,
+    },
     #[error("cost matrix is infeasible (contains NaN or -inf, or no full assignment exists)")]
     InfeasibleCost,
     #[error("{0}")]

@@ -55,17 +55,46 @@ struct Conv {
 
 impl Conv {
     #[allow(clippy::too_many_arguments)]
-    fn new(p: &nn::Path, name: &str, cin: i64, cout: i64, k: i64, stride: i64, padding: i64, dilation: i64, trainable: bool) -> Self {
+    fn new(
+        p: &nn::Path,
+        name: &str,
+        cin: i64,
+        cout: i64,
+        k: i64,
+        stride: i64,
+        padding: i64,
+        dilation: i64,
+        trainable: bool,
+    ) -> Self {
         let fan_out = cout * k * k;
-        let init = Init::Randn { mean: 0.0, stdev: (2.0 / fan_out as f64).sqrt() };
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: (2.0 / fan_out as f64).sqrt(),
+        };
         let sub = p / name;
         // A frozen weight is still a named variable (saved and loaded) but never optimised.
-        let weight = sub.add("weight", nn::init::init(init, &[cout, cin, k, k], sub.device()), trainable);
-        Self { weight, stride, padding, dilation }
+        let weight = sub.add(
+            "weight",
+            nn::init::init(init, &[cout, cin, k, k], sub.device()),
+            trainable,
+        );
+        Self {
+            weight,
+            stride,
+            padding,
+            dilation,
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.weight, None::<Tensor>, [self.stride], [self.padding], [self.dilation], 1)
+        x.conv2d(
+            &self.weight,
+            None::<Tensor>,
+            [self.stride],
+            [self.padding],
+            [self.dilation],
+            1,
+        )
     }
 }
 
@@ -133,7 +162,13 @@ pub fn stage_channels(kind: BackboneKind, stage: usize) -> i64 {
 impl ResNetBody {
     /// `num_stages` stages (1..=4); `train_backbone` makes layer2..layer4 trainable; `dilation`
     /// replaces layer4's stride with dilation 2 (DC5, bottleneck ResNets only).
-    pub fn new(p: &nn::Path, kind: BackboneKind, num_stages: usize, train_backbone: bool, dilation: bool) -> Self {
+    pub fn new(
+        p: &nn::Path,
+        kind: BackboneKind,
+        num_stages: usize,
+        train_backbone: bool,
+        dilation: bool,
+    ) -> Self {
         let (blocks, bottleneck) = layout(kind);
         let expansion = if bottleneck { 4 } else { 1 };
         let conv1 = Conv::new(p, "conv1", 3, STEM_CHANNELS, 7, 2, 3, 1, false);
@@ -154,11 +189,31 @@ impl ResNetBody {
             let mut stage_blocks = Vec::new();
             for b in 0..blocks[stage] {
                 let bp = &lp / b;
-                let (s, d) = if b == 0 { (stride, previous_dilation) } else { (1, cur_dilation) };
-                let downsample = (b == 0 && (stride != 1 || inplanes != planes * expansion)).then(|| Downsample {
-                    conv: Conv::new(&(&bp / "downsample"), "0", inplanes, planes * expansion, 1, stride, 0, 1, trainable),
-                    bn: FrozenBatchNorm2d::new(&bp / "downsample" / "1", planes * expansion),
-                });
+                let (s, d) = if b == 0 {
+                    (stride, previous_dilation)
+                } else {
+                    (1, cur_dilation)
+                };
+                let downsample =
+                    (b == 0 && (stride != 1 || inplanes != planes * expansion)).then(|| {
+                        Downsample {
+                            conv: Conv::new(
+                                &(&bp / "downsample"),
+                                "0",
+                                inplanes,
+                                planes * expansion,
+                                1,
+                                stride,
+                                0,
+                                1,
+                                trainable,
+                            ),
+                            bn: FrozenBatchNorm2d::new(
+                                &bp / "downsample" / "1",
+                                planes * expansion,
+                            ),
+                        }
+                    });
                 let (convs, bns) = if bottleneck {
                     (
                         vec![
@@ -178,11 +233,18 @@ impl ResNetBody {
                             Conv::new(&bp, "conv1", inplanes, planes, 3, s, 1, 1, trainable),
                             Conv::new(&bp, "conv2", planes, planes, 3, 1, 1, 1, trainable),
                         ],
-                        vec![FrozenBatchNorm2d::new(&bp / "bn1", planes), FrozenBatchNorm2d::new(&bp / "bn2", planes)],
+                        vec![
+                            FrozenBatchNorm2d::new(&bp / "bn1", planes),
+                            FrozenBatchNorm2d::new(&bp / "bn2", planes),
+                        ],
                     )
                 };
                 inplanes = planes * expansion;
-                stage_blocks.push(Block { convs, bns, downsample });
+                stage_blocks.push(Block {
+                    convs,
+                    bns,
+                    downsample,
+                });
             }
             layers.push(stage_blocks);
         }
@@ -191,7 +253,13 @@ impl ResNetBody {
 
     /// Runs the trunk and returns the output of every stage (`layer1`..).
     pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
-        let mut x = self.bn1.forward(&self.conv1.forward(x)).relu().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut x = self.bn1.forward(&self.conv1.forward(x)).relu().max_pool2d(
+            [3, 3],
+            [2, 2],
+            [1, 1],
+            [1, 1],
+            false,
+        );
         let mut outs = Vec::with_capacity(self.layers.len());
         for stage in &self.layers {
             for block in stage {
@@ -218,7 +286,13 @@ pub struct Backbone {
 impl Backbone {
     /// `p` is the `backbone.0` path. `stages` are the backbone entries of `return_interm_indices`
     /// (those below [`EXTRA_LEVEL_INDEX`]).
-    pub fn new(p: &nn::Path, kind: BackboneKind, stages: &[usize], train_backbone: bool, dilation: bool) -> Self {
+    pub fn new(
+        p: &nn::Path,
+        kind: BackboneKind,
+        stages: &[usize],
+        train_backbone: bool,
+        dilation: bool,
+    ) -> Self {
         let num_stages = stages.iter().max().map_or(0, |m| m + 1);
         let body = ResNetBody::new(&(p / "body"), kind, num_stages, train_backbone, dilation);
         let num_channels = stages.iter().map(|&s| stage_channels(kind, s)).collect();
@@ -233,7 +307,12 @@ impl Backbone {
                 }
             })
             .collect();
-        Self { body, return_stages: stages.to_vec(), num_channels, strides }
+        Self {
+            body,
+            return_stages: stages.to_vec(),
+            num_channels,
+            strides,
+        }
     }
 
     /// Feature maps of the returned stages and their padding masks (true = padding), the masks
@@ -253,5 +332,9 @@ impl Backbone {
 
 /// Nearest-neighbour resize of a `[B, H, W]` bool mask to `[B, h, w]`.
 pub fn resize_mask(mask: &Tensor, h: i64, w: i64) -> Tensor {
-    mask.unsqueeze(0).to_kind(Kind::Float).upsample_nearest2d([h, w], None, None).to_kind(Kind::Bool).squeeze_dim(0)
+    mask.unsqueeze(0)
+        .to_kind(Kind::Float)
+        .upsample_nearest2d([h, w], None, None)
+        .to_kind(Kind::Bool)
+        .squeeze_dim(0)
 }

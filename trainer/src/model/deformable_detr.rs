@@ -124,8 +124,12 @@ pub struct DetrConfig {
 impl DetrConfig {
     /// From the spec's `model` section and the dataset's class count.
     pub fn from_spec(m: &ModelConfig, num_classes: u32) -> Result<Self, TrainerError> {
-        let backbone_stages: Vec<usize> =
-            m.return_interm_indices.iter().filter(|&&i| i < EXTRA_LEVEL_INDEX).map(|&i| i as usize).collect();
+        let backbone_stages: Vec<usize> = m
+            .return_interm_indices
+            .iter()
+            .filter(|&&i| i < EXTRA_LEVEL_INDEX)
+            .map(|&i| i as usize)
+            .collect();
         if backbone_stages.is_empty() {
             return Err(TrainerError::BadModel(format!(
                 "model.return_interm_indices {:?} names no ResNet stage: include at least one index in 0..=3",
@@ -145,10 +149,14 @@ impl DetrConfig {
             ));
         }
         if m.two_stage && !m.with_box_refine {
-            return Err(TrainerError::BadModel("model.two_stage needs model.with_box_refine: true".into()));
+            return Err(TrainerError::BadModel(
+                "model.two_stage needs model.with_box_refine: true".into(),
+            ));
         }
         if num_classes == 0 {
-            return Err(TrainerError::BadModel("dataset.num_classes is 0: set it to max category id + 1".into()));
+            return Err(TrainerError::BadModel(
+                "dataset.num_classes is 0: set it to max category id + 1".into(),
+            ));
         }
         Ok(Self {
             backbone: m.backbone,
@@ -198,7 +206,10 @@ impl DecoderHeads for Heads {
         self.refine.then(|| self.bbox(layer).forward(hs))
     }
     fn encoder_heads(&self, memory: &Tensor) -> (Tensor, Tensor) {
-        (self.class(self.dec_layers).forward(memory), self.bbox(self.dec_layers).forward(memory))
+        (
+            self.class(self.dec_layers).forward(memory),
+            self.bbox(self.dec_layers).forward(memory),
+        )
     }
 }
 
@@ -234,14 +245,24 @@ impl DeformableDetr {
         for (i, &c) in backbone.num_channels.iter().enumerate() {
             input_proj.push(InputProj::new(&ip / i, c, d, 1, 1, 0));
         }
-        let mut in_channels = *backbone.num_channels.last().expect("at least one backbone level");
+        let mut in_channels = *backbone
+            .num_channels
+            .last()
+            .expect("at least one backbone level");
         for i in backbone.num_channels.len() as i64..tc.num_feature_levels {
             input_proj.push(InputProj::new(&ip / i, in_channels, d, 3, 2, 1));
             in_channels = d;
         }
 
         let query_embed = (!tc.two_stage).then(|| {
-            (root / "query_embed").var("weight", &[tc.num_queries, 2 * d], Init::Randn { mean: 0.0, stdev: 1.0 })
+            (root / "query_embed").var(
+                "weight",
+                &[tc.num_queries, 2 * d],
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )
         });
 
         // Heads. Upstream builds one class/box head, initialises it, then either shares it across
@@ -253,7 +274,13 @@ impl DeformableDetr {
         let mut class_embed: Vec<nn::Linear> = Vec::with_capacity(copies);
         let mut bbox_embed: Vec<Mlp> = Vec::with_capacity(copies);
         for i in 0..copies {
-            let cls = linear(root / "class_embed" / i, d, config.num_classes, default_weight(d), Init::Const(bias_value));
+            let cls = linear(
+                root / "class_embed" / i,
+                d,
+                config.num_classes,
+                default_weight(d),
+                Init::Const(bias_value),
+            );
             let mlp = Mlp::new(root / "bbox_embed" / i, d, d, 4, BBOX_MLP_LAYERS);
             tch::no_grad(|| {
                 if i > 0 {
@@ -277,7 +304,12 @@ impl DeformableDetr {
             class_embed.push(cls);
             bbox_embed.push(mlp);
         }
-        let heads = Heads { class_embed, bbox_embed, refine: config.with_box_refine, dec_layers: tc.dec_layers as usize };
+        let heads = Heads {
+            class_embed,
+            bbox_embed,
+            refine: config.with_box_refine,
+            dec_layers: tc.dec_layers as usize,
+        };
         Self {
             position_embedding: PositionEmbeddingSine::new(d / 2),
             config,
@@ -314,10 +346,21 @@ impl DeformableDetr {
             masks.push(mask);
         }
 
-        let out = self.transformer.forward(&srcs, &masks, &pos, self.query_embed.as_ref(), &self.heads, train);
+        let out = self.transformer.forward(
+            &srcs,
+            &masks,
+            &pos,
+            self.query_embed.as_ref(),
+            &self.heads,
+            train,
+        );
         let mut layers = Vec::with_capacity(self.transformer.decoder.len());
         for lvl in 0..out.hs.size()[0] {
-            let reference = if lvl == 0 { out.init_reference.shallow_clone() } else { out.inter_references.get(lvl - 1) };
+            let reference = if lvl == 0 {
+                out.init_reference.shallow_clone()
+            } else {
+                out.inter_references.get(lvl - 1)
+            };
             let reference = inverse_sigmoid(&reference);
             let hs = out.hs.get(lvl);
             let logits = self.heads.class(lvl as usize).forward(&hs);
@@ -325,12 +368,24 @@ impl DeformableDetr {
             let coord = if reference.size()[2] == 4 {
                 delta + reference
             } else {
-                Tensor::cat(&[delta.narrow(-1, 0, 2) + reference, delta.narrow(-1, 2, 2)], -1)
+                Tensor::cat(
+                    &[delta.narrow(-1, 0, 2) + reference, delta.narrow(-1, 2, 2)],
+                    -1,
+                )
             };
-            layers.push(Prediction { logits, boxes: coord.sigmoid() });
+            layers.push(Prediction {
+                logits,
+                boxes: coord.sigmoid(),
+            });
         }
-        let enc_outputs = out.enc_outputs.map(|(logits, coord_unact)| Prediction { logits, boxes: coord_unact.sigmoid() });
-        DetrOutput { layers, enc_outputs }
+        let enc_outputs = out.enc_outputs.map(|(logits, coord_unact)| Prediction {
+            logits,
+            boxes: coord_unact.sigmoid(),
+        });
+        DetrOutput {
+            layers,
+            enc_outputs,
+        }
     }
 
     /// Device of the model's parameters.
@@ -342,5 +397,4 @@ impl DeformableDetr {
     pub fn num_queries(&self) -> i64 {
         self.config.transformer.num_queries
     }
-
 }

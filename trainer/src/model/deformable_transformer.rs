@@ -46,10 +46,14 @@ struct Ffn {
 
 impl Ffn {
     fn new(p: &nn::Path, d: i64, d_ffn: i64) -> Self {
-        Self { linear1: xavier_linear(p / "linear1", d, d_ffn), linear2: xavier_linear(p / "linear2", d_ffn, d) }
+        Self {
+            linear1: xavier_linear(p / "linear1", d, d_ffn),
+            linear2: xavier_linear(p / "linear2", d_ffn, d),
+        }
     }
     fn forward(&self, x: &Tensor, dropout: f64, train: bool) -> Tensor {
-        self.linear2.forward(&self.linear1.forward(x).relu().dropout(dropout, train))
+        self.linear2
+            .forward(&self.linear1.forward(x).relu().dropout(dropout, train))
     }
 }
 
@@ -66,7 +70,13 @@ pub struct EncoderLayer {
 impl EncoderLayer {
     fn new(p: nn::Path, c: &TransformerConfig) -> Self {
         Self {
-            self_attn: MSDeformAttn::new(&p / "self_attn", c.d_model, c.num_feature_levels, c.nhead, c.enc_n_points),
+            self_attn: MSDeformAttn::new(
+                &p / "self_attn",
+                c.d_model,
+                c.num_feature_levels,
+                c.nhead,
+                c.enc_n_points,
+            ),
             norm1: layer_norm(&p / "norm1", c.d_model),
             ffn: Ffn::new(&p, c.d_model, c.dim_feedforward),
             norm2: layer_norm(&p / "norm2", c.d_model),
@@ -84,10 +94,19 @@ impl EncoderLayer {
         padding_mask: &Tensor,
         train: bool,
     ) -> Tensor {
-        let src2 = self.self_attn.forward(&(src + pos), reference_points, src, spatial_shapes, Some(padding_mask));
-        let src = self.norm1.forward(&(src + src2.dropout(self.dropout, train)));
+        let src2 = self.self_attn.forward(
+            &(src + pos),
+            reference_points,
+            src,
+            spatial_shapes,
+            Some(padding_mask),
+        );
+        let src = self
+            .norm1
+            .forward(&(src + src2.dropout(self.dropout, train)));
         let src2 = self.ffn.forward(&src, self.dropout, train);
-        self.norm2.forward(&(src + src2.dropout(self.dropout, train)))
+        self.norm2
+            .forward(&(src + src2.dropout(self.dropout, train)))
     }
 }
 
@@ -107,8 +126,20 @@ impl MultiheadAttention {
         // to every matrix, out_proj included.
         let in_proj_weight = p.var("in_proj_weight", &[3 * d, d], xavier_uniform(d, 3 * d, 1.0));
         let in_proj_bias = p.var("in_proj_bias", &[3 * d], Init::Const(0.0));
-        let out_proj = linear(&p / "out_proj", d, d, xavier_uniform(d, d, 1.0), Init::Const(0.0));
-        Self { in_proj_weight, in_proj_bias, out_proj, nhead, dropout }
+        let out_proj = linear(
+            &p / "out_proj",
+            d,
+            d,
+            xavier_uniform(d, d, 1.0),
+            Init::Const(0.0),
+        );
+        Self {
+            in_proj_weight,
+            in_proj_bias,
+            out_proj,
+            nhead,
+            dropout,
+        }
     }
 
     /// Batch-first `q`, `k`, `v` `[N, L, d]` → `[N, L, d]`.
@@ -118,14 +149,27 @@ impl MultiheadAttention {
         let lk = k.size()[1];
         let hd = d / self.nhead;
         let proj = |x: &Tensor, i: i64, len: i64| {
-            x.linear(&self.in_proj_weight.narrow(0, i * d, d), Some(self.in_proj_bias.narrow(0, i * d, d)))
-                .view([n, len, self.nhead, hd])
-                .transpose(1, 2)
+            x.linear(
+                &self.in_proj_weight.narrow(0, i * d, d),
+                Some(self.in_proj_bias.narrow(0, i * d, d)),
+            )
+            .view([n, len, self.nhead, hd])
+            .transpose(1, 2)
         };
         let (q, k, v) = (proj(q, 0, lq), proj(k, 1, lk), proj(v, 2, lk));
         let dropout = if train { self.dropout } else { 0.0 };
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, dropout, false, None, false);
-        self.out_proj.forward(&out.transpose(1, 2).reshape([n, lq, d]))
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            dropout,
+            false,
+            None,
+            false,
+        );
+        self.out_proj
+            .forward(&out.transpose(1, 2).reshape([n, lq, d]))
     }
 }
 
@@ -144,7 +188,13 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     fn new(p: nn::Path, c: &TransformerConfig) -> Self {
         Self {
-            cross_attn: MSDeformAttn::new(&p / "cross_attn", c.d_model, c.num_feature_levels, c.nhead, c.dec_n_points),
+            cross_attn: MSDeformAttn::new(
+                &p / "cross_attn",
+                c.d_model,
+                c.num_feature_levels,
+                c.nhead,
+                c.dec_n_points,
+            ),
             norm1: layer_norm(&p / "norm1", c.d_model),
             self_attn: MultiheadAttention::new(&p / "self_attn", c.d_model, c.nhead, c.dropout),
             norm2: layer_norm(&p / "norm2", c.d_model),
@@ -167,12 +217,22 @@ impl DecoderLayer {
     ) -> Tensor {
         let q = tgt + query_pos;
         let tgt2 = self.self_attn.forward(&q, &q, tgt, train);
-        let tgt = self.norm2.forward(&(tgt + tgt2.dropout(self.dropout, train)));
-        let tgt2 =
-            self.cross_attn.forward(&(&tgt + query_pos), reference_points, src, spatial_shapes, Some(padding_mask));
-        let tgt = self.norm1.forward(&(tgt + tgt2.dropout(self.dropout, train)));
+        let tgt = self
+            .norm2
+            .forward(&(tgt + tgt2.dropout(self.dropout, train)));
+        let tgt2 = self.cross_attn.forward(
+            &(&tgt + query_pos),
+            reference_points,
+            src,
+            spatial_shapes,
+            Some(padding_mask),
+        );
+        let tgt = self
+            .norm1
+            .forward(&(tgt + tgt2.dropout(self.dropout, train)));
         let tgt2 = self.ffn.forward(&tgt, self.dropout, train);
-        self.norm3.forward(&(tgt + tgt2.dropout(self.dropout, train)))
+        self.norm3
+            .forward(&(tgt + tgt2.dropout(self.dropout, train)))
     }
 }
 
@@ -223,9 +283,20 @@ impl DeformableTransformer {
     /// `p` is the `transformer` path.
     pub fn new(p: &nn::Path, c: TransformerConfig) -> Self {
         let d = c.d_model;
-        let encoder = (0..c.enc_layers).map(|i| EncoderLayer::new(p / "encoder" / "layers" / i, &c)).collect();
-        let decoder = (0..c.dec_layers).map(|i| DecoderLayer::new(p / "decoder" / "layers" / i, &c)).collect();
-        let level_embed = p.var("level_embed", &[c.num_feature_levels, d], Init::Randn { mean: 0.0, stdev: 1.0 });
+        let encoder = (0..c.enc_layers)
+            .map(|i| EncoderLayer::new(p / "encoder" / "layers" / i, &c))
+            .collect();
+        let decoder = (0..c.dec_layers)
+            .map(|i| DecoderLayer::new(p / "decoder" / "layers" / i, &c))
+            .collect();
+        let level_embed = p.var(
+            "level_embed",
+            &[c.num_feature_levels, d],
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        );
         let (reference_points, two_stage) = if c.two_stage {
             let ts = TwoStage {
                 enc_output: xavier_linear(p / "enc_output", d, d),
@@ -235,9 +306,25 @@ impl DeformableTransformer {
             };
             (None, Some(ts))
         } else {
-            (Some(linear(p / "reference_points", d, 2, xavier_uniform(d, 2, 1.0), Init::Const(0.0))), None)
+            (
+                Some(linear(
+                    p / "reference_points",
+                    d,
+                    2,
+                    xavier_uniform(d, 2, 1.0),
+                    Init::Const(0.0),
+                )),
+                None,
+            )
         };
-        Self { config: c, level_embed, encoder, decoder, reference_points, two_stage }
+        Self {
+            config: c,
+            level_embed,
+            encoder,
+            decoder,
+            reference_points,
+            two_stage,
+        }
     }
 
     /// `get_valid_ratio`: (valid W / W, valid H / H) of a `[N, H, W]` mask → `[N, 2]`.
@@ -279,7 +366,10 @@ impl DeformableTransformer {
         let mut proposals = Vec::with_capacity(spatial_shapes.len());
         let mut cur = 0;
         for (lvl, &(h, w)) in spatial_shapes.iter().enumerate() {
-            let not_mask = mask_flatten.narrow(1, cur, h * w).view([n, h, w]).logical_not();
+            let not_mask = mask_flatten
+                .narrow(1, cur, h * w)
+                .view([n, h, w])
+                .logical_not();
             let valid_h = not_mask.select(2, 0).sum_dim_intlist(1, false, Kind::Float);
             let valid_w = not_mask.select(1, 0).sum_dim_intlist(1, false, Kind::Float);
             let ys = Tensor::linspace(0.0, (h - 1) as f64, h, (Kind::Float, device));
@@ -293,16 +383,20 @@ impl DeformableTransformer {
             cur += h * w;
         }
         let proposals = Tensor::cat(&proposals, 1);
-        let valid = proposals.gt(PROPOSAL_VALID_MIN).logical_and(&proposals.lt(PROPOSAL_VALID_MAX)).all_dims(
-            Some(&[-1i64][..]),
-            true,
-        );
+        let valid = proposals
+            .gt(PROPOSAL_VALID_MIN)
+            .logical_and(&proposals.lt(PROPOSAL_VALID_MAX))
+            .all_dims(Some(&[-1i64][..]), true);
         let invalid = valid.logical_not();
         let pad = mask_flatten.unsqueeze(-1);
         let proposals = (&proposals / (proposals.ones_like() - &proposals)).log();
-        let proposals = proposals.masked_fill(&pad, f64::INFINITY).masked_fill(&invalid, f64::INFINITY);
+        let proposals = proposals
+            .masked_fill(&pad, f64::INFINITY)
+            .masked_fill(&invalid, f64::INFINITY);
         let out_memory = memory.masked_fill(&pad, 0.0).masked_fill(&invalid, 0.0);
-        let out_memory = ts.enc_output_norm.forward(&ts.enc_output.forward(&out_memory));
+        let out_memory = ts
+            .enc_output_norm
+            .forward(&ts.enc_output.forward(&out_memory));
         (out_memory, proposals)
     }
 
@@ -341,35 +435,57 @@ impl DeformableTransformer {
         let src_flatten = Tensor::cat(&src_flatten, 1);
         let mask_flatten = Tensor::cat(&mask_flatten, 1);
         let pos_flatten = Tensor::cat(&pos_flatten, 1);
-        let valid_ratios = Tensor::stack(&masks.iter().map(Self::valid_ratio).collect::<Vec<_>>(), 1);
+        let valid_ratios =
+            Tensor::stack(&masks.iter().map(Self::valid_ratio).collect::<Vec<_>>(), 1);
 
         // Encoder.
-        let enc_refs = Self::encoder_reference_points(&spatial_shapes, &valid_ratios).to_kind(src_flatten.kind());
+        let enc_refs = Self::encoder_reference_points(&spatial_shapes, &valid_ratios)
+            .to_kind(src_flatten.kind());
         let mut memory = src_flatten;
         for layer in &self.encoder {
-            memory = layer.forward(&memory, &pos_flatten, &enc_refs, &spatial_shapes, &mask_flatten, train);
+            memory = layer.forward(
+                &memory,
+                &pos_flatten,
+                &enc_refs,
+                &spatial_shapes,
+                &mask_flatten,
+                train,
+            );
         }
 
         // Decoder inputs.
         let (n, _, c) = memory.size3().expect("memory is [N, S, d]");
         let (query_pos, tgt, reference_points, enc_outputs) = match (&self.two_stage, query_embed) {
             (Some(ts), _) => {
-                let (out_memory, proposals) = self.gen_encoder_output_proposals(ts, &memory, &mask_flatten, &spatial_shapes);
+                let (out_memory, proposals) =
+                    self.gen_encoder_output_proposals(ts, &memory, &mask_flatten, &spatial_shapes);
                 let (enc_class, enc_delta) = heads.encoder_heads(&out_memory);
                 let enc_coord_unact = enc_delta + proposals;
                 let topk = self.config.num_queries;
                 let (_, topk_idx) = enc_class.select(2, 0).topk(topk, 1, true, true);
-                let topk_coords = enc_coord_unact.gather(1, &topk_idx.unsqueeze(-1).repeat([1, 1, 4]), false).detach();
+                let topk_coords = enc_coord_unact
+                    .gather(1, &topk_idx.unsqueeze(-1).repeat([1, 1, 4]), false)
+                    .detach();
                 let reference_points = topk_coords.sigmoid();
-                let pos_trans_out = ts.pos_trans_norm.forward(&ts.pos_trans.forward(&self.proposal_pos_embed(&topk_coords)));
+                let pos_trans_out = ts
+                    .pos_trans_norm
+                    .forward(&ts.pos_trans.forward(&self.proposal_pos_embed(&topk_coords)));
                 let parts = pos_trans_out.split(c, 2);
-                (parts[0].shallow_clone(), parts[1].shallow_clone(), reference_points, Some((enc_class, enc_coord_unact)))
+                (
+                    parts[0].shallow_clone(),
+                    parts[1].shallow_clone(),
+                    reference_points,
+                    Some((enc_class, enc_coord_unact)),
+                )
             }
             (None, Some(qe)) => {
                 let parts = qe.split(c, 1);
                 let query_pos = parts[0].unsqueeze(0).expand([n, -1, -1], false);
                 let tgt = parts[1].unsqueeze(0).expand([n, -1, -1], false);
-                let rp = self.reference_points.as_ref().expect("reference_points exists without two-stage");
+                let rp = self
+                    .reference_points
+                    .as_ref()
+                    .expect("reference_points exists without two-stage");
                 let reference_points = rp.forward(&query_pos).sigmoid();
                 (query_pos, tgt, reference_points, None)
             }
@@ -389,7 +505,15 @@ impl DeformableTransformer {
             } else {
                 reference_points.unsqueeze(2) * vr.unsqueeze(1)
             };
-            output = layer.forward(&output, &query_pos, &ref_input, &memory, &spatial_shapes, &mask_flatten, train);
+            output = layer.forward(
+                &output,
+                &query_pos,
+                &ref_input,
+                &memory,
+                &spatial_shapes,
+                &mask_flatten,
+                train,
+            );
             if let Some(delta) = heads.refine_delta(lid, &output) {
                 let new_ref = if reference_points.size()[2] == 4 {
                     (delta + inverse_sigmoid(&reference_points)).sigmoid()

@@ -21,13 +21,19 @@ use tch::Tensor;
 /// `torch.nn.init.xavier_uniform_` with the given gain, for a `[fan_out, fan_in, ...]` weight.
 pub(crate) fn xavier_uniform(fan_in: i64, fan_out: i64, gain: f64) -> Init {
     let bound = gain * (6.0 / (fan_in + fan_out) as f64).sqrt();
-    Init::Uniform { lo: -bound, up: bound }
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
 }
 
 /// PyTorch's default `nn.Linear`/`nn.Conv2d` bias init: U(−1/√fan_in, 1/√fan_in).
 pub(crate) fn default_bias(fan_in: i64) -> Init {
     let bound = 1.0 / (fan_in as f64).sqrt();
-    Init::Uniform { lo: -bound, up: bound }
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
 }
 
 /// PyTorch's default `nn.Linear` weight init (kaiming_uniform with a = √5): U(−1/√fan_in, 1/√fan_in).
@@ -36,14 +42,35 @@ pub(crate) fn default_weight(fan_in: i64) -> Init {
 }
 
 /// A linear layer with explicit weight and bias initialisers (`weight` `[out, in]`, `bias` `[out]`).
-pub(crate) fn linear(p: nn::Path, input: i64, output: i64, ws_init: Init, bs_init: Init) -> nn::Linear {
-    nn::linear(p, input, output, nn::LinearConfig { ws_init, bs_init: Some(bs_init), bias: true })
+pub(crate) fn linear(
+    p: nn::Path,
+    input: i64,
+    output: i64,
+    ws_init: Init,
+    bs_init: Init,
+) -> nn::Linear {
+    nn::linear(
+        p,
+        input,
+        output,
+        nn::LinearConfig {
+            ws_init,
+            bs_init: Some(bs_init),
+            bias: true,
+        },
+    )
 }
 
 /// A linear layer initialised like upstream's transformer matrices: xavier_uniform weight, PyTorch's
 /// default bias.
 pub(crate) fn xavier_linear(p: nn::Path, input: i64, output: i64) -> nn::Linear {
-    linear(p, input, output, xavier_uniform(input, output, 1.0), default_bias(input))
+    linear(
+        p,
+        input,
+        output,
+        xavier_uniform(input, output, 1.0),
+        default_bias(input),
+    )
 }
 
 /// `util/misc.py inverse_sigmoid(x, eps=1e-5)`.

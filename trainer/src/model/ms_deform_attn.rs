@@ -55,16 +55,54 @@ pub fn sampling_offsets_bias_init(n_heads: i64, n_levels: i64, n_points: i64) ->
 impl MSDeformAttn {
     pub fn new(p: nn::Path, d_model: i64, n_levels: i64, n_heads: i64, n_points: i64) -> Self {
         let n_off = n_heads * n_levels * n_points * 2;
-        let sampling_offsets = linear(&p / "sampling_offsets", d_model, n_off, Init::Const(0.0), Init::Const(0.0));
+        let sampling_offsets = linear(
+            &p / "sampling_offsets",
+            d_model,
+            n_off,
+            Init::Const(0.0),
+            Init::Const(0.0),
+        );
         tch::no_grad(|| {
-            let bias = sampling_offsets_bias_init(n_heads, n_levels, n_points).to_device(p.device());
-            sampling_offsets.bs.as_ref().expect("linear has a bias").shallow_clone().copy_(&bias);
+            let bias =
+                sampling_offsets_bias_init(n_heads, n_levels, n_points).to_device(p.device());
+            sampling_offsets
+                .bs
+                .as_ref()
+                .expect("linear has a bias")
+                .shallow_clone()
+                .copy_(&bias);
         });
-        let attention_weights =
-            linear(&p / "attention_weights", d_model, n_heads * n_levels * n_points, Init::Const(0.0), Init::Const(0.0));
-        let value_proj = linear(&p / "value_proj", d_model, d_model, xavier_uniform(d_model, d_model, 1.0), Init::Const(0.0));
-        let output_proj = linear(&p / "output_proj", d_model, d_model, xavier_uniform(d_model, d_model, 1.0), Init::Const(0.0));
-        Self { d_model, n_levels, n_heads, n_points, sampling_offsets, attention_weights, value_proj, output_proj }
+        let attention_weights = linear(
+            &p / "attention_weights",
+            d_model,
+            n_heads * n_levels * n_points,
+            Init::Const(0.0),
+            Init::Const(0.0),
+        );
+        let value_proj = linear(
+            &p / "value_proj",
+            d_model,
+            d_model,
+            xavier_uniform(d_model, d_model, 1.0),
+            Init::Const(0.0),
+        );
+        let output_proj = linear(
+            &p / "output_proj",
+            d_model,
+            d_model,
+            xavier_uniform(d_model, d_model, 1.0),
+            Init::Const(0.0),
+        );
+        Self {
+            d_model,
+            n_levels,
+            n_heads,
+            n_points,
+            sampling_offsets,
+            attention_weights,
+            value_proj,
+            output_proj,
+        }
     }
 
     /// * `query` `[N, Lq, C]`
@@ -90,21 +128,36 @@ impl MSDeformAttn {
             value = value.masked_fill(&mask.unsqueeze(-1), 0.0);
         }
         let value = value.view([n, len_in, m, self.d_model / m]);
-        let offsets = self.sampling_offsets.forward(query).view([n, len_q, m, l, p, 2]);
-        let weights = self.attention_weights.forward(query).view([n, len_q, m, l * p]).softmax(-1, None::<Kind>).view([
-            n, len_q, m, l, p,
-        ]);
+        let offsets = self
+            .sampling_offsets
+            .forward(query)
+            .view([n, len_q, m, l, p, 2]);
+        let weights = self
+            .attention_weights
+            .forward(query)
+            .view([n, len_q, m, l * p])
+            .softmax(-1, None::<Kind>)
+            .view([n, len_q, m, l, p]);
         let sampling_locations = match reference_points.size()[3] {
             2 => {
                 // offset_normalizer = (W, H) per level (the issue-#6 fix).
-                let wh: Vec<f32> = spatial_shapes.iter().flat_map(|&(h, w)| [w as f32, h as f32]).collect();
-                let normalizer =
-                    Tensor::from_slice(&wh).to_device(query.device()).to_kind(offsets.kind()).view([1, 1, 1, l, 1, 2]);
+                let wh: Vec<f32> = spatial_shapes
+                    .iter()
+                    .flat_map(|&(h, w)| [w as f32, h as f32])
+                    .collect();
+                let normalizer = Tensor::from_slice(&wh)
+                    .to_device(query.device())
+                    .to_kind(offsets.kind())
+                    .view([1, 1, 1, l, 1, 2]);
                 reference_points.view([n, len_q, 1, l, 1, 2]) + offsets / normalizer
             }
             4 => {
-                let xy = reference_points.narrow(-1, 0, 2).view([n, len_q, 1, l, 1, 2]);
-                let wh = reference_points.narrow(-1, 2, 2).view([n, len_q, 1, l, 1, 2]);
+                let xy = reference_points
+                    .narrow(-1, 0, 2)
+                    .view([n, len_q, 1, l, 1, 2]);
+                let wh = reference_points
+                    .narrow(-1, 2, 2)
+                    .view([n, len_q, 1, l, 1, 2]);
                 xy + offsets / p as f64 * wh * 0.5
             }
             d => panic!("reference_points must end in 2 or 4 coordinates, got {d}"),
@@ -125,9 +178,17 @@ pub fn ms_deform_attn_core(
     let out_kind = value.kind();
     let low_precision = matches!(out_kind, Kind::Half | Kind::BFloat16);
     let (value, sampling_locations, attention_weights) = if low_precision {
-        (value.to_kind(Kind::Float), sampling_locations.to_kind(Kind::Float), attention_weights.to_kind(Kind::Float))
+        (
+            value.to_kind(Kind::Float),
+            sampling_locations.to_kind(Kind::Float),
+            attention_weights.to_kind(Kind::Float),
+        )
     } else {
-        (value.shallow_clone(), sampling_locations.shallow_clone(), attention_weights.shallow_clone())
+        (
+            value.shallow_clone(),
+            sampling_locations.shallow_clone(),
+            attention_weights.shallow_clone(),
+        )
     };
     let vs = value.size();
     let (n, m, d) = (vs[0], vs[2], vs[3]);
@@ -139,17 +200,20 @@ pub fn ms_deform_attn_core(
     let mut sampled = Vec::with_capacity(spatial_shapes.len());
     for (lid, &(h, w)) in spatial_shapes.iter().enumerate() {
         // [N, H·W, M, D] → [N·M, D, H, W]
-        let value_l = value_list[lid].flatten(2, 3).transpose(1, 2).reshape([n * m, d, h, w]);
+        let value_l = value_list[lid]
+            .flatten(2, 3)
+            .transpose(1, 2)
+            .reshape([n * m, d, h, w]);
         // [N, Lq, M, P, 2] → [N·M, Lq, P, 2]
         let grid_l = grids.select(3, lid as i64).transpose(1, 2).flatten(0, 1);
         sampled.push(value_l.grid_sampler(&grid_l, BILINEAR, ZEROS_PADDING, false));
     }
-    let weights = attention_weights.transpose(1, 2).reshape([n * m, 1, len_q, l * p]);
-    let out = (Tensor::stack(&sampled, -2).flatten(-2, -1) * weights).sum_dim_intlist(-1, false, None::<Kind>).view([
-        n,
-        m * d,
-        len_q,
-    ]);
+    let weights = attention_weights
+        .transpose(1, 2)
+        .reshape([n * m, 1, len_q, l * p]);
+    let out = (Tensor::stack(&sampled, -2).flatten(-2, -1) * weights)
+        .sum_dim_intlist(-1, false, None::<Kind>)
+        .view([n, m * d, len_q]);
     let out = out.transpose(1, 2).contiguous();
     if low_precision {
         out.to_kind(out_kind)
