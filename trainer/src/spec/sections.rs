@@ -207,10 +207,7 @@ pub struct CudnnConfig {
 
 impl Default for CudnnConfig {
     fn default() -> Self {
-        Self {
-            benchmark: false,
-            deterministic: true,
-        }
+        Self { benchmark: false, deterministic: true }
     }
 }
 
