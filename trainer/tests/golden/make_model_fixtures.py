@@ -198,6 +198,7 @@ def layer_losses(logits, boxes, targets, indices, num_boxes):
 BATCH, H, W = 2, 64, 72
 VALID = [(64, 72), (48, 56)]  # (h, w) of each image's unpadded area
 NUM_CLASSES, NUM_QUERIES, D_MODEL = 5, 12, 32
+ORIG_SIZES = [(480, 640), (300, 200)]  # (h, w) the post-process scales to
 
 CASES = {
     # name: (levels, refine, two_stage)
@@ -330,6 +331,15 @@ def main():
                 fx[f"match.enc.{b}.tgt"] = c
             ce, l1, giou = layer_losses(el, eb, bin_t, idx, num_boxes)
             fx["loss.enc"] = torch.tensor([ce.item(), l1.item(), giou.item()], dtype=torch.float64)
+        # Official PostProcess (top-k over queries × classes, xyxy in original pixels), k = 7.
+        prob = L[-1].sigmoid()
+        sc, ix = torch.topk(prob.view(BATCH, -1), 7, dim=1)
+        q_idx, lab = ix // NUM_CLASSES, ix % NUM_CLASSES
+        xyxy = torch.gather(box_cxcywh_to_xyxy(B[-1]), 1, q_idx.unsqueeze(-1).repeat(1, 1, 4))
+        sizes = torch.tensor(ORIG_SIZES, dtype=torch.float32)
+        img_h, img_w = sizes.unbind(1)
+        xyxy = xyxy * torch.stack([img_w, img_h, img_w, img_h], 1)[:, None, :]
+        fx["post.scores"], fx["post.labels"], fx["post.boxes"] = sc.contiguous(), lab.contiguous(), xyxy.contiguous()
         for k, s in checks.items():
             fx["checksum." + k] = torch.tensor([s], dtype=torch.float64)
         if name == "l1":
