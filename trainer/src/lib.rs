@@ -3,6 +3,7 @@
 //! ([`matcher`], with an exact port of scipy's assignment solver in [`lsa`]), the criterion
 //! ([`criterion`]), post-processing ([`post_process`]) and weight loading/saving ([`weights`]).
 
+pub mod bench;
 pub mod criterion;
 pub mod lsa;
 pub mod matcher;

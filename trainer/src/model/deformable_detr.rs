@@ -18,6 +18,13 @@ pub const PRIOR_PROB: f64 = 0.01;
 pub const BBOX_SIZE_BIAS: f64 = -2.0;
 /// `input_proj`'s GroupNorm groups.
 pub const GROUP_NORM_GROUPS: i64 = 32;
+/// Optimizer group of `backbone.0.*` (upstream's `lr_backbone_names`).
+pub const GROUP_BACKBONE: usize = 1;
+/// Optimizer group of `*sampling_offsets*` and `*reference_points*` (upstream's
+/// `lr_linear_proj_names`, trained at lr × `lr_linear_proj_mult`).
+pub const GROUP_LINEAR_PROJ: usize = 2;
+/// Optimizer group of every other parameter.
+pub const GROUP_DEFAULT: usize = 0;
 /// Layers of the box MLP.
 const BBOX_MLP_LAYERS: i64 = 3;
 
@@ -231,7 +238,7 @@ impl DeformableDetr {
         let tc = config.transformer;
         let d = tc.d_model;
         let backbone = Backbone::new(
-            &(root / "backbone" / 0),
+            &(root / "backbone" / 0).set_group(GROUP_BACKBONE),
             config.backbone,
             &config.backbone_stages,
             config.train_backbone,

@@ -308,7 +308,7 @@ impl DeformableTransformer {
         } else {
             (
                 Some(linear(
-                    p / "reference_points",
+                    (p / "reference_points").set_group(super::deformable_detr::GROUP_LINEAR_PROJ),
                     d,
                     2,
                     xavier_uniform(d, 2, 1.0),
