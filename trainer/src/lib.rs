@@ -10,6 +10,7 @@ pub mod matcher;
 pub mod model;
 pub mod post_process;
 pub mod spec;
+pub mod torch_pickle;
 pub mod weights;
 
 /// Why the model half could not do what was asked. Messages are one line: what is wrong and

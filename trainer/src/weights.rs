@@ -137,14 +137,11 @@ pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, TrainerError> 
     let p = path.display().to_string();
     let res = match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => Tensor::read_safetensors(path),
-        _ => Tensor::loadz_multi_with_device(path, Device::Cpu),
+        _ => return crate::torch_pickle::read_state_dict(path),
     };
     res.map_err(|e| TrainerError::ReadWeights {
         path: p,
-        reason: format!(
-            "{e}; give a .safetensors file or a torch.save of a flat state dict (for an official checkpoint: \
-             save_file(torch.load(path)['model'], 'model.safetensors'))"
-        ),
+        reason: e.to_string(),
     })
 }
 
