@@ -197,7 +197,11 @@ pub fn ms_deform_attn_core(
     let sizes: Vec<i64> = spatial_shapes.iter().map(|&(h, w)| h * w).collect();
     let value_list = value.split_with_sizes(&sizes, 1);
     let grids = sampling_locations * 2.0 - 1.0;
-    let mut sampled = Vec::with_capacity(spatial_shapes.len());
+    // [N, Lq, M, L, P] → [N·M, 1, Lq, L, P]
+    let weights = attention_weights
+        .transpose(1, 2)
+        .reshape([n * m, 1, len_q, l, p]);
+    let mut out: Option<Tensor> = None;
     for (lid, &(h, w)) in spatial_shapes.iter().enumerate() {
         // [N, H·W, M, D] → [N·M, D, H, W]
         let value_l = value_list[lid]
@@ -206,14 +210,17 @@ pub fn ms_deform_attn_core(
             .reshape([n * m, d, h, w]);
         // [N, Lq, M, P, 2] → [N·M, Lq, P, 2]
         let grid_l = grids.select(3, lid as i64).transpose(1, 2).flatten(0, 1);
-        sampled.push(value_l.grid_sampler(&grid_l, BILINEAR, ZEROS_PADDING, false));
+        // [N·M, D, Lq, P], weighted and summed over the level's points. Accumulating level by
+        // level equals upstream's stack-then-sum up to float summation order.
+        let sampled = value_l.grid_sampler(&grid_l, BILINEAR, ZEROS_PADDING, false);
+        let contrib =
+            (sampled * weights.select(3, lid as i64)).sum_dim_intlist(-1, false, None::<Kind>);
+        out = Some(match out {
+            Some(acc) => acc + contrib,
+            None => contrib,
+        });
     }
-    let weights = attention_weights
-        .transpose(1, 2)
-        .reshape([n * m, 1, len_q, l * p]);
-    let out = (Tensor::stack(&sampled, -2).flatten(-2, -1) * weights)
-        .sum_dim_intlist(-1, false, None::<Kind>)
-        .view([n, m * d, len_q]);
+    let out = out.expect("at least one level").view([n, m * d, len_q]);
     let out = out.transpose(1, 2).contiguous();
     if low_precision {
         out.to_kind(out_kind)
