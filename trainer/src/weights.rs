@@ -1,10 +1,13 @@
 //! Loading and saving model weights under the official Deformable-DETR state-dict keys.
 //!
 //! * Official keys (`backbone.0.body.layer1.0.conv1.weight`, `transformer.encoder.layers.0.
-//!   self_attn.sampling_offsets.weight`, …) load as they are, from safetensors or a torch zip
-//!   archive holding a flat `{name: tensor}` dict. Upstream's aliases (`transformer.decoder.
-//!   bbox_embed.*`, `transformer.decoder.class_embed.*`, and `class_embed.N`/`bbox_embed.N`, N > 0,
-//!   of a model without box refinement, where all layers share head 0) are recognised and skipped.
+//!   self_attn.sampling_offsets.weight`, …) load as they are, from `.safetensors` or from a
+//!   `torch.save` archive (`.pth`): an official training checkpoint (`{'model', 'optimizer',
+//!   'lr_scheduler', 'epoch', 'args'}`, read by [`crate::torch_pickle`] without Python) or a flat
+//!   state dict. Upstream's aliases (`transformer.decoder.bbox_embed.*`,
+//!   `transformer.decoder.class_embed.*`, `class_embed.N`/`bbox_embed.N`, N > 0, of a model
+//!   without box refinement, where all layers share head 0, and `num_batches_tracked`) are
+//!   recognised and skipped.
 //! * transformers' `DeformableDetrForObjectDetection` keys go through [`hf_to_official`], the one
 //!   key map (after transformers' `convert_deformable_detr_to_pytorch.py`, read backwards):
 //!
@@ -367,4 +370,146 @@ pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<(), TrainerError> 
         path: path.display().to_string(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapped(k: &str) -> (String, Option<i64>) {
+        let m = hf_to_official(k).unwrap_or_else(|| panic!("{k} maps"));
+        (m.key, m.block)
+    }
+
+    #[test]
+    fn transformers_v4_names_map_to_official_keys() {
+        let cases = [
+            (
+                "model.backbone.conv_encoder.model.layer2.0.conv1.weight",
+                "backbone.0.body.layer2.0.conv1.weight",
+                None,
+            ),
+            (
+                "model.backbone.model.bn1.running_var",
+                "backbone.0.body.bn1.running_var",
+                None,
+            ),
+            ("model.input_proj.3.1.bias", "input_proj.3.1.bias", None),
+            (
+                "model.query_position_embeddings.weight",
+                "query_embed.weight",
+                None,
+            ),
+            ("model.level_embed", "transformer.level_embed", None),
+            (
+                "model.reference_points.weight",
+                "transformer.reference_points.weight",
+                None,
+            ),
+            (
+                "model.enc_output_norm.weight",
+                "transformer.enc_output_norm.weight",
+                None,
+            ),
+            (
+                "model.encoder.layers.2.self_attn_layer_norm.bias",
+                "transformer.encoder.layers.2.norm1.bias",
+                None,
+            ),
+            (
+                "model.encoder.layers.2.final_layer_norm.weight",
+                "transformer.encoder.layers.2.norm2.weight",
+                None,
+            ),
+            (
+                "model.encoder.layers.0.fc1.weight",
+                "transformer.encoder.layers.0.linear1.weight",
+                None,
+            ),
+            (
+                "model.encoder.layers.0.mlp.fc2.bias",
+                "transformer.encoder.layers.0.linear2.bias",
+                None,
+            ),
+            (
+                "model.encoder.layers.1.self_attn.sampling_offsets.weight",
+                "transformer.encoder.layers.1.self_attn.sampling_offsets.weight",
+                None,
+            ),
+            (
+                "model.decoder.layers.4.encoder_attn.attention_weights.bias",
+                "transformer.decoder.layers.4.cross_attn.attention_weights.bias",
+                None,
+            ),
+            (
+                "model.decoder.layers.4.encoder_attn_layer_norm.weight",
+                "transformer.decoder.layers.4.norm1.weight",
+                None,
+            ),
+            (
+                "model.decoder.layers.4.self_attn_layer_norm.weight",
+                "transformer.decoder.layers.4.norm2.weight",
+                None,
+            ),
+            (
+                "model.decoder.layers.4.final_layer_norm.bias",
+                "transformer.decoder.layers.4.norm3.bias",
+                None,
+            ),
+            (
+                "model.decoder.layers.0.self_attn.q_proj.weight",
+                "transformer.decoder.layers.0.self_attn.in_proj_weight",
+                Some(0),
+            ),
+            (
+                "model.decoder.layers.0.self_attn.k_proj.bias",
+                "transformer.decoder.layers.0.self_attn.in_proj_bias",
+                Some(1),
+            ),
+            (
+                "model.decoder.layers.0.self_attn.v_proj.weight",
+                "transformer.decoder.layers.0.self_attn.in_proj_weight",
+                Some(2),
+            ),
+            (
+                "model.decoder.layers.0.self_attn.out_proj.weight",
+                "transformer.decoder.layers.0.self_attn.out_proj.weight",
+                None,
+            ),
+            (
+                "model.decoder.layers.0.self_attn.o_proj.bias",
+                "transformer.decoder.layers.0.self_attn.out_proj.bias",
+                None,
+            ),
+            ("class_embed.3.weight", "class_embed.3.weight", None),
+            (
+                "bbox_embed.1.layers.2.bias",
+                "bbox_embed.1.layers.2.bias",
+                None,
+            ),
+        ];
+        for (hf, official, block) in cases {
+            assert_eq!(mapped(hf), (official.to_string(), block), "{hf}");
+        }
+        assert!(hf_to_official("model.decoder.bbox_embed.0.layers.0.weight").is_none());
+        assert!(hf_to_official("model.decoder.class_embed.6.bias").is_none());
+    }
+
+    #[test]
+    fn q_k_v_pack_into_in_proj_in_order() {
+        let q = Tensor::from_slice(&[1.0f32, 2.0]).view([1, 2]);
+        let k = Tensor::from_slice(&[3.0f32, 4.0]).view([1, 2]);
+        let v = Tensor::from_slice(&[5.0f32, 6.0]).view([1, 2]);
+        let pre = "model.decoder.layers.0.self_attn";
+        let out = to_official_keys(vec![
+            (format!("{pre}.v_proj.weight"), v),
+            (format!("{pre}.q_proj.weight"), q),
+            (format!("{pre}.k_proj.weight"), k),
+        ]);
+        let packed = &out["transformer.decoder.layers.0.self_attn.in_proj_weight"];
+        assert_eq!(
+            Vec::<f32>::try_from(&packed.flatten(0, -1)).unwrap(),
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        );
+    }
 }

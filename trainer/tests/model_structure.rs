@@ -391,3 +391,20 @@ fn training_forward_backward_reaches_every_trainable_parameter_group() {
         .grad()
         .defined());
 }
+
+#[test]
+fn dilation_halves_the_last_stage_stride() {
+    use ddetr_trainer::model::backbone::Backbone as ResNet;
+    let images = Tensor::zeros([1, 3, 64, 64], tch::kind::FLOAT_CPU);
+    let mask = Tensor::zeros([1, 64, 64], (Kind::Bool, Device::Cpu));
+    for (dilation, side, stride) in [(false, 2, 32), (true, 4, 16)] {
+        let vs = VarStore::new(Device::Cpu);
+        let b = ResNet::new(&vs.root(), Backbone::Resnet50, &[3], true, dilation);
+        assert_eq!(b.strides, [stride]);
+        let out = tch::no_grad(|| b.forward(&images, &mask));
+        assert_eq!(out[0].0.size(), [1, 2048, side, side]);
+        // DC5 keeps layer4's weights: a 1×1-stride downsample conv, same shapes.
+        let ds = vs.variables()["body.layer4.0.downsample.0.weight"].size();
+        assert_eq!(ds, [2048, 1024, 1, 1]);
+    }
+}
