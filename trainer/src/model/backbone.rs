@@ -176,7 +176,7 @@ impl ResNetBody {
         let mut inplanes = STEM_CHANNELS;
         let mut cur_dilation = 1;
         let mut layers = Vec::new();
-        for stage in 0..num_stages {
+        for (stage, &stage_blocks_n) in blocks.iter().enumerate().take(num_stages) {
             let lp = p / format!("layer{}", stage + 1);
             let trainable = train_backbone && stage > 0;
             let planes = 64i64 << stage;
@@ -187,7 +187,7 @@ impl ResNetBody {
                 stride = 1;
             }
             let mut stage_blocks = Vec::new();
-            for b in 0..blocks[stage] {
+            for b in 0..stage_blocks_n {
                 let bp = &lp / b;
                 let (s, d) = if b == 0 {
                     (stride, previous_dilation)
