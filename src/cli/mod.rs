@@ -1,6 +1,7 @@
 //! The `ddetr` command line (clap derive). Each subcommand parses its flags here and calls into a
 //! library crate; nothing below prints except through the functions in this module.
 
+mod bench;
 mod spec;
 
 use std::path::PathBuf;
@@ -26,6 +27,9 @@ pub enum Command {
     Spec(SpecCommand),
     /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
     Doctor,
+    /// Benchmarks against the peer systems (ours and the peer's figure in one run).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Spec(SpecCommand::Show(args)) => spec::show(&args),
         Command::Spec(SpecCommand::Validate(args)) => spec::validate(&args),
+        Command::Bench(cmd) => bench::run(&cmd),
         Command::Doctor => {
             print!("{}", crate::doctor::render(&crate::doctor::checks()));
             Ok(())
