@@ -12,7 +12,11 @@ pub enum NcclLoadError {
     #[error("cannot open NCCL ({tried}): {reason}; install nvidia-nccl-cu13 or set DDETR_NCCL_LIB to libnccl.so.2")]
     Open { tried: String, reason: String },
     #[error("NCCL at {path} lacks {symbol}: {reason}")]
-    Symbol { path: String, symbol: &'static str, reason: String },
+    Symbol {
+        path: String,
+        symbol: &'static str,
+        reason: String,
+    },
     #[error("ncclGetVersion failed with code {0}")]
     Call(i32),
 }
@@ -50,12 +54,21 @@ impl NcclLibrary {
         for path in &tried {
             // SAFETY: loading NCCL runs its (trusted, vendor) initialisers only.
             match unsafe { libloading::Library::new(path) } {
-                Ok(lib) => return Ok(Self { lib, path: path.clone() }),
+                Ok(lib) => {
+                    return Ok(Self {
+                        lib,
+                        path: path.clone(),
+                    })
+                }
                 Err(e) => reasons.push(e.to_string()),
             }
         }
         Err(NcclLoadError::Open {
-            tried: tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            tried: tried
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             reason: reasons.pop().unwrap_or_default(),
         })
     }
@@ -64,9 +77,12 @@ impl NcclLibrary {
     pub fn version(&self) -> Result<(u32, u32, u32), NcclLoadError> {
         type GetVersion = unsafe extern "C" fn(*mut i32) -> i32;
         // SAFETY: ncclGetVersion has had this signature since NCCL 2.0.
-        let get: libloading::Symbol<GetVersion> = unsafe { self.lib.get(b"ncclGetVersion\0") }.map_err(|e| {
-            NcclLoadError::Symbol { path: self.path.display().to_string(), symbol: "ncclGetVersion", reason: e.to_string() }
-        })?;
+        let get: libloading::Symbol<GetVersion> = unsafe { self.lib.get(b"ncclGetVersion\0") }
+            .map_err(|e| NcclLoadError::Symbol {
+                path: self.path.display().to_string(),
+                symbol: "ncclGetVersion",
+                reason: e.to_string(),
+            })?;
         let mut code = 0i32;
         // SAFETY: a valid out-pointer.
         let rc = unsafe { get(&mut code) };

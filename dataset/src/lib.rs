@@ -5,5 +5,9 @@
 //! collation into padded tch tensors with masks.
 
 pub mod config;
+pub mod error;
+pub mod rng;
+pub mod synth;
 
 pub use config::{AugmentationConfig, ConvertConfig, DataSource, DatasetConfig};
+pub use error::DatasetError;

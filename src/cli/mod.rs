@@ -1,6 +1,7 @@
 //! The `ddetr` command line (clap derive). Each subcommand parses its flags here and calls into a
 //! library crate; nothing below prints except through the functions in this module.
 
+mod dataset;
 mod spec;
 
 use std::path::PathBuf;
@@ -24,6 +25,9 @@ pub enum Command {
     /// Resolve, print or check an experiment spec.
     #[command(subcommand)]
     Spec(SpecCommand),
+    /// Synthetic data, the dataset cache, and its summary.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
     /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
     Doctor,
 }
@@ -55,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Spec(SpecCommand::Show(args)) => spec::show(&args),
         Command::Spec(SpecCommand::Validate(args)) => spec::validate(&args),
+        Command::Dataset(cmd) => dataset::run(&cmd),
         Command::Doctor => {
             print!("{}", crate::doctor::render(&crate::doctor::checks()));
             Ok(())
