@@ -11,6 +11,7 @@ pub mod error;
 pub mod image;
 pub mod inspect;
 pub mod rng;
+pub mod sampler;
 pub mod synth;
 
 pub use cache::{Cache, CacheOptions};
