@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod rng;
 pub mod sampler;
 pub mod synth;
+pub mod transforms;
 
 pub use cache::{Cache, CacheOptions};
 pub use config::{AugmentationConfig, ConvertConfig, DataSource, DatasetConfig};
