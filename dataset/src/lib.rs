@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod image;
 pub mod inspect;
+pub mod loader;
 pub mod rng;
 pub mod sampler;
 pub mod synth;
