@@ -1,9 +1,10 @@
 //! The loader: sampler → decode (zune) → transform (fast_image_resize) → collate into tch tensors,
 //! on `dataset.workers` threads with a bounded prefetch of batches.
 //!
-//! Pixels stay u8 through collation; the padded batch is converted and normalized by libtorch in
-//! one pass (`x · 1/(255·std) − mean/std`), then the padding is zeroed (upstream pads after
-//! `Normalize`). Every random draw comes from the stream `(seed, epoch, image index)`, so a batch
+//! Pixels stay u8 through the transforms and the collation (a zero-padded u8 `[B, 3, H, W]`
+//! batch); [`Batch::normalized`] converts and normalizes the whole batch with libtorch's vectorized
+//! kernels on the target device (`x · 1/(255·std) − mean/std`, padding zeroed as upstream, which
+//! pads after `Normalize`). Every random draw comes from the stream `(seed, epoch, image index)`, so a batch
 //! is the same whatever the thread count or the order in which workers finish. An image that
 //! fails to read or decode is reported once (naming the file) and replaced by the next readable
 //! image in the dataset, so training never stops on it and batch shapes stay constant.
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use fast_image_resize::Resizer;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::cache::Cache;
 use crate::config::{AugmentationConfig, DatasetConfig};
@@ -45,7 +46,8 @@ pub struct Target {
 #[derive(Debug)]
 pub struct Batch {
     pub step: usize,
-    /// Normalized images `[B, 3, H, W]` float, zero in the padding.
+    /// Images `[B, 3, H, W]` u8, zero-padded bottom/right: 4× less to copy to the device than
+    /// float; [`Batch::normalized`] turns them into the model input there.
     pub images: Tensor,
     /// `[B, H, W]` bool, true on padding.
     pub mask: Tensor,
@@ -54,6 +56,33 @@ pub struct Batch {
     pub indices: Vec<usize>,
     /// The last `padding` images repeat earlier ones (evaluation only): do not score them.
     pub padding: usize,
+    /// Whether any image is smaller than the batch (the mask has a true entry).
+    pub has_padding: bool,
+    /// `dataset.augmentation.input_mean` / `input_std`.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Batch {
+    /// The model input on `device`: `(x/255 − mean)/std` as float `[B, 3, H, W]`, zero on the
+    /// padding (upstream pads after `Normalize`): a conversion, an in-place multiply-add, and (when
+    /// the batch has padding) an in-place multiply by the valid-pixel mask, on the device's
+    /// vectorized kernels.
+    pub fn normalized(&self, device: Device) -> Tensor {
+        let scale = Tensor::from_slice(&self.std.map(|s| 1.0 / (255.0 * s)))
+            .view([1, 3, 1, 1])
+            .to_device(device);
+        let shift = Tensor::from_slice(&[0, 1, 2].map(|c| -self.mean[c] / self.std[c]))
+            .view([1, 3, 1, 1])
+            .to_device(device);
+        let mut x = self.images.to_device(device).to_kind(Kind::Float);
+        let _ = x.g_mul_(&scale);
+        let _ = x.g_add_(&shift);
+        if self.has_padding {
+            let _ = x.g_mul_(&self.mask.to_device(device).logical_not().unsqueeze(1));
+        }
+        x
+    }
 }
 
 /// Whether the loader augments (train) or only resizes (val/test).
@@ -339,37 +368,28 @@ pub fn collate(
         (bh, bw) = (bh.max(h), bw.max(w));
     }
     let (b, hh, ww) = (samples.len(), bh as usize, bw as usize);
-    let mut pixels = vec![0u8; b * hh * ww * 3];
-    let mut mask = vec![true; b * hh * ww];
+    let plane = hh * ww;
+    let mut mask = vec![true; b * plane];
+    let mut pixels = vec![0u8; b * 3 * plane];
     for (k, (s, _)) in samples.iter().enumerate() {
         let (w, h) = (s.image.width as usize, s.image.height as usize);
+        let img = &mut pixels[k * 3 * plane..(k + 1) * 3 * plane];
+        let (r, rest) = img.split_at_mut(plane);
+        let (g, bl) = rest.split_at_mut(plane);
         for y in 0..h {
-            let dst = (k * hh + y) * ww;
-            pixels[dst * 3..(dst + w) * 3]
-                .copy_from_slice(&s.image.data[y * w * 3..(y + 1) * w * 3]);
-            mask[dst..dst + w].fill(false);
+            let src = &s.image.data[y * w * 3..(y + 1) * w * 3];
+            let o = y * ww;
+            for (x, px) in src.chunks_exact(3).enumerate() {
+                r[o + x] = px[0];
+                g[o + x] = px[1];
+                bl[o + x] = px[2];
+            }
+            mask[k * plane + o..k * plane + o + w].fill(false);
         }
     }
-    let shape = [b as i64, hh as i64, ww as i64];
-    let mask = Tensor::from_slice(&mask).view(shape);
-    let images = Tensor::from_slice(&pixels)
-        .view([b as i64, hh as i64, ww as i64, 3])
-        .permute([0, 3, 1, 2])
-        .contiguous();
-    let scale: Vec<f32> = aug
-        .input_std
-        .iter()
-        .map(|s| (1.0 / (255.0 * s)) as f32)
-        .collect();
-    let shift: Vec<f32> = aug
-        .input_mean
-        .iter()
-        .zip(&aug.input_std)
-        .map(|(m, s)| (m / s) as f32)
-        .collect();
-    let images = images.to_kind(Kind::Float) * Tensor::from_slice(&scale).view([1, 3, 1, 1])
-        - Tensor::from_slice(&shift).view([1, 3, 1, 1]);
-    let images = images.masked_fill(&mask.unsqueeze(1), 0.0);
+    let images = Tensor::from_slice(&pixels).view([b as i64, 3, hh as i64, ww as i64]);
+    let mask = Tensor::from_slice(&mask).view([b as i64, hh as i64, ww as i64]);
+    let f = |v: &[f64]| [v[0] as f32, v[1] as f32, v[2] as f32];
     let targets = samples
         .iter()
         .map(|(s, m)| {
@@ -391,6 +411,11 @@ pub fn collate(
         step,
         images,
         mask,
+        has_padding: samples
+            .iter()
+            .any(|(s, _)| (s.image.height, s.image.width) != (bh, bw)),
+        mean: f(&aug.input_mean),
+        std: f(&aug.input_std),
         targets,
         indices: samples.iter().map(|(_, m)| m.index).collect(),
         padding,

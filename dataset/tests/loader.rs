@@ -212,7 +212,11 @@ fn eval_images_are_normalized_with_input_mean_and_std() {
     let mean = Tensor::from_slice(&[0.485f32, 0.456, 0.406]).view([3, 1, 1]);
     let std = Tensor::from_slice(&[0.229f32, 0.224, 0.225]).view([3, 1, 1]);
     let want = (px - mean) / std;
-    let diff = (b.images.get(1) - want).abs().max().double_value(&[]);
+    assert_eq!(b.images.kind(), Kind::Uint8);
+    let diff = (b.normalized(tch::Device::Cpu).get(1) - want)
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(diff < 1e-5, "max diff {diff}");
     // Eval targets: the JSON boxes, normalized.
     let rec = c.boxes_of(1);

@@ -1,6 +1,7 @@
 //! The `ddetr` command line (clap derive). Each subcommand parses its flags here and calls into a
 //! library crate; nothing below prints except through the functions in this module.
 
+mod bench;
 mod dataset;
 mod spec;
 
@@ -28,6 +29,9 @@ pub enum Command {
     /// Synthetic data, the dataset cache, and its summary.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
+    /// Benchmarks: ddetr against its peers, one key=value line last.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
     Doctor,
 }
@@ -60,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Spec(SpecCommand::Show(args)) => spec::show(&args),
         Command::Spec(SpecCommand::Validate(args)) => spec::validate(&args),
         Command::Dataset(cmd) => dataset::run(&cmd),
+        Command::Bench(cmd) => bench::run(&cmd),
         Command::Doctor => {
             print!("{}", crate::doctor::render(&crate::doctor::checks()));
             Ok(())
