@@ -6,21 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context};
-use clap::{Args, Subcommand};
-
-/// `ddetr bench …`.
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// One training step (forward, loss, backward, AdamW) of the TAO default model on CPU vs
-    /// transformers' Deformable DETR.
-    Step(StepArgs),
-}
-
-pub fn run(cmd: &BenchCommand) -> anyhow::Result<()> {
-    match cmd {
-        BenchCommand::Step(args) => step(args),
-    }
-}
+use clap::Args;
 
 /// Flags of `ddetr bench step`.
 #[derive(Debug, Args)]
