@@ -144,7 +144,6 @@ impl Launch {
     pub fn run(self, sinks: &Sinks) -> Result<Outcome, LaunchError> {
         let stop = StopFlag::default();
         stop.install()?;
-        supervise::become_subreaper();
         let spec = TrainerSpec {
             env: self.trainer_env(),
             program: self.trainer,

@@ -83,8 +83,8 @@ impl StopFlag {
     }
 }
 
-/// Makes the agent the reaper of its trainers' orphans (Linux `PR_SET_CHILD_SUBREAPER`): a
-/// grandchild whose trainer exited is re-parented to the agent instead of init, so shutdown can
+/// Makes the agent the reaper of its trainers' orphans (Linux `PR_SET_CHILD_SUBREAPER`;
+/// idempotent, [`supervise`] calls it): a grandchild whose trainer exited is re-parented to the agent instead of init, so shutdown can
 /// reap it and see its process group empty even where PID 1 does not reap.
 pub fn become_subreaper() {
     // SAFETY: a process attribute of the calling process; no memory is passed.
@@ -210,6 +210,9 @@ pub fn supervise(
     sinks: &Sinks,
     stop: &StopFlag,
 ) -> Result<Outcome, LaunchError> {
+    // Without this, a killed grandchild stays a zombie in its group until init reaps it, and
+    // shutdown would wait out the grace for it (seen where PID 1 reaps slowly).
+    become_subreaper();
     let mut restarts = 0;
     loop {
         if let Some(sig) = stop.requested() {
