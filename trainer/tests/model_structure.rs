@@ -408,3 +408,13 @@ fn dilation_halves_the_last_stage_stride() {
         assert_eq!(ds, [2048, 1024, 1, 1]);
     }
 }
+
+#[test]
+#[should_panic(
+    expected = "two-stage selects model.num_queries = 12 proposals but the feature maps have only 6"
+)]
+fn two_stage_on_too_few_positions_says_so() {
+    let (_vs, model) = build(&model_config(1, true, true));
+    let (images, mask) = inputs();
+    let _ = tch::no_grad(|| model.forward(&images, &mask, false));
+}
