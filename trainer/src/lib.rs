@@ -1,7 +1,14 @@
 //! The `trainer` crate owns the model half and the tasks: the experiment spec ([`spec`]), the
-//! Deformable DETR model in tch with upstream parameter names ([`model`]), the Hungarian matcher
-//! ([`matcher`], with an exact port of scipy's assignment solver in [`lsa`]), the criterion
-//! ([`criterion`]), post-processing ([`post_process`]) and weight loading/saving ([`weights`]).
+//! Deformable DETR model in tch with upstream parameter names and initialisation ([`model`]), the
+//! Hungarian matcher ([`matcher`], with an exact port of scipy's assignment solver in [`lsa`]),
+//! the criterion ([`criterion`]), post-processing ([`post_process`]), weight loading/saving
+//! under official keys with the transformers key map ([`weights`], reading `torch.save` archives
+//! through [`torch_pickle`]), and the training-step benchmark ([`mod@bench`]).
+//!
+//! Numerics are pinned by golden fixtures: `tests/golden/make_model_fixtures.py` (transformers'
+//! Deformable DETR set to the official semantics, plus the official criterion and scipy's
+//! matcher), `make_lsa_fixtures.py` and `make_pth_fixture.py`; run them with the peers venv
+//! (`$(/work/shared/peers/venv.sh) trainer/tests/golden/<script>`) to regenerate.
 
 pub mod bench;
 pub mod criterion;

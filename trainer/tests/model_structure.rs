@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 #[test]
 fn every_configuration_combination_has_the_right_shapes() {
     let (images, mask) = inputs();
-    for levels in [1u32, 2, 4] {
+    for levels in [1u32, 2, 4, 5] {
         for refine in [false, true] {
             for two_stage in [false, true] {
                 // Two-stage needs at least num_queries encoder pixels: 1 level of a 64×72 image has 6.
@@ -25,6 +25,9 @@ fn every_configuration_combination_has_the_right_shapes() {
                 let mut cfg = model_config(levels, refine, two_stage);
                 if levels == 2 {
                     cfg.return_interm_indices = vec![2, 3];
+                }
+                if levels == 5 {
+                    cfg.return_interm_indices = vec![0, 1, 2, 3, 4]; // layer1 (stride 4) included
                 }
                 let (_vs, model) = build(&cfg);
                 let out = tch::no_grad(|| model.forward(&images, &mask, false));
@@ -407,4 +410,31 @@ fn dilation_halves_the_last_stage_stride() {
         let ds = vs.variables()["body.layer4.0.downsample.0.weight"].size();
         assert_eq!(ds, [2048, 1024, 1, 1]);
     }
+}
+
+#[test]
+#[should_panic(
+    expected = "two-stage selects model.num_queries = 12 proposals but the feature maps have only 6"
+)]
+fn two_stage_on_too_few_positions_says_so() {
+    let (_vs, model) = build(&model_config(1, true, true));
+    let (images, mask) = inputs();
+    let _ = tch::no_grad(|| model.forward(&images, &mask, false));
+}
+
+/// The low-precision paths (sampling in f32 and back, position embeddings and reference points
+/// cast to the feature dtype) run end to end; bf16 outputs stay close to f32's.
+#[test]
+fn a_bfloat16_model_runs_and_stays_close_to_float32() {
+    let cfg = model_config(4, true, false);
+    let (vs, model) = build(&cfg);
+    fill_model(&vs);
+    let (images, mask) = inputs();
+    let full = tch::no_grad(|| model.forward(&images, &mask, false));
+    let mut vs = vs;
+    vs.bfloat16();
+    let half = tch::no_grad(|| model.forward(&images.to_kind(Kind::BFloat16), &mask, false));
+    assert_eq!(half.last().logits.kind(), Kind::BFloat16);
+    let d = max_abs_diff(&half.last().boxes, &full.last().boxes);
+    assert!(d < 0.05, "bf16 boxes differ by {d}");
 }

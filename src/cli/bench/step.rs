@@ -32,6 +32,9 @@ pub struct StepArgs {
     /// Measure ours only.
     #[arg(long)]
     pub no_peer: bool,
+    /// Run both sides on CUDA device 0 instead of the CPU.
+    #[arg(long)]
+    pub cuda: bool,
 }
 
 fn peer_python(args: &StepArgs) -> anyhow::Result<PathBuf> {
@@ -56,6 +59,7 @@ fn peer_python(args: &StepArgs) -> anyhow::Result<PathBuf> {
 fn run_peer(args: &StepArgs) -> anyhow::Result<f64> {
     let python = peer_python(args)?;
     let out = Command::new(&python)
+        .env("DEVICE", if args.cuda { "cuda" } else { "cpu" })
         .arg(&args.peer)
         .args([
             args.batch.to_string(),
@@ -90,11 +94,19 @@ fn run_peer(args: &StepArgs) -> anyhow::Result<f64> {
 
 pub fn step(args: &StepArgs) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads);
-    let ours =
-        ddetr_trainer::bench::step_bench(args.batch, args.size, args.steps, tch::Device::Cpu)?;
+    let device = if args.cuda {
+        if !tch::Cuda::is_available() {
+            bail!("--cuda asked for a GPU but libtorch sees no CUDA device: drop --cuda or run on a GPU machine");
+        }
+        tch::Device::Cuda(0)
+    } else {
+        tch::Device::Cpu
+    };
+    let ours = ddetr_trainer::bench::step_bench(args.batch, args.size, args.steps, device)?;
     let median = ours.median_s();
     println!(
-        "ddetr: params={} ({:.1}M) batch={} size={} steps={:?} median_step={:.3}s loss={:.3}",
+        "ddetr: device={} params={} ({:.1}M) batch={} size={} steps={:?} median_step={:.3}s loss={:.3}",
+        if args.cuda { "cuda" } else { "cpu" },
         ours.params,
         ours.params as f64 / 1e6,
         args.batch,

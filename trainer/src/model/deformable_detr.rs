@@ -328,7 +328,12 @@ impl DeformableDetr {
         }
     }
 
-    /// `images` `[N, 3, H, W]` (normalised, zero-padded), `pixel_mask` `[N, H, W]` true on padding.
+    /// `images` `[N, 3, H, W]` (normalised, zero-padded), `pixel_mask` `[N, H, W]` true on padding;
+    /// `train` enables dropout.
+    ///
+    /// # Panics
+    /// Two-stage, when the feature maps have fewer positions than `num_queries` (upstream's
+    /// `topk` fails the same way).
     pub fn forward(&self, images: &Tensor, pixel_mask: &Tensor, train: bool) -> DetrOutput {
         let features = self.backbone.forward(images, pixel_mask);
         let mut srcs = Vec::with_capacity(self.input_proj.len());

@@ -462,6 +462,12 @@ impl DeformableTransformer {
                 let (enc_class, enc_delta) = heads.encoder_heads(&out_memory);
                 let enc_coord_unact = enc_delta + proposals;
                 let topk = self.config.num_queries;
+                let positions = enc_class.size()[1];
+                assert!(
+                    topk <= positions,
+                    "two-stage selects model.num_queries = {topk} proposals but the feature maps have only {positions} \
+                     positions: use larger images or fewer queries"
+                );
                 let (_, topk_idx) = enc_class.select(2, 0).topk(topk, 1, true, true);
                 let topk_coords = enc_coord_unact
                     .gather(1, &topk_idx.unsqueeze(-1).repeat([1, 1, 4]), false)
