@@ -12,7 +12,10 @@ pub struct Check {
 /// Collects the report (no printing here; the binary prints it).
 pub fn checks() -> Vec<Check> {
     let mut out = Vec::new();
-    out.push(Check { label: "ddetr", value: env!("CARGO_PKG_VERSION").to_string() });
+    out.push(Check {
+        label: "ddetr",
+        value: env!("CARGO_PKG_VERSION").to_string(),
+    });
     let torch_lib = loaded_libtorch_dir();
     let torch_version = torch_lib
         .as_deref()
@@ -26,12 +29,20 @@ pub fn checks() -> Vec<Check> {
             None => format!("{torch_version} (location unknown)"),
         },
     });
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     out.push(Check {
         label: "cpu",
-        value: format!("{cores} cores available, libtorch intra-op threads {}", tch::get_num_threads()),
+        value: format!(
+            "{cores} cores available, libtorch intra-op threads {}",
+            tch::get_num_threads()
+        ),
     });
-    out.push(Check { label: "cuda", value: cuda_line() });
+    out.push(Check {
+        label: "cuda",
+        value: cuda_line(),
+    });
     out.push(Check {
         label: "nccl",
         value: match ddetr_collective::nccl::NcclLibrary::open() {
@@ -42,7 +53,10 @@ pub fn checks() -> Vec<Check> {
             Err(e) => format!("not available: {e}"),
         },
     });
-    out.push(Check { label: "venv", value: venv_line(torch_lib.as_deref()) });
+    out.push(Check {
+        label: "venv",
+        value: venv_line(torch_lib.as_deref()),
+    });
     out
 }
 
@@ -59,7 +73,11 @@ fn cuda_line() -> String {
     let n = tch::Cuda::device_count();
     if n > 0 {
         let names: Vec<String> = (0..n).map(|i| format!("cuda:{i}")).collect();
-        return format!("{n} device(s): {} (cudnn {})", names.join(", "), tch::Cuda::cudnn_is_available());
+        return format!(
+            "{n} device(s): {} (cudnn {})",
+            names.join(", "),
+            tch::Cuda::cudnn_is_available()
+        );
     }
     // SAFETY: probing for the driver library runs only its initialisers.
     let driver = unsafe { libloading::Library::new("libcuda.so.1") };
@@ -73,7 +91,9 @@ fn venv_line(torch_lib: Option<&Path>) -> String {
     // <venv>/lib/pythonX.Y/site-packages/torch/lib → <venv>
     let from_lib = torch_lib.map(|lib| clean(&lib.join("../../../../..")));
     match (from_lib, std::env::var_os("VIRTUAL_ENV")) {
-        (Some(v), _) if v.join("bin/python").exists() => format!("{} (holds the libtorch in use)", v.display()),
+        (Some(v), _) if v.join("bin/python").exists() => {
+            format!("{} (holds the libtorch in use)", v.display())
+        }
         (_, Some(env)) => format!("{} (from VIRTUAL_ENV)", PathBuf::from(env).display()),
         _ => "none found (libtorch is not from a virtualenv)".into(),
     }

@@ -223,18 +223,24 @@ mod tests {
 
     #[test]
     fn test_data_sources_accepts_a_mapping_or_a_list() {
-        let one: DatasetConfig =
-            serde_json::from_str(r#"{"test_data_sources": {"image_dir": "a", "json_file": "b.json"}}"#).unwrap();
-        let many: DatasetConfig =
-            serde_json::from_str(r#"{"test_data_sources": [{"image_dir": "a", "json_file": "b.json"}]}"#).unwrap();
+        let one: DatasetConfig = serde_json::from_str(
+            r#"{"test_data_sources": {"image_dir": "a", "json_file": "b.json"}}"#,
+        )
+        .unwrap();
+        let many: DatasetConfig = serde_json::from_str(
+            r#"{"test_data_sources": [{"image_dir": "a", "json_file": "b.json"}]}"#,
+        )
+        .unwrap();
         assert_eq!(one.test_data_sources, many.test_data_sources);
         assert_eq!(one.test_data_sources.len(), 1);
     }
 
     #[test]
     fn infer_image_dir_accepts_a_string_or_a_list() {
-        let s: InferDataSource = serde_json::from_str(r#"{"image_dir": "x", "classmap": "c.txt"}"#).unwrap();
-        let l: InferDataSource = serde_json::from_str(r#"{"image_dir": ["x"], "classmap": "c.txt"}"#).unwrap();
+        let s: InferDataSource =
+            serde_json::from_str(r#"{"image_dir": "x", "classmap": "c.txt"}"#).unwrap();
+        let l: InferDataSource =
+            serde_json::from_str(r#"{"image_dir": ["x"], "classmap": "c.txt"}"#).unwrap();
         assert_eq!(s, l);
     }
 }

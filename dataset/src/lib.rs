@@ -4,6 +4,18 @@
 //! dataset the demo and tests train on, the TAO/official augmentation, the distributed sampler, and
 //! collation into padded tch tensors with masks.
 
+pub mod cache;
+pub mod coco;
 pub mod config;
+pub mod error;
+pub mod image;
+pub mod inspect;
+pub mod loader;
+pub mod rng;
+pub mod sampler;
+pub mod synth;
+pub mod transforms;
 
+pub use cache::{Cache, CacheOptions};
 pub use config::{AugmentationConfig, ConvertConfig, DataSource, DatasetConfig};
+pub use error::DatasetError;

@@ -9,7 +9,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
-            return ExitCode::from(if err.use_stderr() { ddetr::exit::USAGE } else { ddetr::exit::SUCCESS });
+            return ExitCode::from(if err.use_stderr() {
+                ddetr::exit::USAGE
+            } else {
+                ddetr::exit::SUCCESS
+            });
         }
     };
     ddetr::init_logging(&cli.log);

@@ -2,6 +2,7 @@
 //! library crate; nothing below prints except through the functions in this module.
 
 mod bench;
+mod dataset;
 mod spec;
 
 use std::path::PathBuf;
@@ -25,11 +26,14 @@ pub enum Command {
     /// Resolve, print or check an experiment spec.
     #[command(subcommand)]
     Spec(SpecCommand),
-    /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
-    Doctor,
-    /// Benchmarks: ours against the peer implementation, in one run.
+    /// Synthetic data, the dataset cache, and its summary.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
+    /// Benchmarks: ddetr against its peers, one key=value line last.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
+    Doctor,
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,7 +63,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Spec(SpecCommand::Show(args)) => spec::show(&args),
         Command::Spec(SpecCommand::Validate(args)) => spec::validate(&args),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Dataset(cmd) => dataset::run(&cmd),
+        Command::Bench(cmd) => bench::run(&cmd),
         Command::Doctor => {
             print!("{}", crate::doctor::render(&crate::doctor::checks()));
             Ok(())

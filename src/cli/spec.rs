@@ -22,6 +22,10 @@ pub(super) fn show(args: &SpecArgs) -> anyhow::Result<()> {
 
 pub(super) fn validate(args: &SpecArgs) -> anyhow::Result<()> {
     let resolved = resolve(args)?;
-    eprintln!("{}: valid (spec hash {})", args.spec.display(), &resolved.spec.hash()[..12]);
+    eprintln!(
+        "{}: valid (spec hash {})",
+        args.spec.display(),
+        &resolved.spec.hash()[..12]
+    );
     Ok(())
 }

@@ -1,6 +1,52 @@
-//! The `trainer` crate owns the model half and the tasks: the experiment spec ([`spec`]), and (as
-//! they land) the Deformable DETR model in tch with upstream parameter names, the Hungarian
-//! matcher, the criterion, post-processing, optimizer groups and schedules, checkpoints, and the
-//! train/evaluate/inference/export tasks that tie dataset, model and collective layer together.
+//! The `trainer` crate owns the model half and the tasks: the experiment spec ([`spec`]), the
+//! Deformable DETR model in tch with upstream parameter names and initialisation ([`model`]), the
+//! Hungarian matcher ([`matcher`], with an exact port of scipy's assignment solver in [`lsa`]),
+//! the criterion ([`criterion`]), post-processing ([`post_process`]), weight loading/saving
+//! under official keys with the transformers key map ([`weights`], reading `torch.save` archives
+//! through [`torch_pickle`]), and the training-step benchmark ([`mod@bench`]).
+//!
+//! Numerics are pinned by golden fixtures: `tests/golden/make_model_fixtures.py` (transformers'
+//! Deformable DETR set to the official semantics, plus the official criterion and scipy's
+//! matcher), `make_lsa_fixtures.py` and `make_pth_fixture.py`; run them with the peers venv
+//! (`$(/work/shared/peers/venv.sh) trainer/tests/golden/<script>`) to regenerate.
 
+pub mod bench;
+pub mod criterion;
+pub mod lsa;
+pub mod matcher;
+pub mod model;
+pub mod post_process;
 pub mod spec;
+pub mod torch_pickle;
+pub mod weights;
+
+/// Why the model half could not do what was asked. Messages are one line: what is wrong and
+/// what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error("{0}")]
+    BadModel(String),
+    #[error("cannot read weights {path}: {reason}")]
+    ReadWeights { path: String, reason: String },
+    #[error("cannot write weights {path}: {reason}")]
+    WriteWeights { path: String, reason: String },
+    #[error("weights {path}: tensor {key} has shape {found:?} but the model expects {expected:?}: {hint}")]
+    ShapeMismatch {
+        path: String,
+        key: String,
+        found: Vec<i64>,
+        expected: Vec<i64>,
+        hint: String,
+    },
+    #[error("weights {path} lack {count} model tensors (first: {first}): {hint}")]
+    MissingKeys {
+        path: String,
+        count: usize,
+        first: String,
+        hint: String,
+    },
+    #[error("cost matrix is infeasible (contains NaN or -inf, or no full assignment exists)")]
+    InfeasibleCost,
+    #[error("{0}")]
+    Torch(#[from] tch::TchError),
+}

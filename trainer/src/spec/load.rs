@@ -20,34 +20,71 @@ pub struct Resolved {
 
 /// Loads `path`, applies `overrides` (`key.path=value`, in order) and `results_dir` (the CLI's
 /// `-r`, applied last), and validates.
-pub fn load(path: &Path, overrides: &[String], results_dir: Option<&str>) -> Result<Resolved, SpecError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| SpecError::Read { path: path.display().to_string(), reason: e.to_string() })?;
-    let tree = parse_yaml(&text).map_err(|reason| SpecError::Parse { path: path.display().to_string(), reason })?;
+pub fn load(
+    path: &Path,
+    overrides: &[String],
+    results_dir: Option<&str>,
+) -> Result<Resolved, SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|e| SpecError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let tree = parse_yaml(&text).map_err(|reason| SpecError::Parse {
+        path: path.display().to_string(),
+        reason,
+    })?;
     resolve_tree(tree, overrides, results_dir)
 }
 
 /// Like [`load`], from YAML text (tests, stdin).
-pub fn load_str(text: &str, overrides: &[String], results_dir: Option<&str>) -> Result<Resolved, SpecError> {
-    let tree = parse_yaml(text).map_err(|reason| SpecError::Parse { path: "<spec>".into(), reason })?;
+pub fn load_str(
+    text: &str,
+    overrides: &[String],
+    results_dir: Option<&str>,
+) -> Result<Resolved, SpecError> {
+    let tree = parse_yaml(text).map_err(|reason| SpecError::Parse {
+        path: "<spec>".into(),
+        reason,
+    })?;
     resolve_tree(tree, overrides, results_dir)
 }
 
-fn resolve_tree(mut tree: Value, overrides: &[String], results_dir: Option<&str>) -> Result<Resolved, SpecError> {
+fn resolve_tree(
+    mut tree: Value,
+    overrides: &[String],
+    results_dir: Option<&str>,
+) -> Result<Resolved, SpecError> {
     if tree.is_null() {
         tree = Value::Object(Map::new());
     }
     if !tree.is_object() {
         return Err(SpecError::Parse {
             path: "<spec>".into(),
-            reason: "the top level must be a mapping of sections (model:, dataset:, train:, …)".into(),
+            reason: "the top level must be a mapping of sections (model:, dataset:, train:, …)"
+                .into(),
         });
     }
+    // Start from the defaults so that overrides see what a key really is (a section or a value).
+    let mut base = serde_json::to_value(ExperimentSpec::default()).expect("defaults serialize");
+    merge(&mut base, tree);
+    let mut tree = base;
     let mut overridden = Vec::new();
     for raw in overrides {
         let (key, value) = parse_override(raw)?;
-        set_path(&mut tree, &key, value.clone())?;
-        overridden.push((key, value, raw.split_once('=').map(|(_, v)| v.trim().to_string()).unwrap_or_default()));
+        set_path(&mut tree, &key, value.clone()).map_err(|e| match e {
+            SpecError::BadOverride { reason, .. } => SpecError::BadOverride {
+                raw: raw.clone(),
+                reason,
+            },
+            other => other,
+        })?;
+        overridden.push((
+            key,
+            value,
+            raw.split_once('=')
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_default(),
+        ));
     }
     if let Some(dir) = results_dir {
         set_path(&mut tree, "results_dir", Value::String(dir.to_string()))?;
@@ -59,8 +96,9 @@ fn resolve_tree(mut tree: Value, overrides: &[String], results_dir: Option<&str>
                 // An override typed as a number/bool for a string key (`model_name=123`) is meant
                 // as the string: retry once with the raw text.
                 if let SpecError::BadValue { key, .. } = &err {
-                    if let Some((k, _, raw)) =
-                        overridden.iter().find(|(k, v, _)| k == key && !v.is_string() && !v.is_array())
+                    if let Some((k, _, raw)) = overridden
+                        .iter()
+                        .find(|(k, v, _)| k == key && !v.is_string() && !v.is_array())
                     {
                         let k = k.clone();
                         let raw = Value::String(raw.clone());
@@ -78,10 +116,35 @@ fn resolve_tree(mut tree: Value, overrides: &[String], results_dir: Option<&str>
     Ok(Resolved { spec, notices })
 }
 
+/// Deep-merges `over` into `base`: mappings merge key by key, null leaves a mapping alone, anything
+/// else replaces.
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        // An empty section (`train:` with nothing under it) keeps the defaults.
+        (Value::Object(_), Value::Null) => {}
+        (slot, v) => *slot = v,
+    }
+}
+
 /// Parses YAML into a JSON-like tree; the error says where (line:column).
 pub(crate) fn parse_yaml(text: &str) -> Result<Value, String> {
     serde_yaml_ng::from_str::<Value>(text).map_err(|e| match e.location() {
-        Some(loc) => format!("line {} column {}: {}", loc.line(), loc.column(), strip_location(&e.to_string())),
+        Some(loc) => format!(
+            "line {} column {}: {}",
+            loc.line(),
+            loc.column(),
+            strip_location(&e.to_string())
+        ),
         None => e.to_string(),
     })
 }
@@ -106,14 +169,18 @@ pub fn parse_override(raw: &str) -> Result<(String, Value), SpecError> {
     if key.is_empty() || key.split('.').any(|part| part.is_empty()) {
         return Err(SpecError::BadOverride {
             raw: raw.to_string(),
-            reason: "the key is empty or has an empty component; write e.g. train.optim.lr=1e-4".into(),
+            reason: "the key is empty or has an empty component; write e.g. train.optim.lr=1e-4"
+                .into(),
         });
     }
     let text = value.trim();
     let parsed = if text.is_empty() {
         Value::String(String::new())
     } else {
-        parse_yaml(text).map_err(|reason| SpecError::BadOverride { raw: raw.to_string(), reason })?
+        parse_yaml(text).map_err(|reason| SpecError::BadOverride {
+            raw: raw.to_string(),
+            reason,
+        })?
     };
     Ok((key.to_string(), parsed))
 }
@@ -129,7 +196,11 @@ fn set_path(tree: &mut Value, key: &str, value: Value) -> Result<(), SpecError> 
         let Value::Object(map) = node else {
             return Err(SpecError::BadOverride {
                 raw: key.to_string(),
-                reason: format!("{} is not a section, so it has no key '{}'", parts[..i].join("."), part),
+                reason: format!(
+                    "{} is not a section, so it has no key '{}'",
+                    parts[..i].join("."),
+                    part
+                ),
             });
         };
         if i + 1 == parts.len() {
@@ -171,27 +242,53 @@ fn classify(path: String, message: &str) -> SpecError {
             _ if path == key => String::new(),
             _ => path.clone(),
         };
-        let full = if parent.is_empty() { key.to_string() } else { format!("{parent}.{key}") };
-        return SpecError::UnknownKey { suggestion: nearest(key, &valid), key: full, section: parent, valid };
+        let full = if parent.is_empty() {
+            key.to_string()
+        } else {
+            format!("{parent}.{key}")
+        };
+        return SpecError::UnknownKey {
+            suggestion: nearest(key, &valid),
+            key: full,
+            section: parent,
+            valid,
+        };
     }
     if let Some(rest) = message.strip_prefix("unknown variant `") {
         let (value, tail) = rest.split_once('`').unwrap_or((rest, ""));
         let valid = backticked(tail);
-        return SpecError::UnknownValue { suggestion: nearest(value, &valid), key: path, value: value.to_string(), valid };
+        return SpecError::UnknownValue {
+            suggestion: nearest(value, &valid),
+            key: path,
+            value: value.to_string(),
+            valid,
+        };
     }
-    SpecError::BadValue { key: path, reason: message.to_string() }
+    SpecError::BadValue {
+        key: path,
+        reason: message.to_string(),
+    }
 }
 
 /// Names between backticks in serde's "expected one of `a`, `b`".
 fn backticked(text: &str) -> Vec<String> {
-    text.split('`').skip(1).step_by(2).map(str::to_string).collect()
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
 }
 
 /// The valid name closest to `got`, if any is close enough to be a plausible typo.
 pub(crate) fn nearest(got: &str, valid: &[String]) -> Option<String> {
     valid
         .iter()
-        .map(|v| (strsim::normalized_damerau_levenshtein(&got.to_lowercase(), &v.to_lowercase()), v))
+        .map(|v| {
+            (
+                strsim::normalized_damerau_levenshtein(&got.to_lowercase(), &v.to_lowercase()),
+                v,
+            )
+        })
         .filter(|(score, _)| *score >= 0.5)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, v)| v.clone())

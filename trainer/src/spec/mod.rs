@@ -22,34 +22,71 @@ pub enum SpecError {
     #[error("bad override '{raw}': {reason}")]
     BadOverride { raw: String, reason: String },
     #[error("{}", unknown_key_message(.key, .section, .suggestion, .valid))]
-    UnknownKey { key: String, section: String, suggestion: Option<String>, valid: Vec<String> },
+    UnknownKey {
+        key: String,
+        section: String,
+        suggestion: Option<String>,
+        valid: Vec<String>,
+    },
     #[error("{}", unknown_value_message(.key, .value, .suggestion, .valid))]
-    UnknownValue { key: String, value: String, suggestion: Option<String>, valid: Vec<String> },
+    UnknownValue {
+        key: String,
+        value: String,
+        suggestion: Option<String>,
+        valid: Vec<String>,
+    },
     #[error("{key}: {reason}")]
     BadValue { key: String, reason: String },
     #[error("{key} {message}")]
     Invalid { key: String, message: String },
 }
 
-fn unknown_key_message(key: &str, section: &str, suggestion: &Option<String>, valid: &[String]) -> String {
-    let place = if section.is_empty() { "at the top level".to_string() } else { format!("in {section}") };
+fn unknown_key_message(
+    key: &str,
+    section: &str,
+    suggestion: &Option<String>,
+    valid: &[String],
+) -> String {
+    let place = if section.is_empty() {
+        "at the top level".to_string()
+    } else {
+        format!("in {section}")
+    };
     match suggestion {
         Some(s) => {
-            let fixed = if section.is_empty() { s.clone() } else { format!("{section}.{s}") };
+            let fixed = if section.is_empty() {
+                s.clone()
+            } else {
+                format!("{section}.{s}")
+            };
             format!("unknown key '{key}' {place}: did you mean '{fixed}'?")
         }
-        None => format!("unknown key '{key}' {place}: valid keys are {}", valid.join(", ")),
+        None => format!(
+            "unknown key '{key}' {place}: valid keys are {}",
+            valid.join(", ")
+        ),
     }
 }
 
-fn unknown_value_message(key: &str, value: &str, suggestion: &Option<String>, valid: &[String]) -> String {
+fn unknown_value_message(
+    key: &str,
+    value: &str,
+    suggestion: &Option<String>,
+    valid: &[String],
+) -> String {
     if key == "model.backbone" && value.starts_with("gc_vit") {
         return format!(
             "model.backbone '{value}': GCViT backbones are not supported by ddetr; use resnet_50 (or resnet_18/resnet_34 for small CPU runs)"
         );
     }
-    let hint = suggestion.as_ref().map(|s| format!(" (did you mean '{s}'?)")).unwrap_or_default();
-    format!("{key}: unknown value '{value}'{hint}; valid values are {}", valid.join(", "))
+    let hint = suggestion
+        .as_ref()
+        .map(|s| format!(" (did you mean '{s}'?)"))
+        .unwrap_or_default();
+    format!(
+        "{key}: unknown value '{value}'{hint}; valid values are {}",
+        valid.join(", ")
+    )
 }
 
 impl ExperimentSpec {

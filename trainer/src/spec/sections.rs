@@ -207,7 +207,10 @@ pub struct CudnnConfig {
 
 impl Default for CudnnConfig {
     fn default() -> Self {
-        Self { benchmark: false, deterministic: true }
+        Self {
+            benchmark: false,
+            deterministic: true,
+        }
     }
 }
 

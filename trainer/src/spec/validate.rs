@@ -21,7 +21,10 @@ const MAX_INTERM_INDEX: u32 = 4;
 const GROUP_NORM_GROUPS: u32 = 32;
 
 fn invalid(key: &str, message: impl Into<String>) -> SpecError {
-    SpecError::Invalid { key: key.to_string(), message: message.into() }
+    SpecError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
 }
 
 /// Checks the spec, normalising what TAO normalises (num_gpus vs gpu_ids), and returns notices.
@@ -32,14 +35,26 @@ pub fn validate(spec: &mut ExperimentSpec) -> Result<Vec<Notice>, SpecError> {
     validate_train(spec)?;
     for (section, num_gpus, gpu_ids) in [
         ("train", &mut spec.train.num_gpus, &mut spec.train.gpu_ids),
-        ("evaluate", &mut spec.evaluate.num_gpus, &mut spec.evaluate.gpu_ids),
-        ("inference", &mut spec.inference.num_gpus, &mut spec.inference.gpu_ids),
+        (
+            "evaluate",
+            &mut spec.evaluate.num_gpus,
+            &mut spec.evaluate.gpu_ids,
+        ),
+        (
+            "inference",
+            &mut spec.inference.num_gpus,
+            &mut spec.inference.gpu_ids,
+        ),
     ] {
         if let Some(n) = reconcile_gpus(section, num_gpus, gpu_ids)? {
             notices.push(n);
         }
     }
-    if spec.encryption_key.as_deref().is_some_and(|k| !k.is_empty()) {
+    if spec
+        .encryption_key
+        .as_deref()
+        .is_some_and(|k| !k.is_empty())
+    {
         return Err(invalid(
             "encryption_key",
             "is set, but ddetr does not encrypt checkpoints (they are plain safetensors): remove encryption_key from the spec",
@@ -59,7 +74,10 @@ fn validate_model(spec: &ExperimentSpec) -> Result<(), SpecError> {
     let levels = m.num_feature_levels as usize;
     let idx = &m.return_interm_indices;
     if !(1..=5).contains(&m.num_feature_levels) {
-        return Err(invalid("model.num_feature_levels", format!("is {}; it must be between 1 and 5", m.num_feature_levels)));
+        return Err(invalid(
+            "model.num_feature_levels",
+            format!("is {}; it must be between 1 and 5", m.num_feature_levels),
+        ));
     }
     if idx.len() != levels {
         let example = match levels {
@@ -89,7 +107,13 @@ fn validate_model(spec: &ExperimentSpec) -> Result<(), SpecError> {
         ));
     }
     if !(0.0..=1.0).contains(&m.dropout_ratio) {
-        return Err(invalid("model.dropout_ratio", format!("is {}; a dropout probability must be within [0, 1]", m.dropout_ratio)));
+        return Err(invalid(
+            "model.dropout_ratio",
+            format!(
+                "is {}; a dropout probability must be within [0, 1]",
+                m.dropout_ratio
+            ),
+        ));
     }
     let candidates = u64::from(m.num_queries) * u64::from(spec.dataset.num_classes);
     if u64::from(m.num_select) >= candidates {
@@ -102,7 +126,10 @@ fn validate_model(spec: &ExperimentSpec) -> Result<(), SpecError> {
         ));
     }
     if m.num_select == 0 || m.num_queries == 0 {
-        return Err(invalid("model.num_select", "and model.num_queries must be at least 1"));
+        return Err(invalid(
+            "model.num_select",
+            "and model.num_queries must be at least 1",
+        ));
     }
     if m.nheads == 0 || m.hidden_dim % m.nheads != 0 {
         return Err(invalid(
@@ -113,7 +140,10 @@ fn validate_model(spec: &ExperimentSpec) -> Result<(), SpecError> {
     if m.hidden_dim % GROUP_NORM_GROUPS != 0 || m.hidden_dim % 2 != 0 {
         return Err(invalid(
             "model.hidden_dim",
-            format!("is {}; input_proj's GroupNorm(32) needs a multiple of 32 (e.g. 128 or 256)", m.hidden_dim),
+            format!(
+                "is {}; input_proj's GroupNorm(32) needs a multiple of 32 (e.g. 128 or 256)",
+                m.hidden_dim
+            ),
         ));
     }
     for (key, v) in [
@@ -128,14 +158,26 @@ fn validate_model(spec: &ExperimentSpec) -> Result<(), SpecError> {
         }
     }
     if m.two_stage && !m.with_box_refine {
-        return Err(invalid("model.two_stage", "needs model.with_box_refine: true (as the official two-stage variant)"));
+        return Err(invalid(
+            "model.two_stage",
+            "needs model.with_box_refine: true (as the official two-stage variant)",
+        ));
     }
     if !(m.focal_alpha > 0.0 && m.focal_alpha < 1.0) {
-        return Err(invalid("model.focal_alpha", format!("is {}; it must be within (0, 1), usually 0.25", m.focal_alpha)));
+        return Err(invalid(
+            "model.focal_alpha",
+            format!(
+                "is {}; it must be within (0, 1), usually 0.25",
+                m.focal_alpha
+            ),
+        ));
     }
     for name in &m.loss_types {
         if name != "labels" && name != "boxes" {
-            return Err(invalid("model.loss_types", format!("contains '{name}'; ddetr knows 'labels' and 'boxes'")));
+            return Err(invalid(
+                "model.loss_types",
+                format!("contains '{name}'; ddetr knows 'labels' and 'boxes'"),
+            ));
         }
     }
     Ok(())
@@ -147,22 +189,37 @@ fn validate_dataset(spec: &ExperimentSpec) -> Result<(), SpecError> {
     if d.num_classes < 2 {
         return Err(invalid(
             "dataset.num_classes",
-            format!("is {}; it is the largest category_id + 1 (ids start at 1), so at least 2", d.num_classes),
+            format!(
+                "is {}; it is the largest category_id + 1 (ids start at 1), so at least 2",
+                d.num_classes
+            ),
         ));
     }
     if d.batch_size == 0 {
-        return Err(invalid("dataset.batch_size", "is 0; it must be at least 1 image per rank"));
+        return Err(invalid(
+            "dataset.batch_size",
+            "is 0; it must be at least 1 image per rank",
+        ));
     }
     if a.input_mean.len() != 3 || a.input_std.len() != 3 {
-        return Err(invalid("dataset.augmentation.input_mean", "and input_std need exactly 3 values (R, G, B)"));
+        return Err(invalid(
+            "dataset.augmentation.input_mean",
+            "and input_std need exactly 3 values (R, G, B)",
+        ));
     }
     if a.input_std.iter().any(|&s| s <= 0.0) {
-        return Err(invalid("dataset.augmentation.input_std", "values must be positive"));
+        return Err(invalid(
+            "dataset.augmentation.input_std",
+            "values must be positive",
+        ));
     }
     if !(0.0..=1.0).contains(&a.horizontal_flip_prob) {
         return Err(invalid(
             "dataset.augmentation.horizontal_flip_prob",
-            format!("is {}; a probability must be within [0, 1]", a.horizontal_flip_prob),
+            format!(
+                "is {}; a probability must be within [0, 1]",
+                a.horizontal_flip_prob
+            ),
         ));
     }
     if a.train_random_crop_max <= a.train_random_crop_min {
@@ -175,12 +232,18 @@ fn validate_dataset(spec: &ExperimentSpec) -> Result<(), SpecError> {
         ));
     }
     if a.scales.is_empty() || a.train_random_resize.is_empty() {
-        return Err(invalid("dataset.augmentation.scales", "and train_random_resize must not be empty"));
+        return Err(invalid(
+            "dataset.augmentation.scales",
+            "and train_random_resize must not be empty",
+        ));
     }
     if let Some(&bad) = a.scales.iter().find(|&&s| s > a.random_resize_max_size) {
         return Err(invalid(
             "dataset.augmentation.scales",
-            format!("contains {bad}, above random_resize_max_size ({})", a.random_resize_max_size),
+            format!(
+                "contains {bad}, above random_resize_max_size ({})",
+                a.random_resize_max_size
+            ),
         ));
     }
     Ok(())
@@ -190,10 +253,16 @@ fn validate_train(spec: &ExperimentSpec) -> Result<(), SpecError> {
     let t = &spec.train;
     let o = &t.optim;
     if t.num_epochs == 0 {
-        return Err(invalid("train.num_epochs", "is 0; train for at least 1 epoch"));
+        return Err(invalid(
+            "train.num_epochs",
+            "is 0; train for at least 1 epoch",
+        ));
     }
     if t.checkpoint_interval == 0 || t.validation_interval == 0 {
-        return Err(invalid("train.checkpoint_interval", "and train.validation_interval must be at least 1 (epochs)"));
+        return Err(invalid(
+            "train.checkpoint_interval",
+            "and train.validation_interval must be at least 1 (epochs)",
+        ));
     }
     if t.num_nodes == 0 {
         return Err(invalid("train.num_nodes", "is 0; it must be at least 1"));
@@ -202,12 +271,18 @@ fn validate_train(spec: &ExperimentSpec) -> Result<(), SpecError> {
         if let Some(w) = o.lr_steps.windows(2).find(|w| w[0] >= w[1]) {
             return Err(invalid(
                 "train.optim.lr_steps",
-                format!("is {:?}: {} is followed by {}; list the decay epochs in increasing order", o.lr_steps, w[0], w[1]),
+                format!(
+                    "is {:?}: {} is followed by {}; list the decay epochs in increasing order",
+                    o.lr_steps, w[0], w[1]
+                ),
             ));
         }
     }
     if o.lr_scheduler == LrScheduler::StepLR && o.lr_step_size == 0 {
-        return Err(invalid("train.optim.lr_step_size", "is 0; StepLR needs a period of at least 1 epoch"));
+        return Err(invalid(
+            "train.optim.lr_step_size",
+            "is 0; StepLR needs a period of at least 1 epoch",
+        ));
     }
     for (key, v) in [
         ("train.optim.lr", o.lr),
@@ -215,7 +290,10 @@ fn validate_train(spec: &ExperimentSpec) -> Result<(), SpecError> {
         ("train.optim.lr_decay", o.lr_decay),
     ] {
         if !(v > 0.0) || !v.is_finite() {
-            return Err(invalid(key, format!("is {v}; it must be a positive number")));
+            return Err(invalid(
+                key,
+                format!("is {v}; it must be a positive number"),
+            ));
         }
     }
     for (key, v) in [
@@ -232,27 +310,42 @@ fn validate_train(spec: &ExperimentSpec) -> Result<(), SpecError> {
 }
 
 /// TAO's rule: when num_gpus and gpu_ids disagree, the larger one wins.
-fn reconcile_gpus(section: &str, num_gpus: &mut u32, gpu_ids: &mut Vec<u32>) -> Result<Option<Notice>, SpecError> {
+fn reconcile_gpus(
+    section: &str,
+    num_gpus: &mut u32,
+    gpu_ids: &mut Vec<u32>,
+) -> Result<Option<Notice>, SpecError> {
     if *num_gpus == 0 {
-        return Err(invalid(&format!("{section}.num_gpus"), "is 0; it must be at least 1"));
+        return Err(invalid(
+            &format!("{section}.num_gpus"),
+            "is 0; it must be at least 1",
+        ));
     }
     let mut sorted = gpu_ids.clone();
     sorted.sort_unstable();
     if sorted.windows(2).any(|w| w[0] == w[1]) {
-        return Err(invalid(&format!("{section}.gpu_ids"), format!("is {gpu_ids:?} and lists a GPU twice: list each GPU once")));
+        return Err(invalid(
+            &format!("{section}.gpu_ids"),
+            format!("is {gpu_ids:?} and lists a GPU twice: list each GPU once"),
+        ));
     }
     let n = *num_gpus as usize;
     if gpu_ids.len() == n {
         return Ok(None);
     }
-    let before = format!("{section}.num_gpus = {num_gpus} and {section}.gpu_ids = {gpu_ids:?} disagree");
+    let before =
+        format!("{section}.num_gpus = {num_gpus} and {section}.gpu_ids = {gpu_ids:?} disagree");
     if gpu_ids.len() > n {
         *num_gpus = gpu_ids.len() as u32;
-        Ok(Some(Notice(format!("{before}: using the larger, num_gpus = {num_gpus}"))))
+        Ok(Some(Notice(format!(
+            "{before}: using the larger, num_gpus = {num_gpus}"
+        ))))
     } else {
         let next = gpu_ids.iter().max().map_or(0, |m| m + 1);
         let extra = n - gpu_ids.len();
         gpu_ids.extend(next..next + extra as u32);
-        Ok(Some(Notice(format!("{before}: using the larger, gpu_ids = {gpu_ids:?}"))))
+        Ok(Some(Notice(format!(
+            "{before}: using the larger, gpu_ids = {gpu_ids:?}"
+        ))))
     }
 }

@@ -16,7 +16,7 @@ use ddetr_collective::{CommConfig, Communicator, RankInfo, TcpStore, TcpStoreSer
 
 /// The peer: torch.distributed (gloo) all-reduce between local processes (a copy of
 /// shared/peers/gloo_allreduce.py; `--gloo-script` runs another).
-const GLOO_PEER: &str = include_str!("../../collective/peers/gloo_allreduce.py");
+const GLOO_PEER: &str = include_str!("../../../collective/peers/gloo_allreduce.py");
 /// Bound on the whole run of the ranks.
 const RANKS_LIMIT: Duration = Duration::from_secs(900);
 
@@ -26,7 +26,7 @@ pub enum Backend {
     Nccl,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CollectiveArgs {
     /// cpu (shared memory within this node) or nccl (one GPU per rank).
     #[arg(long, value_enum, default_value = "cpu")]

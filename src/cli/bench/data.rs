@@ -1,0 +1,369 @@
+//! `ddetr bench data`: the data path against its peers, in one run.
+//!
+//! 1. Train transform throughput on one core: decode (zune-jpeg) → flip/resize/crop
+//!    (fast_image_resize) → normalized float tensor, over 640×480 synthetic JPEGs; the peer is
+//!    `shared/peers/torchvision_pipeline.py` (PIL + torchvision) on the same files.
+//! 2. A COCO-train-sized annotation file (`shared/peers/make_big_coco_json.py`): cache build time,
+//!    open time, and the extra resident memory of each additional process that maps the cache
+//!    and reads every record; the peer is pycocotools loading the JSON (`pycocotools_load.py`).
+//!
+//! The last line is `key=value` pairs (`imgs_per_s_core=` first).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use ddetr_dataset::cache::{self, Cache, CacheOptions};
+use ddetr_dataset::loader::{collate, Loader, LoaderMode};
+use ddetr_dataset::synth::{self, SynthOptions};
+use ddetr_dataset::{DataSource, DatasetConfig};
+
+#[derive(Debug, Args)]
+pub struct DataBenchArgs {
+    /// Synthetic 640x480 JPEGs for the transform benchmark.
+    #[arg(long, default_value_t = 400)]
+    pub images: usize,
+    /// Working folder (default: a fresh temporary folder, removed afterwards).
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// Folder holding the peer scripts.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "DDETR_PEERS_DIR",
+        default_value = "/work/shared/peers"
+    )]
+    pub peers: PathBuf,
+    /// Python with torch/torchvision/pycocotools for the peers (default: the peers' venv.sh).
+    #[arg(long, value_name = "PYTHON")]
+    pub python: Option<PathBuf>,
+    /// Skip the peers (prints only ddetr's figures).
+    #[arg(long)]
+    pub no_peer: bool,
+    /// Skip the COCO-train-sized annotation part.
+    #[arg(long)]
+    pub skip_big: bool,
+    /// Additional reader processes that map the big cache.
+    #[arg(long, default_value_t = 3)]
+    pub readers: usize,
+    /// Internal: run as one reader process on CACHE and print its memory figures.
+    #[arg(long, value_name = "CACHE", hide = true)]
+    pub reader: Option<PathBuf>,
+}
+
+/// (VmRSS, RssAnon, RssFile) in KiB from /proc/self/status.
+fn rss_kib() -> (u64, u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
+}
+
+fn reader(path: &Path) -> anyhow::Result<()> {
+    let before = rss_kib();
+    let c = Cache::open(path)?;
+    // Touch every record as a training epoch would.
+    let mut acc = 0f64;
+    for i in 0..c.len() {
+        acc += c.images()[i].width as f64 + c.file_name(i).len() as f64;
+        acc += c.boxes_of(i).iter().map(|b| b.bbox[2] as f64).sum::<f64>();
+    }
+    let after = rss_kib();
+    println!(
+        "reader rss_delta_kib={} anon_delta_kib={} file_delta_kib={} checksum={acc:.0}",
+        after.0 - before.0,
+        after.1 - before.1,
+        after.2 - before.2
+    );
+    Ok(())
+}
+
+fn peer_python(args: &DataBenchArgs) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &args.python {
+        return Ok(p.clone());
+    }
+    let out = Command::new(args.peers.join("venv.sh"))
+        .output()
+        .context("running the peers' venv.sh")?;
+    if !out.status.success() {
+        bail!(
+            "venv.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// Runs a peer script and returns the value of `key=` in its last line.
+fn run_peer(python: &Path, script: &Path, arg: &Path, keys: &[&str]) -> anyhow::Result<Vec<f64>> {
+    let out = Command::new(python)
+        .arg(script)
+        .arg(arg)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    let line = text.lines().last().unwrap_or("");
+    keys.iter()
+        .map(|k| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{} printed no {k}= ({line})", script.display()))
+        })
+        .collect()
+}
+
+pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.reader {
+        return reader(path);
+    }
+    let tmp;
+    let work = match &args.work {
+        Some(w) => w.clone(),
+        None => {
+            tmp = tempfile_dir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let mut kv: Vec<(String, String)> = Vec::new();
+
+    // 1. Transform throughput on one core.
+    let shapes = work.join("shapes640");
+    if !shapes.join("annotations.json").exists() {
+        synth::generate(
+            &shapes,
+            &SynthOptions {
+                images: args.images,
+                width: 640,
+                height: 480,
+                classes: 3,
+                seed: 0,
+                tar: false,
+            },
+        )?;
+    }
+    let src = DataSource {
+        image_dir: shapes.join("images").display().to_string(),
+        json_file: shapes.join("annotations.json").display().to_string(),
+    };
+    let c = Arc::new(cache::ensure(
+        &[src],
+        &CacheOptions {
+            path: Some(work.join("shapes640.ddetr-cache")),
+            pack_images: true,
+            ..Default::default()
+        },
+    )?);
+    tch::set_num_threads(1);
+    // TAO's default augmentation, without fixed_padding (the peer does not pad either).
+    let mut config = DatasetConfig {
+        batch_size: 1,
+        workers: 0,
+        ..DatasetConfig::default()
+    };
+    config.augmentation.fixed_padding = false;
+    let loader = Loader::new(c.clone(), &config, LoaderMode::Train { seed: 0 }, 1, 0)?;
+    // Warm the page cache and the allocator with a few images, then time a full pass.
+    for i in 0..c.len().min(8) {
+        loader.sample(i, 99)?;
+    }
+    let started = Instant::now();
+    for i in 0..c.len() {
+        let s = loader.sample(i, 0)?;
+        let b = collate(
+            &[s],
+            &config.augmentation,
+            LoaderMode::Train { seed: 0 },
+            0,
+            0,
+        );
+        let _ = std::hint::black_box(b.normalized(tch::Device::Cpu));
+    }
+    let ours = c.len() as f64 / started.elapsed().as_secs_f64();
+    println!("ddetr train transform (decode, flip, resize/crop, normalize), 1 core: {ours:.1} img/s over {} 640x480 JPEGs", c.len());
+    kv.push(("imgs_per_s_core".into(), format!("{ours:.1}")));
+
+    let python = if args.no_peer {
+        None
+    } else {
+        peer_python(args)
+            .map_err(|e| println!("peers: not run ({e:#})"))
+            .ok()
+    };
+    if let Some(py) = &python {
+        match run_peer(
+            py,
+            &args.peers.join("torchvision_pipeline.py"),
+            &shapes,
+            &["imgs_per_s_per_core"],
+        ) {
+            Ok(v) => {
+                println!("peer torchvision_pipeline.py (PIL + torchvision), 1 core: {:.1} img/s  → ddetr {:.2}x", v[0], ours / v[0]);
+                kv.push(("peer_imgs_per_s_core".into(), format!("{:.1}", v[0])));
+            }
+            Err(e) => println!("peer torchvision_pipeline.py: not run ({e:#})"),
+        }
+    }
+
+    // 2. COCO-train-sized annotations.
+    if !args.skip_big {
+        let big = work.join("big");
+        let json = big.join("instances_train_like.json");
+        let images = big.join("images");
+        if !json.exists() {
+            std::fs::create_dir_all(&images)?;
+            let status = Command::new("python3")
+                .arg(args.peers.join("make_big_coco_json.py"))
+                .arg(&json)
+                .status()
+                .context("running make_big_coco_json.py with python3")?;
+            if !status.success() {
+                bail!("make_big_coco_json.py failed");
+            }
+        }
+        ensure_placeholder_files(&json, &images)?;
+        let src = DataSource {
+            image_dir: images.display().to_string(),
+            json_file: json.display().to_string(),
+        };
+        let path = big.join("big.ddetr-cache");
+        let started = Instant::now();
+        let c = cache::build(
+            &[src],
+            &path,
+            &CacheOptions {
+                path: Some(path.clone()),
+                num_classes: Some(91),
+                ..Default::default()
+            },
+        )?;
+        let build_s = started.elapsed().as_secs_f64();
+        drop(c);
+        let mut open_ms = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let c = Cache::open(&path)?;
+            open_ms = open_ms.min(t.elapsed().as_secs_f64() * 1e3);
+            std::hint::black_box(c.len());
+        }
+        let c = Cache::open(&path)?;
+        println!(
+            "ddetr cache of {} images / {} boxes: build {build_s:.2} s, open {open_ms:.2} ms, file {:.1} MiB",
+            c.len(),
+            c.boxes().len(),
+            c.sizes().0 as f64 / 1048576.0
+        );
+        // Additional readers: separate processes, all mapping the file at once.
+        let exe = std::env::current_exe()?;
+        let children: Vec<_> = (0..args.readers)
+            .map(|_| {
+                Command::new(&exe)
+                    .args(["bench", "data", "--reader"])
+                    .arg(&path)
+                    .output()
+            })
+            .collect::<Result<_, _>>()?;
+        let mut worst = (0u64, 0u64);
+        for out in &children {
+            let line = String::from_utf8_lossy(&out.stdout);
+            let get = |k: &str| {
+                line.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            if !out.status.success() {
+                bail!("reader failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            worst = (
+                worst.0.max(get("rss_delta_kib")),
+                worst.1.max(get("anon_delta_kib")),
+            );
+        }
+        let (rss_mib, anon_mib) = (worst.0 as f64 / 1024.0, worst.1 as f64 / 1024.0);
+        println!("ddetr reader process (open + read every record), worst of {}: +{rss_mib:.1} MiB RSS, of which +{anon_mib:.1} MiB private (the rest is shared page cache)", args.readers);
+        kv.push(("cache_build_s".into(), format!("{build_s:.2}")));
+        kv.push(("cache_open_ms".into(), format!("{open_ms:.2}")));
+        kv.push(("reader_extra_rss_mib".into(), format!("{rss_mib:.1}")));
+        kv.push(("reader_extra_private_mib".into(), format!("{anon_mib:.1}")));
+        if let Some(py) = &python {
+            match run_peer(
+                py,
+                &args.peers.join("pycocotools_load.py"),
+                &json,
+                &["seconds", "maxrss_mib"],
+            ) {
+                Ok(v) => {
+                    println!(
+                        "peer pycocotools COCO(json) per process: {:.2} s, {:.0} MiB RSS",
+                        v[0], v[1]
+                    );
+                    kv.push(("peer_load_s".into(), format!("{:.2}", v[0])));
+                    kv.push(("peer_load_rss_mib".into(), format!("{:.0}", v[1])));
+                }
+                Err(e) => println!("peer pycocotools_load.py: not run ({e:#})"),
+            }
+        }
+    }
+    let line: Vec<String> = kv.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("{}", line.join(" "));
+    Ok(())
+}
+
+/// The cache build checks that every image file exists; the big JSON's images are empty files.
+fn ensure_placeholder_files(json: &Path, images: &Path) -> anyhow::Result<()> {
+    let marker = images.join(".complete");
+    if marker.exists() {
+        return Ok(());
+    }
+    let file: ddetr_dataset::coco::CocoFile = ddetr_dataset::coco::read(json)?;
+    for im in &file.images {
+        std::fs::File::create(images.join(&im.file_name))?;
+    }
+    std::fs::File::create(marker)?;
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<TempDir> {
+    let base = std::env::temp_dir().join(format!("ddetr-bench-data-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    Ok(TempDir(base))
+}
+
+/// A folder removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

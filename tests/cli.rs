@@ -1,0 +1,101 @@
+//! End-to-end checks of the `ddetr` binary: the spec commands, doctor, and the exit-code contract.
+
+use std::process::{Command, Output};
+
+fn ddetr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddetr"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("ddetr runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn spec_show_prints_the_resolved_spec_with_overrides() {
+    let out = ddetr(&[
+        "spec",
+        "show",
+        "-e",
+        "configs/coco_r50.yaml",
+        "train.num_epochs=3",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let yaml = text(&out.stdout);
+    assert!(yaml.contains("  num_epochs: 3\n"), "{yaml}");
+    // Defaults not in the file are printed too.
+    assert!(yaml.contains("  dim_feedforward: 1024\n"));
+    assert!(yaml.contains("  lr_linear_proj_mult: 0.1\n"));
+}
+
+#[test]
+fn typo_in_spec_exits_2_with_one_line_and_a_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("spec.yaml");
+    std::fs::write(&spec, "model:\n  num_querys: 100\n").unwrap();
+    let out = ddetr(&["spec", "validate", "-e", spec.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("unknown key 'model.num_querys' in model: did you mean 'model.num_queries'?"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_spec_file_and_bad_flags_exit_2() {
+    let out = ddetr(&["spec", "show", "-e", "does/not/exist.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read spec does/not/exist.yaml"));
+    let out = ddetr(&["spec", "show", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = ddetr(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn validate_prints_notices_and_succeeds() {
+    let out = ddetr(&[
+        "spec",
+        "validate",
+        "-e",
+        "configs/shapes_tiny.yaml",
+        "train.num_gpus=2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("notice: train.num_gpus = 2 and train.gpu_ids = [0] disagree"),
+        "{err}"
+    );
+    assert!(err.contains("valid (spec hash "), "{err}");
+}
+
+#[test]
+fn doctor_runs_on_this_machine_and_is_honest() {
+    let out = ddetr(&["doctor"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    for label in ["ddetr ", "libtorch ", "cpu ", "cuda ", "nccl ", "venv "] {
+        assert!(
+            report.lines().any(|l| l.starts_with(label)),
+            "no '{label}' line in:\n{report}"
+        );
+    }
+    assert!(report.contains("libtorch  2.11.0"), "{report}");
+    // CUDA line agrees with what libtorch sees.
+    let cuda_line = report.lines().find(|l| l.starts_with("cuda")).unwrap();
+    if tch::Cuda::device_count() == 0 {
+        assert!(
+            cuda_line.contains("none") || cuda_line.contains("no CUDA device"),
+            "{cuda_line}"
+        );
+    } else {
+        assert!(cuda_line.contains("device(s)"), "{cuda_line}");
+    }
+}

@@ -1,0 +1,109 @@
+//! The training-step benchmark behind `ddetr bench step`: forward + criterion + backward +
+//! gradient clipping + AdamW on the TAO default model (ResNet-50, 4 levels, 6+6 layers, 300
+//! queries, box refinement, FFN 1024) with random images and five random boxes per image, the
+//! same workload as the peer script `hf_ddetr_step.py`.
+
+use std::time::Instant;
+
+use tch::nn::{self, OptimizerConfig, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::criterion::{local_num_boxes, normalizer, SetCriterion};
+use crate::matcher::Target;
+use crate::model::deformable_detr::{DetrConfig, GROUP_BACKBONE, GROUP_LINEAR_PROJ};
+use crate::model::DeformableDetr;
+use crate::spec::{ModelConfig, OptimConfig};
+use crate::TrainerError;
+
+/// COCO's class count (max category id 90 + 1), TAO's default.
+pub const BENCH_NUM_CLASSES: u32 = 91;
+/// Random boxes per image.
+const BOXES_PER_IMAGE: i64 = 5;
+/// Global gradient-norm clip (TAO's `train.clip_grad_norm`).
+const CLIP_GRAD_NORM: f64 = 0.1;
+
+/// What one benchmark run measured.
+#[derive(Debug, Clone)]
+pub struct StepBench {
+    /// Seconds of each timed step (the warm-up step excluded).
+    pub step_s: Vec<f64>,
+    /// Trainable + frozen parameters (FrozenBatchNorm running statistics excluded).
+    pub params: i64,
+    pub final_loss: f64,
+}
+
+impl StepBench {
+    /// Median step time in seconds.
+    pub fn median_s(&self) -> f64 {
+        let mut s = self.step_s.clone();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    }
+}
+
+/// Runs `steps` timed training steps (after one warm-up step) at `batch` × 3 × `size` × `size`.
+pub fn step_bench(
+    batch: i64,
+    size: i64,
+    steps: usize,
+    device: Device,
+) -> Result<StepBench, TrainerError> {
+    tch::manual_seed(0);
+    let cfg = ModelConfig::default();
+    let vs = VarStore::new(device);
+    let model = DeformableDetr::new(&vs.root(), DetrConfig::from_spec(&cfg, BENCH_NUM_CLASSES)?);
+    let criterion = SetCriterion::from_spec(&cfg, BENCH_NUM_CLASSES);
+    let optim = OptimConfig::default();
+    let mut opt = nn::AdamW {
+        wd: optim.weight_decay,
+        ..Default::default()
+    }
+    .build(&vs, optim.lr)?;
+    opt.set_lr_group(GROUP_BACKBONE, optim.lr_backbone);
+    opt.set_lr_group(GROUP_LINEAR_PROJ, optim.lr * optim.lr_linear_proj_mult);
+    let params: i64 = vs
+        .variables()
+        .iter()
+        .filter(|(k, _)| !k.contains("running_"))
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+
+    let images = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
+    let mask = Tensor::zeros([batch, size, size], (Kind::Bool, device));
+    let targets: Vec<Target> = (0..batch)
+        .map(|_| Target {
+            labels: Tensor::randint(
+                i64::from(BENCH_NUM_CLASSES),
+                [BOXES_PER_IMAGE],
+                (Kind::Int64, device),
+            ),
+            boxes: Tensor::rand([BOXES_PER_IMAGE, 4], (Kind::Float, device)) * 0.5 + 0.25,
+        })
+        .collect();
+    let num_boxes = normalizer(local_num_boxes(&targets));
+    let mut step_s = Vec::with_capacity(steps);
+    let mut final_loss = f64::NAN;
+    for i in 0..=steps {
+        let t0 = Instant::now();
+        let out = model.forward(&images, &mask, true);
+        let losses = criterion.forward(&out, &targets, num_boxes)?;
+        opt.zero_grad();
+        losses.total.backward();
+        opt.clip_grad_norm(CLIP_GRAD_NORM);
+        opt.step();
+        final_loss = losses.total.double_value(&[]);
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        tracing::info!(step = i, loss = final_loss, seconds = dt, "bench step");
+        if i > 0 {
+            step_s.push(dt);
+        }
+    }
+    Ok(StepBench {
+        step_s,
+        params,
+        final_loss,
+    })
+}

@@ -1,0 +1,230 @@
+//! Multi-scale deformable attention — upstream `models/ops/modules/ms_deform_attn.py`
+//! (`MSDeformAttn`) and `models/ops/functions/ms_deform_attn_func.py`
+//! (`ms_deform_attn_core_pytorch`); Deformable DETR paper §4.1, Eq. 3.
+//!
+//! Sampling is bilinear `grid_sample` with zero padding and `align_corners = false` (the CUDA
+//! kernel's convention: sample at `loc·size − 0.5`), on any device libtorch supports. Under
+//! fp16/bf16 the sampling runs in f32 and casts back, as TAO and DINO do.
+
+use std::f64::consts::PI;
+
+use tch::nn::{self, Init, Module};
+use tch::{Kind, Tensor};
+
+use super::{linear, xavier_uniform};
+
+/// `grid_sampler` interpolation mode 0 = bilinear.
+const BILINEAR: i64 = 0;
+/// `grid_sampler` padding mode 0 = zeros.
+const ZEROS_PADDING: i64 = 0;
+
+/// `MSDeformAttn(d_model, n_levels, n_heads, n_points)`.
+#[derive(Debug)]
+pub struct MSDeformAttn {
+    pub d_model: i64,
+    pub n_levels: i64,
+    pub n_heads: i64,
+    pub n_points: i64,
+    pub sampling_offsets: nn::Linear,
+    pub attention_weights: nn::Linear,
+    pub value_proj: nn::Linear,
+    pub output_proj: nn::Linear,
+}
+
+/// The ring-shaped sampling-offset bias of `_reset_parameters`: head h points in direction
+/// θ_h = 2πh/n_heads, scaled so its larger component is 1, point k (0-based) at distance k+1.
+pub fn sampling_offsets_bias_init(n_heads: i64, n_levels: i64, n_points: i64) -> Tensor {
+    let mut v = Vec::with_capacity((n_heads * n_levels * n_points * 2) as usize);
+    for h in 0..n_heads {
+        // f32 as upstream: thetas = arange(n_heads, f32) * (2π / n_heads).
+        let theta = h as f32 * (2.0 * PI / n_heads as f64) as f32;
+        let (c, s) = (theta.cos(), theta.sin());
+        let m = c.abs().max(s.abs());
+        let (gx, gy) = (c / m, s / m);
+        for _l in 0..n_levels {
+            for p in 0..n_points {
+                let k = (p + 1) as f32;
+                v.push(gx * k);
+                v.push(gy * k);
+            }
+        }
+    }
+    Tensor::from_slice(&v)
+}
+
+impl MSDeformAttn {
+    pub fn new(p: nn::Path, d_model: i64, n_levels: i64, n_heads: i64, n_points: i64) -> Self {
+        let n_off = n_heads * n_levels * n_points * 2;
+        let sampling_offsets = linear(
+            (&p / "sampling_offsets").set_group(super::deformable_detr::GROUP_LINEAR_PROJ),
+            d_model,
+            n_off,
+            Init::Const(0.0),
+            Init::Const(0.0),
+        );
+        tch::no_grad(|| {
+            let bias =
+                sampling_offsets_bias_init(n_heads, n_levels, n_points).to_device(p.device());
+            sampling_offsets
+                .bs
+                .as_ref()
+                .expect("linear has a bias")
+                .shallow_clone()
+                .copy_(&bias);
+        });
+        let attention_weights = linear(
+            &p / "attention_weights",
+            d_model,
+            n_heads * n_levels * n_points,
+            Init::Const(0.0),
+            Init::Const(0.0),
+        );
+        let value_proj = linear(
+            &p / "value_proj",
+            d_model,
+            d_model,
+            xavier_uniform(d_model, d_model, 1.0),
+            Init::Const(0.0),
+        );
+        let output_proj = linear(
+            &p / "output_proj",
+            d_model,
+            d_model,
+            xavier_uniform(d_model, d_model, 1.0),
+            Init::Const(0.0),
+        );
+        Self {
+            d_model,
+            n_levels,
+            n_heads,
+            n_points,
+            sampling_offsets,
+            attention_weights,
+            value_proj,
+            output_proj,
+        }
+    }
+
+    /// * `query` `[N, Lq, C]`
+    /// * `reference_points` `[N, Lq, L, 2]` (x, y in [0, 1], padded area included) or
+    ///   `[N, Lq, L, 4]` (cx, cy, w, h boxes)
+    /// * `input_flatten` `[N, ΣH·W, C]`, `spatial_shapes` the (H, W) of each level
+    /// * `padding_mask` `[N, ΣH·W]`, true where padded (value zeroed there)
+    ///
+    /// Returns `[N, Lq, C]`.
+    pub fn forward(
+        &self,
+        query: &Tensor,
+        reference_points: &Tensor,
+        input_flatten: &Tensor,
+        spatial_shapes: &[(i64, i64)],
+        padding_mask: Option<&Tensor>,
+    ) -> Tensor {
+        let (n, len_q) = (query.size()[0], query.size()[1]);
+        let len_in = input_flatten.size()[1];
+        let (m, l, p) = (self.n_heads, self.n_levels, self.n_points);
+        let mut value = self.value_proj.forward(input_flatten);
+        if let Some(mask) = padding_mask {
+            value = value.masked_fill(&mask.unsqueeze(-1), 0.0);
+        }
+        let value = value.view([n, len_in, m, self.d_model / m]);
+        let offsets = self
+            .sampling_offsets
+            .forward(query)
+            .view([n, len_q, m, l, p, 2]);
+        let weights = self
+            .attention_weights
+            .forward(query)
+            .view([n, len_q, m, l * p])
+            .softmax(-1, None::<Kind>)
+            .view([n, len_q, m, l, p]);
+        let sampling_locations = match reference_points.size()[3] {
+            2 => {
+                // offset_normalizer = (W, H) per level (the issue-#6 fix).
+                let wh: Vec<f32> = spatial_shapes
+                    .iter()
+                    .flat_map(|&(h, w)| [w as f32, h as f32])
+                    .collect();
+                let normalizer = Tensor::from_slice(&wh)
+                    .to_device(query.device())
+                    .to_kind(offsets.kind())
+                    .view([1, 1, 1, l, 1, 2]);
+                reference_points.view([n, len_q, 1, l, 1, 2]) + offsets / normalizer
+            }
+            4 => {
+                let xy = reference_points
+                    .narrow(-1, 0, 2)
+                    .view([n, len_q, 1, l, 1, 2]);
+                let wh = reference_points
+                    .narrow(-1, 2, 2)
+                    .view([n, len_q, 1, l, 1, 2]);
+                xy + offsets / p as f64 * wh * 0.5
+            }
+            d => panic!("reference_points must end in 2 or 4 coordinates, got {d}"),
+        };
+        let out = ms_deform_attn_core(&value, spatial_shapes, &sampling_locations, &weights);
+        self.output_proj.forward(&out)
+    }
+}
+
+/// `ms_deform_attn_core_pytorch`: `value` `[N, S, M, D]`, `sampling_locations`
+/// `[N, Lq, M, L, P, 2]`, `attention_weights` `[N, Lq, M, L, P]` → `[N, Lq, M·D]`.
+pub fn ms_deform_attn_core(
+    value: &Tensor,
+    spatial_shapes: &[(i64, i64)],
+    sampling_locations: &Tensor,
+    attention_weights: &Tensor,
+) -> Tensor {
+    let out_kind = value.kind();
+    let low_precision = matches!(out_kind, Kind::Half | Kind::BFloat16);
+    let (value, sampling_locations, attention_weights) = if low_precision {
+        (
+            value.to_kind(Kind::Float),
+            sampling_locations.to_kind(Kind::Float),
+            attention_weights.to_kind(Kind::Float),
+        )
+    } else {
+        (
+            value.shallow_clone(),
+            sampling_locations.shallow_clone(),
+            attention_weights.shallow_clone(),
+        )
+    };
+    let vs = value.size();
+    let (n, m, d) = (vs[0], vs[2], vs[3]);
+    let ls = sampling_locations.size();
+    let (len_q, l, p) = (ls[1], ls[3], ls[4]);
+    let sizes: Vec<i64> = spatial_shapes.iter().map(|&(h, w)| h * w).collect();
+    let value_list = value.split_with_sizes(&sizes, 1);
+    let grids = sampling_locations * 2.0 - 1.0;
+    // [N, Lq, M, L, P] → [N·M, 1, Lq, L, P]
+    let weights = attention_weights
+        .transpose(1, 2)
+        .reshape([n * m, 1, len_q, l, p]);
+    let mut out: Option<Tensor> = None;
+    for (lid, &(h, w)) in spatial_shapes.iter().enumerate() {
+        // [N, H·W, M, D] → [N·M, D, H, W]
+        let value_l = value_list[lid]
+            .flatten(2, 3)
+            .transpose(1, 2)
+            .reshape([n * m, d, h, w]);
+        // [N, Lq, M, P, 2] → [N·M, Lq, P, 2]
+        let grid_l = grids.select(3, lid as i64).transpose(1, 2).flatten(0, 1);
+        // [N·M, D, Lq, P], weighted and summed over the level's points. Accumulating level by
+        // level equals upstream's stack-then-sum up to float summation order.
+        let sampled = value_l.grid_sampler(&grid_l, BILINEAR, ZEROS_PADDING, false);
+        let contrib =
+            (sampled * weights.select(3, lid as i64)).sum_dim_intlist(-1, false, None::<Kind>);
+        out = Some(match out {
+            Some(acc) => acc + contrib,
+            None => contrib,
+        });
+    }
+    let out = out.expect("at least one level").view([n, m * d, len_q]);
+    let out = out.transpose(1, 2).contiguous();
+    if low_precision {
+        out.to_kind(out_kind)
+    } else {
+        out
+    }
+}

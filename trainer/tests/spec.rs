@@ -1,0 +1,445 @@
+//! The experiment spec: TAO defaults, round trip, overrides, unknown keys, validation messages.
+
+use ddetr_trainer::spec::{self, Backbone, ExperimentSpec, Precision, SpecError, Task};
+
+fn load(yaml: &str, overrides: &[&str]) -> Result<spec::Resolved, SpecError> {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    spec::load_str(yaml, &overrides, None)
+}
+
+fn err(yaml: &str, overrides: &[&str]) -> String {
+    match load(yaml, overrides) {
+        Ok(r) => panic!("expected an error, got a valid spec: {:?}", r.notices),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn repo_file(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel)
+}
+
+/// TAO's documented defaults (../shared/reference/deformable-detr-anchors.md §3.6 and the
+/// tao-core schema), checked key by key on an empty spec.
+#[test]
+fn defaults_equal_taos_table() {
+    let s = load("", &[]).unwrap().spec;
+    let m = &s.model;
+    assert_eq!(m.backbone, Backbone::Resnet50);
+    assert_eq!(m.num_queries, 300);
+    assert_eq!(m.num_select, 100);
+    assert_eq!(m.num_feature_levels, 4);
+    assert_eq!(m.return_interm_indices, vec![1, 2, 3, 4]);
+    assert_eq!(
+        (m.cls_loss_coef, m.bbox_loss_coef, m.giou_loss_coef),
+        (2.0, 5.0, 2.0)
+    );
+    assert_eq!(m.focal_alpha, 0.25);
+    assert!(m.with_box_refine && !m.two_stage && m.aux_loss && m.train_backbone && !m.dilation);
+    assert_eq!(
+        (m.nheads, m.hidden_dim, m.enc_layers, m.dec_layers),
+        (8, 256, 6, 6)
+    );
+    assert_eq!(m.dropout_ratio, 0.3);
+    assert_eq!(m.dim_feedforward, 1024);
+    assert_eq!((m.enc_n_points, m.dec_n_points), (4, 4));
+    assert_eq!(m.backbone_names, vec!["backbone.0"]);
+    assert_eq!(
+        m.linear_proj_names,
+        vec!["reference_points", "sampling_offsets"]
+    );
+    assert_eq!(m.loss_types, vec!["labels", "boxes"]);
+
+    let t = &s.train;
+    let o = &t.optim;
+    assert_eq!(
+        (o.lr, o.lr_backbone, o.lr_linear_proj_mult),
+        (2e-4, 2e-5, 0.1)
+    );
+    assert_eq!((o.weight_decay, o.momentum, o.lr_decay), (1e-4, 0.9, 0.1));
+    assert_eq!(o.lr_steps, vec![40]);
+    assert_eq!(o.lr_step_size, 40);
+    assert_eq!(t.clip_grad_norm, 0.1);
+    assert_eq!(
+        (t.num_gpus, t.gpu_ids.clone(), t.num_nodes),
+        (1, vec![0], 1)
+    );
+    assert_eq!(
+        (t.num_epochs, t.checkpoint_interval, t.validation_interval),
+        (10, 1, 1)
+    );
+    assert_eq!(t.seed, 1234);
+    assert_eq!(t.precision, Precision::Fp32);
+    assert!(t.activation_checkpoint);
+
+    let d = &s.dataset;
+    assert_eq!((d.batch_size, d.workers, d.num_classes), (4, 8, 91));
+    let a = &d.augmentation;
+    assert_eq!(
+        a.scales,
+        vec![480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+    );
+    assert_eq!(a.train_random_resize, vec![400, 500, 600]);
+    assert_eq!(
+        (a.train_random_crop_min, a.train_random_crop_max),
+        (384, 600)
+    );
+    assert_eq!(
+        (a.random_resize_max_size, a.test_random_resize),
+        (1333, 800)
+    );
+    assert_eq!(a.horizontal_flip_prob, 0.5);
+    assert_eq!(a.input_mean, vec![0.485, 0.456, 0.406]);
+    assert_eq!(a.input_std, vec![0.229, 0.224, 0.225]);
+    assert!(a.fixed_padding);
+
+    assert_eq!(s.evaluate.conf_threshold, 0.0);
+    assert_eq!(s.inference.conf_threshold, 0.5);
+    assert_eq!(s.inference.outline_width, 3);
+    let e = &s.export;
+    assert_eq!(
+        (
+            e.opset_version,
+            e.input_channel,
+            e.input_width,
+            e.input_height,
+            e.batch_size
+        ),
+        (17, 3, 960, 544, -1)
+    );
+    assert!(!e.on_cpu);
+    assert_eq!(
+        (
+            s.convert.num_shards,
+            s.convert.num_partitions,
+            s.convert.image_extension.as_str()
+        ),
+        (20, 1, ".jpg")
+    );
+}
+
+#[test]
+fn shipped_specs_round_trip_through_show() {
+    for rel in ["configs/coco_r50.yaml", "configs/shapes_tiny.yaml"] {
+        let first = spec::load(&repo_file(rel), &[], None)
+            .unwrap_or_else(|e| panic!("{rel}: {e}"))
+            .spec;
+        let shown = first.to_yaml();
+        let second = load(&shown, &[]).unwrap().spec;
+        assert_eq!(first, second, "{rel}: show → load changed the spec");
+        assert_eq!(first.hash(), second.hash());
+    }
+    let default = ExperimentSpec::default();
+    assert_eq!(load(&default.to_yaml(), &[]).unwrap().spec, default);
+}
+
+#[test]
+fn tao_example_spec_keeps_its_values() {
+    let s = spec::load(&repo_file("configs/coco_r50.yaml"), &[], None)
+        .unwrap()
+        .spec;
+    assert_eq!(s.model.num_feature_levels, 2);
+    assert_eq!(s.model.return_interm_indices, vec![1, 2]);
+    assert_eq!(s.train.optim.lr_steps, vec![10, 20, 30, 40]);
+    assert!(!s.dataset.augmentation.fixed_padding);
+    assert_eq!(
+        s.dataset.train_data_sources[0].json_file,
+        "/data/raw-data/annotations/instances_train2017.json"
+    );
+}
+
+#[test]
+fn overrides_of_every_type() {
+    let s = load(
+        "",
+        &[
+            "train.num_epochs=3",
+            "train.optim.lr=1e-4",
+            "train.optim.lr_backbone=0",
+            "model.with_box_refine=false",
+            "train.gpu_ids=[0,1]",
+            "train.num_gpus=2",
+            "dataset.augmentation.scales=[480, 512]",
+            "model.backbone=resnet_18",
+            "results_dir=/tmp/x",
+            "train.precision=fp16",
+            "train.seed=-1",
+        ],
+    )
+    .unwrap();
+    let s = s.spec;
+    assert_eq!(s.train.num_epochs, 3);
+    assert_eq!(s.train.optim.lr, 1e-4);
+    assert_eq!(s.train.optim.lr_backbone, 0.0);
+    assert!(!s.model.with_box_refine);
+    assert_eq!(s.train.gpu_ids, vec![0, 1]);
+    assert_eq!(s.train.num_gpus, 2);
+    assert_eq!(s.dataset.augmentation.scales, vec![480, 512]);
+    assert_eq!(s.model.backbone, Backbone::Resnet18);
+    assert_eq!(s.results_dir, "/tmp/x");
+    assert_eq!(s.train.precision, Precision::Fp16);
+    assert_eq!(s.train.seed, -1);
+}
+
+#[test]
+fn later_overrides_win_and_results_dir_flag_wins_last() {
+    let ov = vec![
+        "train.num_epochs=3".to_string(),
+        "train.num_epochs=5".to_string(),
+        "results_dir=a".to_string(),
+    ];
+    let s = spec::load_str("train: {num_epochs: 1}", &ov, Some("from-flag"))
+        .unwrap()
+        .spec;
+    assert_eq!(s.train.num_epochs, 5);
+    assert_eq!(s.results_dir, "from-flag");
+    assert_eq!(
+        s.task_results_dir(Task::Train),
+        std::path::PathBuf::from("from-flag/train")
+    );
+}
+
+#[test]
+fn numeric_override_of_a_string_key_is_taken_as_text() {
+    let s = load("", &["model_name=123", "inference.checkpoint=7"])
+        .unwrap()
+        .spec;
+    assert_eq!(s.model_name.as_deref(), Some("123"));
+    assert_eq!(s.inference.checkpoint.as_deref(), Some("7"));
+}
+
+#[test]
+fn override_with_the_wrong_type_names_the_key() {
+    let e = err("", &["train.num_epochs=many"]);
+    assert!(
+        e.starts_with("train.num_epochs: invalid type: string \"many\""),
+        "{e}"
+    );
+    let e = err("", &["model.with_box_refine=[1]"]);
+    assert!(
+        e.starts_with("model.with_box_refine: invalid type: sequence"),
+        "{e}"
+    );
+}
+
+#[test]
+fn malformed_override_is_rejected() {
+    assert!(err("", &["train.num_epochs"]).contains("expected key.path=value"));
+    assert!(err("", &["train..num_epochs=3"]).contains("empty component"));
+    assert!(err("", &["model.backbone.depth=3"]).contains("model.backbone is not a section"));
+}
+
+#[test]
+fn unknown_key_names_the_nearest_valid_one() {
+    assert_eq!(
+        err("train:\n  num_epoch: 3\n", &[]),
+        "unknown key 'train.num_epoch' in train: did you mean 'train.num_epochs'?"
+    );
+    assert_eq!(
+        err("dataset:\n  augmentation:\n    horizontal_flip_probability: 0.5\n", &[]),
+        "unknown key 'dataset.augmentation.horizontal_flip_probability' in dataset.augmentation: did you mean 'dataset.augmentation.horizontal_flip_prob'?"
+    );
+    assert_eq!(
+        err("modle:\n  nheads: 8\n", &[]),
+        "unknown key 'modle' at the top level: did you mean 'model'?"
+    );
+    assert_eq!(
+        err("", &["train.optim.learning_rate=1"]),
+        "unknown key 'train.optim.learning_rate' in train.optim: valid keys are optimizer, monitor_name, lr, lr_backbone, lr_linear_proj_mult, momentum, weight_decay, lr_scheduler, lr_steps, lr_step_size, lr_decay"
+    );
+    let e = err(
+        "dataset:\n  train_data_sources:\n    - image_dri: a\n      json_file: b\n",
+        &[],
+    );
+    assert!(
+        e.contains("unknown key")
+            && e.contains("image_dri")
+            && e.contains("did you mean")
+            && e.contains("image_dir"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_values_name_the_valid_ones() {
+    assert_eq!(
+        err("", &["model.backbone=resnet_5"]),
+        "model.backbone: unknown value 'resnet_5' (did you mean 'resnet_50'?); valid values are resnet_18, resnet_34, resnet_50"
+    );
+    assert!(err("", &["model.backbone=gc_vit_tiny"])
+        .contains("GCViT backbones are not supported by ddetr"));
+    assert_eq!(
+        err("", &["train.optim.optimizer=Adam"]),
+        "train.optim.optimizer: unknown value 'Adam' (did you mean 'AdamW'?); valid values are AdamW, SGD"
+    );
+    assert!(err("", &["train.optim.lr_scheduler=Cosine"])
+        .starts_with("train.optim.lr_scheduler: unknown value 'Cosine'"));
+    assert!(err("", &["train.precision=fp8"]).contains("valid values are fp32, fp16, bf16"));
+    assert!(
+        err("", &["train.distributed_strategy=deepspeed"]).contains("valid values are ddp, fsdp")
+    );
+}
+
+#[test]
+fn return_interm_indices_must_match_levels_and_be_allowed() {
+    let e = err("", &["model.num_feature_levels=2"]);
+    assert_eq!(
+        e,
+        "model.return_interm_indices has 4 entries [1, 2, 3, 4] but model.num_feature_levels is 2: give one index per level, e.g. return_interm_indices: [1, 2]"
+    );
+    for bad in ["[1,1,2,3]", "[1,2,3,5]", "[3,2,1,0]"] {
+        let e = err("", &[&format!("model.return_interm_indices={bad}")]);
+        assert!(
+            e.contains("use strictly increasing indices from 0..=4"),
+            "{bad}: {e}"
+        );
+    }
+    load(
+        "",
+        &[
+            "model.num_feature_levels=1",
+            "model.return_interm_indices=[3]",
+        ],
+    )
+    .unwrap();
+    load(
+        "",
+        &[
+            "model.num_feature_levels=5",
+            "model.return_interm_indices=[0,1,2,3,4]",
+        ],
+    )
+    .unwrap();
+}
+
+#[test]
+fn num_select_must_stay_below_queries_times_classes() {
+    let e = err(
+        "",
+        &[
+            "model.num_queries=50",
+            "dataset.num_classes=2",
+            "model.num_select=100",
+        ],
+    );
+    assert_eq!(
+        e,
+        "model.num_select is 100 but num_queries × dataset.num_classes is 50 × 2 = 100: set model.num_select below 100"
+    );
+    load(
+        "",
+        &[
+            "model.num_queries=50",
+            "dataset.num_classes=2",
+            "model.num_select=99",
+        ],
+    )
+    .unwrap();
+}
+
+#[test]
+fn dropout_outside_unit_interval_is_rejected() {
+    assert_eq!(
+        err("", &["model.dropout_ratio=1.5"]),
+        "model.dropout_ratio is 1.5; a dropout probability must be within [0, 1]"
+    );
+    assert!(err("", &["model.dropout_ratio=-0.1"]).contains("within [0, 1]"));
+    load("", &["model.dropout_ratio=0"]).unwrap();
+}
+
+#[test]
+fn lr_steps_must_increase() {
+    assert_eq!(
+        err("", &["train.optim.lr_steps=[10,30,20]"]),
+        "train.optim.lr_steps is [10, 30, 20]: 30 is followed by 20; list the decay epochs in increasing order"
+    );
+    // StepLR ignores lr_steps.
+    load(
+        "",
+        &[
+            "train.optim.lr_steps=[10,5]",
+            "train.optim.lr_scheduler=StepLR",
+        ],
+    )
+    .unwrap();
+}
+
+#[test]
+fn encryption_key_is_refused() {
+    assert!(err("encryption_key: tlt_encode\n", &[])
+        .starts_with("encryption_key is set, but ddetr does not encrypt checkpoints"));
+    load("encryption_key: ''\n", &[]).unwrap();
+    load("encryption_key: null\n", &[]).unwrap();
+}
+
+#[test]
+fn num_gpus_and_gpu_ids_follow_the_larger_with_a_notice() {
+    let r = load("", &["train.num_gpus=4"]).unwrap();
+    assert_eq!(r.spec.train.gpu_ids, vec![0, 1, 2, 3]);
+    assert_eq!(
+        r.notices[0].to_string(),
+        "train.num_gpus = 4 and train.gpu_ids = [0] disagree: using the larger, gpu_ids = [0, 1, 2, 3]"
+    );
+    let r = load("", &["evaluate.gpu_ids=[2,3]"]).unwrap();
+    assert_eq!(r.spec.evaluate.num_gpus, 2);
+    assert!(r.notices[0]
+        .to_string()
+        .contains("using the larger, num_gpus = 2"));
+    assert!(err("", &["train.gpu_ids=[1,1]", "train.num_gpus=2"]).contains("lists a GPU twice"));
+    assert!(load("", &[]).unwrap().notices.is_empty());
+}
+
+#[test]
+fn malformed_yaml_reports_line_and_column() {
+    let e = err("train:\n  num_epochs: 3\n   bad: [\n", &[]);
+    assert!(e.starts_with("spec <spec> is not valid YAML: line "), "{e}");
+    assert!(e.contains("column"), "{e}");
+    assert!(err("- a\n- b\n", &[]).contains("top level must be a mapping"));
+}
+
+#[test]
+fn other_sanity_rules() {
+    assert!(err("", &["dataset.num_classes=1"]).contains("at least 2"));
+    assert!(err("", &["model.hidden_dim=100"]).contains("model.hidden_dim"));
+    assert!(
+        err("", &["model.two_stage=true", "model.with_box_refine=false"])
+            .contains("needs model.with_box_refine")
+    );
+    assert!(err("", &["dataset.augmentation.train_random_crop_max=300"])
+        .contains("must exceed train_random_crop_min"));
+    assert!(err("", &["dataset.augmentation.horizontal_flip_prob=2"]).contains("within [0, 1]"));
+    assert!(err("", &["train.num_epochs=0"]).contains("at least 1 epoch"));
+}
+
+#[test]
+fn tao_only_sections_are_accepted_with_a_notice() {
+    let r = load(
+        "wandb:\n  enable: false\ngen_trt_engine:\n  tensorrt:\n    data_type: fp16\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.notices.len(), 2);
+    assert!(r.notices.iter().any(|n| n.0.contains("wandb")));
+}
+
+#[test]
+fn test_and_infer_sources_in_taos_shapes() {
+    let s = load(
+        "dataset:\n  test_data_sources:\n    image_dir: /d/val\n    json_file: /d/val.json\n  infer_data_sources:\n    image_dir:\n      - /d/a\n      - /d/b\n    classmap: /d/classmap.txt\n",
+        &[],
+    )
+    .unwrap()
+    .spec;
+    assert_eq!(s.dataset.test_data_sources.len(), 1);
+    assert_eq!(
+        s.dataset.infer_data_sources.unwrap().image_dir,
+        vec!["/d/a", "/d/b"]
+    );
+}
+
+#[test]
+fn empty_sections_keep_their_defaults() {
+    let s = load("train:\nmodel:\n", &[]).unwrap().spec;
+    assert_eq!(s, ExperimentSpec::default());
+}
