@@ -241,7 +241,7 @@ impl Cache {
                 .checked_add(n)
                 .filter(|&e| e <= len)
                 .ok_or_else(|| corrupt(path, format!("truncated ({what} section)")))?;
-            if off % SECTION_ALIGN != 0 {
+            if !off.is_multiple_of(SECTION_ALIGN) {
                 return Err(corrupt(path, format!("misaligned {what} section")));
             }
             Ok(off as usize..end as usize)

@@ -382,7 +382,11 @@ mod tests {
         fs::create_dir_all(root.join("seq/images")).unwrap();
         fs::create_dir_all(root.join("seq/labels")).unwrap();
         for i in 0..frames {
-            let (w, h) = if i % 2 == 0 { (40, 30) } else { (50, 20) };
+            let (w, h) = if i.is_multiple_of(2) {
+                (40, 30)
+            } else {
+                (50, 20)
+            };
             let jpeg = encode_jpeg(&vec![90u8; (w * h * 3) as usize], w, h, 80).unwrap();
             fs::write(root.join(format!("seq/images/{i:03}.jpg")), jpeg).unwrap();
             let labels = format!(
@@ -459,7 +463,11 @@ mod tests {
                 files.push(im["file_name"].as_str().unwrap().to_string());
                 ids.push(im["id"].as_u64().unwrap());
                 let frame: usize = im["file_name"].as_str().unwrap()[11..14].parse().unwrap();
-                let expect = if frame % 2 == 0 { (40, 30) } else { (50, 20) };
+                let expect = if frame.is_multiple_of(2) {
+                    (40, 30)
+                } else {
+                    (50, 20)
+                };
                 assert_eq!(
                     (
                         im["width"].as_u64().unwrap(),

@@ -365,10 +365,12 @@ fn corrupt_images_are_skipped_when_packing_and_named_when_read() {
     .unwrap();
     assert_eq!(plain.len(), 4);
     let bytes = plain.image_bytes(2).unwrap();
-    let e = ddetr_dataset::image::decode_rgb8(&bytes, &plain.image_path(2).display().to_string())
-        .err()
-        .expect("truncated")
-        .to_string();
+    let Err(e) =
+        ddetr_dataset::image::decode_rgb8(&bytes, &plain.image_path(2).display().to_string())
+    else {
+        panic!("a truncated image must not decode")
+    };
+    let e = e.to_string();
     assert_eq!(
         e,
         format!("image {}: truncated: no end marker", p.display())
