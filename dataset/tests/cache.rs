@@ -546,3 +546,19 @@ fn the_default_path_sits_next_to_the_json_and_depends_on_every_source() {
     );
     assert_ne!(pa, pab);
 }
+
+#[test]
+fn an_unwritable_cache_folder_points_to_ddetr_cache_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = synth_set(tmp.path(), 2, 1, false);
+    fs::write(tmp.path().join("not-a-dir"), b"").unwrap();
+    let path = tmp.path().join("not-a-dir/c.ddetr-cache");
+    let e = cache::ensure(&[source(&set)], &opts(&path))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("cannot write the dataset cache in ")
+            && e.ends_with("; set DDETR_CACHE_DIR to a writable folder"),
+        "{e}"
+    );
+}
