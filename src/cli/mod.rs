@@ -2,6 +2,7 @@
 //! library crate; nothing below prints except through the functions in this module.
 
 mod bench;
+mod convert;
 mod dataset;
 mod spec;
 
@@ -29,6 +30,8 @@ pub enum Command {
     /// Synthetic data, the dataset cache, and its summary.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
+    /// Convert a KITTI dataset to sharded COCO JSON (the spec's `convert` section).
+    Convert(SpecArgs),
     /// Benchmarks: ddetr against its peers, one key=value line last.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -65,6 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Spec(SpecCommand::Validate(args)) => spec::validate(&args),
         Command::Dataset(cmd) => dataset::run(&cmd),
         Command::Bench(cmd) => bench::run(&cmd),
+        Command::Convert(args) => convert::run(&args),
         Command::Doctor => {
             print!("{}", crate::doctor::render(&crate::doctor::checks()));
             Ok(())
