@@ -147,7 +147,7 @@ fn tao_default_structure_at_a_small_input_matches_onnxruntime() {
 }
 
 #[test]
-#[ignore = "slow: TAO's default model at 544×960 (about 160 MB of ONNX); run with --ignored"]
+#[ignore = "slow: TAO's default model at 544×960 (about 175 MB of ONNX, ~6 s per image in onnxruntime on 2 CPU cores); run with --ignored"]
 fn tao_default_at_544x960() {
     let cfg = ModelConfig {
         with_box_refine: true,
