@@ -20,9 +20,9 @@ use crate::{CollectiveError, DType, ReduceOp, Result};
 /// dead job does not sit for the 30 minutes gloo would.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default bytes of one shared-memory round (all ranks' pieces together): few enough rounds that
-/// a rank descheduled by other load costs little, small enough that the segment (2 buffers ×
+/// a rank descheduled by other load costs little, small enough that the segment (6 buffers ×
 /// world × round) stays in a server's L3 for the worlds one node runs.
-pub const DEFAULT_ROUND_BYTES: usize = 2 << 20;
+pub const DEFAULT_ROUND_BYTES: usize = 1 << 20;
 
 /// The per-rank piece for `world` ranks when none is configured.
 pub fn default_chunk_bytes(world: usize) -> usize {

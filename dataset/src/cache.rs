@@ -241,7 +241,7 @@ impl Cache {
                 .checked_add(n)
                 .filter(|&e| e <= len)
                 .ok_or_else(|| corrupt(path, format!("truncated ({what} section)")))?;
-            if off % SECTION_ALIGN != 0 {
+            if !off.is_multiple_of(SECTION_ALIGN) {
                 return Err(corrupt(path, format!("misaligned {what} section")));
             }
             Ok(off as usize..end as usize)
@@ -523,12 +523,19 @@ pub fn ensure(sources: &[DataSource], opts: &CacheOptions) -> Result<Cache> {
         Some(p) => p.clone(),
         None => default_path(sources)?,
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(|e| DatasetError::io(dir, e))?;
-    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let unwritable = |source| DatasetError::CacheDirNotWritable {
+        dir: dir.clone(),
+        source,
+    };
+    fs::create_dir_all(&dir).map_err(unwritable)?;
     let lock_path = lock_path(&path);
     let cache = if opts.local_rank == 0 {
-        let lock = File::create(&lock_path).map_err(|e| DatasetError::io(&lock_path, e))?;
+        let lock = File::create(&lock_path).map_err(unwritable)?;
         lock.lock().map_err(|e| DatasetError::io(&lock_path, e))?;
         let reuse = match Cache::open(&path) {
             Ok(c) => match c.staleness(sources, opts.pack_images)? {
@@ -751,7 +758,14 @@ fn write_cache(
     max_category_id: u32,
     pack: bool,
 ) -> Result<()> {
-    let file = File::create(tmp).map_err(|e| DatasetError::io(tmp, e))?;
+    let dir = tmp
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file = File::create(tmp).map_err(|source| DatasetError::CacheDirNotWritable {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let io = |e| DatasetError::io(tmp, e);
     w.write_all(&[0u8; HEAP_OFFSET as usize]).map_err(io)?;

@@ -96,6 +96,12 @@ pub enum DatasetError {
     #[error("{}: waited {waited_s} s for local rank 0 to build the dataset cache; check that rank's log", .path.display())]
     CacheWaitTimeout { path: PathBuf, waited_s: u64 },
 
+    #[error("cannot write the dataset cache in {}: {source}; set DDETR_CACHE_DIR to a writable folder", .dir.display())]
+    CacheDirNotWritable {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+
     #[error("image {name}: {reason}")]
     CorruptImage { name: String, reason: String },
 

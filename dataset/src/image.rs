@@ -202,6 +202,26 @@ mod tests {
     }
 
     #[test]
+    fn greyscale_jpeg_decodes_to_rgb() {
+        let mut buf = Vec::new();
+        let grey: Vec<u8> = (0..32 * 16).map(|i| (i % 32 * 8) as u8).collect();
+        jpeg_encoder::Encoder::new(&mut buf, 95)
+            .encode(&grey, 32, 16, jpeg_encoder::ColorType::Luma)
+            .unwrap();
+        let img = decode_rgb8(&buf, "g.jpg").unwrap();
+        assert_eq!(
+            (img.width, img.height, img.data.len()),
+            (32, 16, 32 * 16 * 3)
+        );
+        for (px, &g) in img.data.chunks_exact(3).zip(&grey) {
+            assert!(
+                px[0] == px[1] && px[1] == px[2] && (px[0] as i32 - g as i32).abs() <= 4,
+                "{px:?} vs {g}"
+            );
+        }
+    }
+
+    #[test]
     fn truncated_and_foreign_bytes_are_reported() {
         let jpeg = encode_jpeg(&gradient(64, 64), 64, 64, 90).unwrap();
         let cut = &jpeg[..jpeg.len() * 2 / 3];
@@ -210,15 +230,11 @@ mod tests {
             .unwrap_err()
             .contains("neither a JPEG nor a PNG"));
         assert_eq!(probe(b"").unwrap_err(), "empty file");
-        let e = decode_rgb8(&jpeg[..20], "x.jpg")
-            .err()
-            .expect("a truncated JPEG must not decode")
-            .to_string();
-        assert_eq!(e, "image x.jpg: truncated: no end marker");
-        let e = decode_rgb8(cut, "x.jpg")
-            .err()
-            .expect("a truncated JPEG must not decode")
-            .to_string();
-        assert_eq!(e, "image x.jpg: truncated: no end marker");
+        for bytes in [&jpeg[..20], cut] {
+            let Err(e) = decode_rgb8(bytes, "x.jpg") else {
+                panic!("a truncated JPEG must not decode")
+            };
+            assert_eq!(e.to_string(), "image x.jpg: truncated: no end marker");
+        }
     }
 }

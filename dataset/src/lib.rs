@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod coco;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod image;
 pub mod inspect;

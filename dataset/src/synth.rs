@@ -362,7 +362,8 @@ pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(opts.images);
-    let per_thread: Vec<Result<Vec<(usize, Vec<SynthObject>)>>> = std::thread::scope(|s| {
+    type Drawn = Vec<(usize, Vec<SynthObject>)>;
+    let per_thread: Vec<Result<Drawn>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let image_dir = &image_dir;

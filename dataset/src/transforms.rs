@@ -257,7 +257,7 @@ mod tests {
                 }
             }
         }
-        (x0 != u32::MAX).then(|| [x0 as f32, y0 as f32, x1 as f32, y1 as f32])
+        (x0 != u32::MAX).then_some([x0 as f32, y0 as f32, x1 as f32, y1 as f32])
     }
 
     fn close(a: [f32; 4], b: [f32; 4], tol: f32) -> bool {

@@ -365,10 +365,12 @@ fn corrupt_images_are_skipped_when_packing_and_named_when_read() {
     .unwrap();
     assert_eq!(plain.len(), 4);
     let bytes = plain.image_bytes(2).unwrap();
-    let e = ddetr_dataset::image::decode_rgb8(&bytes, &plain.image_path(2).display().to_string())
-        .err()
-        .expect("truncated")
-        .to_string();
+    let Err(e) =
+        ddetr_dataset::image::decode_rgb8(&bytes, &plain.image_path(2).display().to_string())
+    else {
+        panic!("a truncated image must not decode")
+    };
+    let e = e.to_string();
     assert_eq!(
         e,
         format!("image {}: truncated: no end marker", p.display())
@@ -543,4 +545,20 @@ fn the_default_path_sits_next_to_the_json_and_depends_on_every_source() {
             && pa.extension().unwrap() == "ddetr-cache"
     );
     assert_ne!(pa, pab);
+}
+
+#[test]
+fn an_unwritable_cache_folder_points_to_ddetr_cache_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = synth_set(tmp.path(), 2, 1, false);
+    fs::write(tmp.path().join("not-a-dir"), b"").unwrap();
+    let path = tmp.path().join("not-a-dir/c.ddetr-cache");
+    let e = cache::ensure(&[source(&set)], &opts(&path))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("cannot write the dataset cache in ")
+            && e.ends_with("; set DDETR_CACHE_DIR to a writable folder"),
+        "{e}"
+    );
 }

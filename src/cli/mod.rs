@@ -2,6 +2,7 @@
 //! library crate; nothing below prints except through the functions in this module.
 
 mod bench;
+mod convert;
 mod dataset;
 mod export;
 mod spec;
@@ -30,6 +31,8 @@ pub enum Command {
     /// Synthetic data, the dataset cache, and its summary.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
+    /// Convert a KITTI dataset to sharded COCO JSON (the spec's `convert` section).
+    Convert(SpecArgs),
     /// Benchmarks: ddetr against its peers, one key=value line last.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -69,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(cmd) => dataset::run(&cmd),
         Command::Bench(cmd) => bench::run(&cmd),
         Command::Export(args) => export::run(&args),
+        Command::Convert(args) => convert::run(&args),
         Command::Doctor => {
             print!("{}", crate::doctor::render(&crate::doctor::checks()));
             Ok(())

@@ -51,6 +51,15 @@ const OFF_COUNTER: usize = 0;
 const OFF_SLEEPERS: usize = 64;
 const OFF_PID: usize = 128;
 const OFF_DESC: usize = 136; // two u64: descriptors of calls with even and odd sequence numbers
+const OFF_COPIED: usize = 192; // direct all-reduce: rounds this rank has copied into its slots
+const OFF_DONE: usize = 200; // direct all-reduce: rounds this rank has finished reading
+/// Slots the direct all-reduce keeps in flight per rank: a rank runs up to this many rounds ahead
+/// of the slowest peer, so ranks that the scheduler runs in turns progress in bursts rather than
+/// in lockstep.
+const DEPTH: usize = 4;
+/// Slot buffers per rank: two for the double-buffered operations, DEPTH for the direct
+/// all-reduce (separate, so the two schemes never share a slot).
+const BUFFERS: usize = 2 + DEPTH;
 
 pub(crate) struct ShmTransport {
     rank: usize,
@@ -74,6 +83,8 @@ pub(crate) struct ShmTransport {
     busy: AtomicUsize,
     /// All-reduce by [`ShmTransport::all_reduce_direct`] (small worlds) or by split rounds.
     direct: bool,
+    /// Rounds the direct all-reduce has run (the value of this rank's COPIED/DONE counters).
+    direct_rounds: AtomicU32,
 }
 
 // SAFETY: the mapping is shared memory accessed through atomics (control) or by the protocol's
@@ -170,7 +181,7 @@ fn reached(value: u32, target: u32) -> bool {
 
 fn segment_bytes(world: usize, chunk: usize) -> (usize, usize) {
     let data = (CTRL_BASE + world * CTRL_STRIDE).next_multiple_of(4096);
-    (data, data + 2 * world * world * chunk)
+    (data, data + BUFFERS * world * world * chunk)
 }
 
 impl ShmTransport {
@@ -259,6 +270,7 @@ impl ShmTransport {
                     },
                 ),
             yields: 8,
+            direct_rounds: AtomicU32::new(0),
             direct: match std::env::var("DDETR_SHM_ALLREDUCE").as_deref() {
                 Ok("direct") => true,
                 Ok("split") => false,
@@ -328,7 +340,7 @@ impl ShmTransport {
         // SAFETY: in bounds by construction of the segment size.
         unsafe {
             self.base()
-                .add(self.data + (rank * 2 + buf) * self.world * self.chunk)
+                .add(self.data + (rank * BUFFERS + buf) * self.world * self.chunk)
         }
     }
 
@@ -414,9 +426,34 @@ impl ShmTransport {
 
     /// Waits until every peer's counter reaches `target`.
     fn wait_all(&self, target: u32, op: &'static str) -> Result<()> {
+        self.wait_all_at(OFF_COUNTER, target, op)
+    }
+
+    /// Whether every peer's counter at `off` has reached `target` (no waiting).
+    fn peers_reached(&self, off: usize, target: u32) -> bool {
+        (0..self.world)
+            .filter(|&p| p != self.rank)
+            .all(|p| reached(self.ctrl_u32(p, off).load(Ordering::Acquire), target))
+    }
+
+    /// Publishes this rank's counter at `off` and wakes sleepers.
+    fn publish(&self, off: usize, value: u32) {
+        let c = self.ctrl_u32(self.rank, off);
+        c.store(value, Ordering::SeqCst);
+        if self
+            .ctrl_u32(self.rank, OFF_SLEEPERS)
+            .load(Ordering::SeqCst)
+            > 0
+        {
+            futex_wake(c);
+        }
+    }
+
+    /// Waits until every peer's counter at `off` reaches `target`.
+    fn wait_all_at(&self, off: usize, target: u32, op: &'static str) -> Result<()> {
         let mut deadline = None;
         for peer in (0..self.world).filter(|&p| p != self.rank) {
-            let counter = self.ctrl_u32(peer, OFF_COUNTER);
+            let counter = self.ctrl_u32(peer, off);
             if reached(counter.load(Ordering::Acquire), target) {
                 continue;
             }
@@ -468,10 +505,7 @@ impl ShmTransport {
                     let ranks: Vec<usize> = (0..self.world)
                         .filter(|&p| {
                             p != self.rank
-                                && !reached(
-                                    self.ctrl_u32(p, OFF_COUNTER).load(Ordering::SeqCst),
-                                    target,
-                                )
+                                && !reached(self.ctrl_u32(p, off).load(Ordering::SeqCst), target)
                         })
                         .collect();
                     self.abort_with(ranks.first().copied());
@@ -535,10 +569,13 @@ impl ShmTransport {
 }
 
 impl ShmTransport {
-    /// All-reduce for small worlds: each round every rank copies its whole round into its slot,
-    /// one sync, then every rank reduces all slots itself (in rank order, so all ranks compute
-    /// identical bits). One sync per round instead of two, and the same memory traffic to DRAM;
-    /// the extra reads hit the shared L3.
+    /// All-reduce for small worlds: each round every rank copies its whole round into a slot and
+    /// publishes it (COPIED), then every rank reduces all ranks' slots of that round itself (in
+    /// rank order, so all ranks compute identical bits) and says so (DONE). Same DRAM traffic as
+    /// the split rounds, the extra reads hit the shared L3, and no second sync per round. Copies
+    /// run up to DEPTH rounds ahead of the slowest peer's reads, so when the scheduler runs the
+    /// ranks in turns (more processes than idle cores) each one progresses in bursts instead of
+    /// waiting for the other at every round.
     fn all_reduce_direct(
         &self,
         buf: &mut [u8],
@@ -551,23 +588,45 @@ impl ShmTransport {
         let (r, w, es) = (self.rank, self.world, dtype.size());
         let count = buf.len() / es;
         let round = self.slot_bytes() / es;
+        let rounds = count.div_ceil(round);
         let p = buf.as_mut_ptr();
-        let mut start = 0;
-        while start < count {
-            let n = round.min(count - start);
-            let b = self.next_buf();
-            // SAFETY: the range is inside `buf`; this rank's slot is its own to write this round.
-            unsafe { std::ptr::copy_nonoverlapping(p.add(start * es), self.slot(r, b), n * es) };
-            self.sync(OP)?;
-            if start == 0 {
+        // Global round numbers: every rank runs the same rounds, so they agree.
+        let base = self.direct_rounds.load(Ordering::Relaxed);
+        let g = |k: usize| base.wrapping_add(k as u32);
+        let slot = |j: usize, k: usize| self.slot(j, 2 + (g(k) as usize) % DEPTH);
+        // Round k may reuse its slot once every peer finished reading round k − DEPTH.
+        let free = |k: usize| g(k).wrapping_add(1).wrapping_sub(DEPTH as u32);
+        let (mut copied, mut reduced) = (0usize, 0usize);
+        while reduced < rounds {
+            let ahead = copied < rounds && copied < reduced + DEPTH;
+            if ahead && (copied == reduced || self.peers_reached(OFF_DONE, free(copied))) {
+                self.wait_all_at(OFF_DONE, free(copied), OP)?;
+                let start = copied * round;
+                let n = round.min(count - start);
+                // SAFETY: inside `buf`; the slot is this rank's and no peer reads it any more.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(p.add(start * es), slot(r, copied), n * es)
+                };
+                copied += 1;
+                self.publish(OFF_COPIED, g(copied));
+                continue;
+            }
+            self.wait_all_at(OFF_COPIED, g(reduced + 1), OP)?;
+            if reduced == 0 {
                 self.check_desc(OP, desc, parity)?;
             }
-            // SAFETY: every rank wrote its slot before signalling; nobody writes them again
-            // before the next round's sync.
-            let srcs: Vec<*const u8> = (0..w).map(|j| self.slot(j, b) as *const u8).collect();
+            let start = reduced * round;
+            let n = round.min(count - start);
+            // SAFETY: every rank published this round's slot; none rewrites it before this rank
+            // publishes that it is done with it. Rank order, so all ranks compute the same bits.
+            let srcs: Vec<*const u8> = (0..w).map(|j| slot(j, reduced) as *const u8).collect();
             unsafe { reduce(dtype, op, w, &srcs, &[p.add(start * es)], n) };
-            start += n;
+            reduced += 1;
+            self.publish(OFF_DONE, g(reduced));
         }
+        // Every peer done with every slot: the next call may write them.
+        self.wait_all_at(OFF_DONE, g(rounds), OP)?;
+        self.direct_rounds.store(g(rounds), Ordering::Relaxed);
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::exit::UsageError;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use ddetr_collective::bench::{measure, BenchOp, Measurement};
@@ -84,13 +85,17 @@ pub fn run(args: CollectiveArgs) -> anyhow::Result<()> {
         return worker(&args, addr);
     }
     if args.nproc < 2 {
-        bail!(
+        return Err(UsageError(format!(
             "--nproc {} measures nothing: use --nproc 2 or more",
             args.nproc
-        );
+        ))
+        .into());
     }
     if args.sizes.is_empty() {
-        bail!("--sizes is empty: give at least one size, e.g. --sizes 64M");
+        return Err(UsageError(
+            "--sizes is empty: give at least one size, e.g. --sizes 64M".into(),
+        )
+        .into());
     }
     if args.backend == Backend::Nccl {
         let gpus = tch::Cuda::device_count() as usize;
@@ -100,9 +105,8 @@ pub fn run(args: CollectiveArgs) -> anyhow::Result<()> {
     }
     let (backend, ours) = run_ranks(&args)?;
     println!(
-        "ddetr {} {} nproc={} ({} backend)",
+        "ddetr {} nproc={} backend={}",
         args.op.name(),
-        backend,
         args.nproc,
         backend
     );
