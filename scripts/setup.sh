@@ -8,6 +8,7 @@
 #   1. Debian packages bindgen and the C++ build need (libclang-dev, g++, pkg-config).
 #   2. A Python virtualenv holding torch==2.11.0 (+ its nvidia-nccl-cu13), kept in a cache outside
 #      the clone ($DDETR_CACHE, default ~/.cache/ddetr) and reused while its torch version matches.
+#      Also onnx and onnxruntime (the ONNX export tests run the exported models with them).
 #   3. `cargo build --release` of `ddetr` and `ddetr-launch`; the binaries carry an rpath to the
 #      venv's torch/lib, so they run without LD_LIBRARY_PATH.
 # Knobs: DDETR_CACHE, DDETR_VENV (an existing venv to use), CARGO_TARGET_DIR, DDETR_SKIP_BUILD=1.
@@ -87,6 +88,15 @@ else
       || die "pip install nvidia-nccl-cu13 failed"
   fi
   venv_ok || die "the virtualenv at $venv is incomplete after install: remove it and rerun"
+fi
+
+# onnx + onnxruntime: the export tests check the ONNX files with them (trainer/tests/onnx_export.rs).
+if "$venv/bin/python" -c 'import onnx, onnxruntime, numpy' 2>/dev/null; then
+  say "onnx and onnxruntime present"
+else
+  say "installing onnx and onnxruntime into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check onnx onnxruntime numpy \
+    || die "pip install onnx onnxruntime failed (network to PyPI?)"
 fi
 
 # --- 3. the release binaries ---------------------------------------------------------------------

@@ -4,6 +4,7 @@
 mod bench;
 mod convert;
 mod dataset;
+mod export;
 mod spec;
 
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ pub enum Command {
     /// Benchmarks: ddetr against its peers, one key=value line last.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Export a checkpoint to ONNX (TAO's export task: export.checkpoint, export.onnx_file, …).
+    Export(SpecArgs),
     /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
     Doctor,
 }
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Spec(SpecCommand::Validate(args)) => spec::validate(&args),
         Command::Dataset(cmd) => dataset::run(&cmd),
         Command::Bench(cmd) => bench::run(&cmd),
+        Command::Export(args) => export::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Doctor => {
             print!("{}", crate::doctor::render(&crate::doctor::checks()));

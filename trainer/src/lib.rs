@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod criterion;
+pub mod export;
 pub mod lsa;
 pub mod matcher;
 pub mod model;

@@ -46,11 +46,11 @@ impl FrozenBatchNorm2d {
 /// A bias-free convolution (torchvision's `conv1x1`/`conv3x3`), kaiming-normal (fan_out, relu)
 /// initialised as torchvision's ResNet does.
 #[derive(Debug)]
-struct Conv {
-    weight: Tensor,
-    stride: i64,
-    padding: i64,
-    dilation: i64,
+pub(crate) struct Conv {
+    pub(crate) weight: Tensor,
+    pub(crate) stride: i64,
+    pub(crate) padding: i64,
+    pub(crate) dilation: i64,
 }
 
 impl Conv {
@@ -99,17 +99,17 @@ impl Conv {
 }
 
 #[derive(Debug)]
-struct Downsample {
-    conv: Conv,
-    bn: FrozenBatchNorm2d,
+pub(crate) struct Downsample {
+    pub(crate) conv: Conv,
+    pub(crate) bn: FrozenBatchNorm2d,
 }
 
 /// torchvision's `BasicBlock` (ResNet-18/34) or `Bottleneck` (ResNet-50, v1.5: stride on the 3×3).
 #[derive(Debug)]
-struct Block {
-    convs: Vec<Conv>,
-    bns: Vec<FrozenBatchNorm2d>,
-    downsample: Option<Downsample>,
+pub(crate) struct Block {
+    pub(crate) convs: Vec<Conv>,
+    pub(crate) bns: Vec<FrozenBatchNorm2d>,
+    pub(crate) downsample: Option<Downsample>,
 }
 
 impl Block {
@@ -134,9 +134,9 @@ impl Block {
 /// torchvision's `IntermediateLayerGetter` does.
 #[derive(Debug)]
 pub struct ResNetBody {
-    conv1: Conv,
-    bn1: FrozenBatchNorm2d,
-    layers: Vec<Vec<Block>>,
+    pub(crate) conv1: Conv,
+    pub(crate) bn1: FrozenBatchNorm2d,
+    pub(crate) layers: Vec<Vec<Block>>,
 }
 
 /// (blocks per stage, bottleneck?) for each supported depth.

@@ -61,9 +61,9 @@ impl Mlp {
 
 /// One `input_proj` entry: `Sequential(Conv2d, GroupNorm(32, d))`.
 #[derive(Debug)]
-struct InputProj {
-    conv: nn::Conv2D,
-    norm: nn::GroupNorm,
+pub(crate) struct InputProj {
+    pub(crate) conv: nn::Conv2D,
+    pub(crate) norm: nn::GroupNorm,
 }
 
 impl InputProj {
@@ -192,18 +192,18 @@ impl DetrConfig {
 
 /// Class and box heads: one shared pair without refinement, one per prediction with it.
 #[derive(Debug)]
-struct Heads {
-    class_embed: Vec<nn::Linear>,
-    bbox_embed: Vec<Mlp>,
-    refine: bool,
-    dec_layers: usize,
+pub(crate) struct Heads {
+    pub(crate) class_embed: Vec<nn::Linear>,
+    pub(crate) bbox_embed: Vec<Mlp>,
+    pub(crate) refine: bool,
+    pub(crate) dec_layers: usize,
 }
 
 impl Heads {
-    fn class(&self, i: usize) -> &nn::Linear {
+    pub(crate) fn class(&self, i: usize) -> &nn::Linear {
         &self.class_embed[if self.refine { i } else { 0 }]
     }
-    fn bbox(&self, i: usize) -> &Mlp {
+    pub(crate) fn bbox(&self, i: usize) -> &Mlp {
         &self.bbox_embed[if self.refine { i } else { 0 }]
     }
 }
@@ -225,11 +225,11 @@ impl DecoderHeads for Heads {
 pub struct DeformableDetr {
     pub config: DetrConfig,
     pub backbone: Backbone,
-    position_embedding: PositionEmbeddingSine,
-    input_proj: Vec<InputProj>,
-    query_embed: Option<Tensor>,
+    pub(crate) position_embedding: PositionEmbeddingSine,
+    pub(crate) input_proj: Vec<InputProj>,
+    pub(crate) query_embed: Option<Tensor>,
     pub transformer: DeformableTransformer,
-    heads: Heads,
+    pub(crate) heads: Heads,
 }
 
 impl DeformableDetr {

@@ -39,9 +39,9 @@ fn layer_norm(p: nn::Path, d: i64) -> nn::LayerNorm {
 
 /// The feed-forward block shared by both layer kinds: linear1 → ReLU → dropout → linear2.
 #[derive(Debug)]
-struct Ffn {
-    linear1: nn::Linear,
-    linear2: nn::Linear,
+pub(crate) struct Ffn {
+    pub(crate) linear1: nn::Linear,
+    pub(crate) linear2: nn::Linear,
 }
 
 impl Ffn {
@@ -61,10 +61,10 @@ impl Ffn {
 #[derive(Debug)]
 pub struct EncoderLayer {
     pub self_attn: MSDeformAttn,
-    norm1: nn::LayerNorm,
-    ffn: Ffn,
-    norm2: nn::LayerNorm,
-    dropout: f64,
+    pub(crate) norm1: nn::LayerNorm,
+    pub(crate) ffn: Ffn,
+    pub(crate) norm2: nn::LayerNorm,
+    pub(crate) dropout: f64,
 }
 
 impl EncoderLayer {
@@ -116,8 +116,8 @@ pub struct MultiheadAttention {
     pub in_proj_weight: Tensor,
     pub in_proj_bias: Tensor,
     pub out_proj: nn::Linear,
-    nhead: i64,
-    dropout: f64,
+    pub(crate) nhead: i64,
+    pub(crate) dropout: f64,
 }
 
 impl MultiheadAttention {
@@ -177,12 +177,12 @@ impl MultiheadAttention {
 #[derive(Debug)]
 pub struct DecoderLayer {
     pub cross_attn: MSDeformAttn,
-    norm1: nn::LayerNorm,
+    pub(crate) norm1: nn::LayerNorm,
     pub self_attn: MultiheadAttention,
-    norm2: nn::LayerNorm,
-    ffn: Ffn,
-    norm3: nn::LayerNorm,
-    dropout: f64,
+    pub(crate) norm2: nn::LayerNorm,
+    pub(crate) ffn: Ffn,
+    pub(crate) norm3: nn::LayerNorm,
+    pub(crate) dropout: f64,
 }
 
 impl DecoderLayer {
@@ -275,7 +275,7 @@ pub struct DeformableTransformer {
     pub level_embed: Tensor,
     pub encoder: Vec<EncoderLayer>,
     pub decoder: Vec<DecoderLayer>,
-    reference_points: Option<nn::Linear>,
+    pub(crate) reference_points: Option<nn::Linear>,
     two_stage: Option<TwoStage>,
 }
 
@@ -328,7 +328,7 @@ impl DeformableTransformer {
     }
 
     /// `get_valid_ratio`: (valid W / W, valid H / H) of a `[N, H, W]` mask → `[N, 2]`.
-    fn valid_ratio(mask: &Tensor) -> Tensor {
+    pub(crate) fn valid_ratio(mask: &Tensor) -> Tensor {
         let (h, w) = (mask.size()[1], mask.size()[2]);
         let not_mask = mask.logical_not();
         let valid_h = not_mask.select(2, 0).sum_dim_intlist(1, false, Kind::Float);
@@ -338,7 +338,10 @@ impl DeformableTransformer {
 
     /// Encoder reference points: pixel centres normalised by the valid size, times every level's
     /// valid ratio → `[N, S, L, 2]`.
-    fn encoder_reference_points(spatial_shapes: &[(i64, i64)], valid_ratios: &Tensor) -> Tensor {
+    pub(crate) fn encoder_reference_points(
+        spatial_shapes: &[(i64, i64)],
+        valid_ratios: &Tensor,
+    ) -> Tensor {
         let device = valid_ratios.device();
         let mut refs = Vec::with_capacity(spatial_shapes.len());
         for (lvl, &(h, w)) in spatial_shapes.iter().enumerate() {

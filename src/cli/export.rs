@@ -1,0 +1,88 @@
+//! `ddetr export -e spec.yaml export.checkpoint=… export.onnx_file=…`: TAO's export task, the
+//! checkpoint's model written as ONNX (see `ddetr_trainer::export`).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use ddetr_trainer::export::{self, ExportError, ExportOptions};
+use ddetr_trainer::model::deformable_detr::DetrConfig;
+use ddetr_trainer::model::DeformableDetr;
+use ddetr_trainer::spec::Task;
+use ddetr_trainer::weights::{self, LoadMode};
+use ddetr_trainer::TrainerError;
+use tch::nn::VarStore;
+use tch::Device;
+
+use super::SpecArgs;
+use crate::exit::UsageError;
+
+/// File name of the export when `export.onnx_file` is not set.
+const DEFAULT_ONNX_NAME: &str = "model.onnx";
+
+pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
+    let spec = super::spec::resolve(args)?.spec;
+    let e = &spec.export;
+    let opts = ExportOptions::from_spec(e);
+    let checkpoint = e
+        .checkpoint
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| {
+            UsageError(
+                "export.checkpoint is not set: pass export.checkpoint=/path/to/model.pth".into(),
+            )
+        })?;
+    let checkpoint = PathBuf::from(checkpoint);
+    if !checkpoint.is_file() {
+        return Err(UsageError(format!(
+            "export.checkpoint {} does not exist: pass the path of a trained checkpoint",
+            checkpoint.display()
+        ))
+        .into());
+    }
+    let onnx_file = match e.onnx_file.as_deref().filter(|f| !f.is_empty()) {
+        Some(f) => PathBuf::from(f),
+        None => spec.task_results_dir(Task::Export).join(DEFAULT_ONNX_NAME),
+    };
+    if !e.on_cpu {
+        tracing::info!(
+            "the ONNX writer runs on the CPU whatever export.on_cpu says; the graph is the same"
+        );
+    }
+    let config = DetrConfig::from_spec(&spec.model, spec.dataset.num_classes)
+        .map_err(|err| UsageError(err.to_string()))?;
+    let vs = VarStore::new(Device::Cpu);
+    let model = DeformableDetr::new(&vs.root(), config);
+    let report =
+        weights::load_file(&vs, &checkpoint, LoadMode::Strict).map_err(|err| match err {
+            // The checkpoint is of another model than the spec describes: the user's to fix.
+            TrainerError::ShapeMismatch { .. } | TrainerError::MissingKeys { .. } => {
+                anyhow::Error::new(UsageError(err.to_string()))
+            }
+            other => anyhow::Error::new(other),
+        })?;
+    tracing::info!(
+        loaded = report.loaded,
+        unexpected = report.unexpected.len(),
+        "checkpoint loaded"
+    );
+    let bytes = export::export_file(&model, &opts, &onnx_file)
+        .map_err(|err| match err {
+            ExportError::Write { .. } => anyhow::Error::new(err),
+            other => anyhow::Error::new(UsageError(other.to_string())),
+        })
+        .with_context(|| format!("export of {}", checkpoint.display()))?;
+    let batch = if opts.batch_size < 0 {
+        "batch".to_string()
+    } else {
+        opts.batch_size.to_string()
+    };
+    eprintln!(
+        "wrote {} ({bytes} bytes, opset {}, inputs [{batch}, 3, {}, {}] → pred_logits, pred_boxes)",
+        onnx_file.display(),
+        opts.opset_version,
+        opts.input_height,
+        opts.input_width
+    );
+    Ok(())
+}

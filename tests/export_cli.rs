@@ -1,0 +1,127 @@
+//! `ddetr export` end to end: a checkpoint of `configs/shapes_tiny.yaml` exported with TAO's keys,
+//! the file loaded and run by onnxruntime at batch 1 and 2 (dynamic batch), and each bad input
+//! answered with one line and the right exit code. The numerics of the graph against ddetr's
+//! forward are checked in trainer/tests/onnx_export.rs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ddetr_trainer::model::deformable_detr::DetrConfig;
+use ddetr_trainer::model::DeformableDetr;
+use tch::nn::VarStore;
+use tch::Device;
+
+const SPEC: &str = "configs/shapes_tiny.yaml";
+
+fn ddetr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddetr"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("ddetr runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Saves a freshly initialised model of the spec (with `num_classes`) as a checkpoint.
+fn checkpoint(dir: &Path, num_classes: u32) -> PathBuf {
+    let spec_path = Path::new(env!("CARGO_MANIFEST_DIR")).join(SPEC);
+    let spec = ddetr_trainer::spec::load(&spec_path, &[], None)
+        .unwrap()
+        .spec;
+    let vs = VarStore::new(Device::Cpu);
+    let _model = DeformableDetr::new(
+        &vs.root(),
+        DetrConfig::from_spec(&spec.model, num_classes).unwrap(),
+    );
+    let path = dir.join(format!("model_{num_classes}.safetensors"));
+    ddetr_trainer::weights::save_safetensors(&vs, &path).unwrap();
+    path
+}
+
+fn export(ckpt: &Path, onnx: &str, extra: &[&str]) -> Output {
+    let c = format!("export.checkpoint={}", ckpt.display());
+    let o = format!("export.onnx_file={onnx}");
+    let mut args = vec!["export", "-e", SPEC, &c, &o];
+    args.extend_from_slice(extra);
+    ddetr(&args)
+}
+
+fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(line.contains(needle), "{line}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "{err}"
+    );
+}
+
+#[test]
+fn export_writes_an_onnx_file_onnxruntime_runs_at_batch_1_and_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 4);
+    let onnx = dir.path().join("out/model.onnx");
+    let out = export(
+        &ckpt,
+        onnx.to_str().unwrap(),
+        &["export.input_height=96", "export.input_width=128"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("opset 17"));
+    let venv = std::env::var_os("VIRTUAL_ENV")
+        .expect("VIRTUAL_ENV is not set: run `eval \"$(scripts/setup.sh --env)\"` first");
+    let py = PathBuf::from(venv).join("bin/python");
+    let script = r#"
+import sys, numpy as np, onnx, onnxruntime as ort
+onnx.checker.check_model(sys.argv[1], full_check=True)
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+for n in (1, 2):
+    logits, boxes = s.run(None, {"inputs": np.zeros((n, 3, 96, 128), np.float32)})
+    assert logits.shape == (n, 50, 4), logits.shape
+    assert boxes.shape == (n, 50, 4), boxes.shape
+    assert np.isfinite(logits).all() and ((boxes >= 0) & (boxes <= 1)).all()
+print("ok")
+"#;
+    let run = Command::new(&py)
+        .args(["-c", script, onnx.to_str().unwrap()])
+        .output()
+        .expect("the venv python runs");
+    assert!(
+        run.status.success() && text(&run.stdout).contains("ok"),
+        "{}{}",
+        text(&run.stdout),
+        text(&run.stderr)
+    );
+}
+
+#[test]
+fn bad_inputs_are_one_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 4);
+    let onnx = dir.path().join("m.onnx");
+    let onnx = onnx.to_str().unwrap();
+
+    // Checkpoint missing.
+    let out = export(&dir.path().join("nope.pth"), onnx, &[]);
+    assert_one_line_error(&out, 2, "export.checkpoint");
+    // A checkpoint of another shape (7 classes where the spec says 4).
+    let other = checkpoint(dir.path(), 7);
+    let out = export(&other, onnx, &[]);
+    assert_one_line_error(&out, 2, "class_embed");
+    // Unwritable path.
+    let out = export(&ckpt, "/proc/ddetr-no/m.onnx", &[]);
+    assert_one_line_error(&out, 1, "cannot write ONNX file");
+    // Opset below what the graph needs.
+    let out = export(&ckpt, onnx, &["export.opset_version=16"]);
+    assert_one_line_error(&out, 2, "below 17");
+    assert!(!Path::new(onnx).exists());
+}
