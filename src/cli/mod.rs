@@ -4,6 +4,7 @@
 mod bench;
 mod dataset;
 mod spec;
+mod train;
 
 use std::path::PathBuf;
 
@@ -32,6 +33,10 @@ pub enum Command {
     /// Benchmarks: ddetr against its peers, one key=value line last.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Train a model: `ddetr train -e spec.yaml [-r dir] [key=value …]` (any world under ddetr-launch).
+    Train(SpecArgs),
+    /// COCO bbox evaluation of `evaluate.checkpoint` on `dataset.test_data_sources`.
+    Evaluate(SpecArgs),
     /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
     Doctor,
 }
@@ -65,6 +70,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Spec(SpecCommand::Validate(args)) => spec::validate(&args),
         Command::Dataset(cmd) => dataset::run(&cmd),
         Command::Bench(cmd) => bench::run(&cmd),
+        Command::Train(args) => train::train(&args),
+        Command::Evaluate(args) => train::evaluate(&args),
         Command::Doctor => {
             print!("{}", crate::doctor::render(&crate::doctor::checks()));
             Ok(())
