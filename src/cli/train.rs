@@ -17,6 +17,9 @@ fn classify(e: TrainerError) -> anyhow::Error {
         TrainerError::Dataset(ddetr_dataset::DatasetError::InvalidArgument(m)) => {
             UsageError(m).into()
         }
+        TrainerError::Dataset(e @ ddetr_dataset::DatasetError::NumClassesTooSmall { .. }) => {
+            UsageError(e.to_string()).into()
+        }
         other => other.into(),
     }
 }

@@ -130,16 +130,47 @@ pub fn evaluate(gt: &COCO, dets: &[Detection]) -> Result<CocoStats, TrainerError
         // pycocotools cannot load an empty result list; nothing detected scores -1 → 0.
         return Ok(CocoStats {
             stats: vec![0.0; 12],
-            lines: vec!["no detections: every AP and AR is 0".into()],
+            lines: summary_lines(&[0.0; 12]),
         });
     }
     let dt = gt.load_res_anns(anns).map_err(eval_err)?;
     let mut ev = COCOeval::new(gt.clone(), dt, IouType::Bbox);
     ev.evaluate().map_err(eval_err)?;
     ev.accumulate();
-    let lines = ev.summarize_lines();
+    let _ = ev.summarize_lines();
     let stats = ev.stats().map(<[f64]>::to_vec).unwrap_or_else(|| vec![0.0; 12]);
+    let lines = summary_lines(&stats);
     Ok(CocoStats { stats, lines })
+}
+
+/// pycocotools' `COCOeval.summarize()` lines for the 12 bbox stats, byte for byte
+/// (`' {:<18} {} @[ IoU={:<9} | area={:>6s} | maxDets={:>3d} ] = {:0.3f}'`).
+pub fn summary_lines(stats: &[f64]) -> Vec<String> {
+    const ROWS: [(bool, &str, &str, u32); 12] = [
+        (true, "0.50:0.95", "all", 100),
+        (true, "0.50", "all", 100),
+        (true, "0.75", "all", 100),
+        (true, "0.50:0.95", "small", 100),
+        (true, "0.50:0.95", "medium", 100),
+        (true, "0.50:0.95", "large", 100),
+        (false, "0.50:0.95", "all", 1),
+        (false, "0.50:0.95", "all", 10),
+        (false, "0.50:0.95", "all", 100),
+        (false, "0.50:0.95", "small", 100),
+        (false, "0.50:0.95", "medium", 100),
+        (false, "0.50:0.95", "large", 100),
+    ];
+    ROWS.iter()
+        .zip(stats)
+        .map(|(&(ap, iou, area, max_det), v)| {
+            let (title, kind) = if ap {
+                ("Average Precision", "(AP)")
+            } else {
+                ("Average Recall", "(AR)")
+            };
+            format!(" {title:<18} {kind} @[ IoU={iou:<9} | area={area:>6} | maxDets={max_det:>3} ] = {v:.3}")
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -169,7 +200,8 @@ mod tests {
         let s = evaluate(&g, &perfect).unwrap();
         assert!((s.map() - 1.0).abs() < 1e-9, "{:?}", s.stats);
         assert_eq!(s.lines.len(), 12);
-        assert!(s.lines[0].starts_with(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]"), "{}", s.lines[0]);
+        assert_eq!(s.lines[0], " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000");
+        assert_eq!(s.lines[11], " Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = -1.000");
         let half = [perfect[0], Detection { category_id: 1, ..perfect[1] }];
         let s = evaluate(&g, &half).unwrap();
         assert!(s.map() < 0.75 && s.map() > 0.25, "{:?}", s.stats);

@@ -205,7 +205,7 @@ mod tests {
     /// w = [1, -2], loss = sum(w²) (gradient 2w): computed by hand from torch's formula.
     #[test]
     fn adamw_follows_torch_formula() {
-        let w = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let mut w = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
         let params = vec![Param {
             name: "w".into(),
             tensor: w.shallow_clone(),

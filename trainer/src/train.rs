@@ -352,12 +352,22 @@ fn gather_rows(comm: &Communicator, rows: Vec<f64>) -> Result<Vec<f64>, TrainerE
     Ok(out)
 }
 
-/// Which device the tasks run on: the rank's local GPU when CUDA is available, else the CPU.
-pub fn pick_device(local_rank: usize) -> Device {
-    if tch::Cuda::is_available() {
-        Device::Cuda(local_rank % tch::Cuda::device_count().max(1) as usize)
-    } else {
-        Device::Cpu
+/// Which device the tasks run on: `DDETR_DEVICE` (`cpu`, `cuda`, `auto`; ddetr-launch's
+/// `--device`), by default the rank's local GPU when CUDA is available, else the CPU.
+pub fn pick_device(local_rank: usize) -> Result<Device, TrainerError> {
+    let want = std::env::var("DDETR_DEVICE").unwrap_or_else(|_| "auto".into());
+    let cuda = tch::Cuda::is_available();
+    let gpu = || Device::Cuda(local_rank % tch::Cuda::device_count().max(1) as usize);
+    match want.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if cuda => Ok(gpu()),
+        "cuda" => Err(TrainerError::Config(
+            "DDETR_DEVICE=cuda but no CUDA GPU is visible to libtorch: run on a GPU machine or set DDETR_DEVICE=cpu".into(),
+        )),
+        "auto" | "" => Ok(if cuda { gpu() } else { Device::Cpu }),
+        other => Err(TrainerError::Config(format!(
+            "DDETR_DEVICE={other:?} is not a device: use cpu, cuda or auto"
+        ))),
     }
 }
 
@@ -407,25 +417,14 @@ fn find_resume(
     epochs.sort();
     epochs.reverse();
     candidates.extend(epochs);
-    let mut best: Option<checkpoint::Checkpoint> = None;
+    // The latest file, when valid, is the newest; else the newest per-epoch file that verifies.
     for p in candidates.iter().filter(|p| p.exists()) {
         match checkpoint::load(p) {
-            Ok(c) => {
-                let newer = best.as_ref().is_none_or(|b| {
-                    (c.meta.global_step) > (b.meta.global_step)
-                });
-                if newer {
-                    best = Some(c);
-                }
-                // The latest file, when valid, is the newest by construction.
-                if p.ends_with(LATEST) {
-                    break;
-                }
-            }
+            Ok(c) => return Ok(Some(c)),
             Err(e) => tracing::warn!("skipping checkpoint: {e}"),
         }
     }
-    Ok(best)
+    Ok(None)
 }
 
 /// Trains as `spec` says. `stop` is raised by a SIGTERM handler (or a test): the current step
@@ -437,7 +436,7 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainerError> {
     let comm = &world.comm;
     let (rank, nworld) = (comm.rank(), comm.world());
-    let device = pick_device(comm.local_rank());
+    let device = pick_device(comm.local_rank())?;
     if device == Device::Cpu && spec.train.precision != Precision::Fp32 {
         return Err(TrainerError::Config(format!(
             "train.precision {:?} needs a CUDA GPU but this run is on the CPU: set train.precision=fp32",
@@ -504,6 +503,14 @@ pub fn train(
             start_step = 0;
         }
         tracing::info!(path = %ck.path.display(), epoch = start_epoch, step = start_step, "resuming");
+    } else if let Some(p) = spec
+        .train
+        .pretrained_model_path
+        .as_deref()
+        .filter(|p| !p.is_empty())
+    {
+        let r = crate::weights::load_file(&built.vs, Path::new(p), crate::weights::LoadMode::Pretrained)?;
+        tracing::info!(path = p, loaded = r.loaded, skipped = r.skipped_shape.len(), "pretrained weights loaded");
     }
     tch::manual_seed(seed + rank as i64);
     let tensors: Vec<Tensor> = built.params.iter().map(|p| p.tensor.shallow_clone()).collect();
@@ -701,7 +708,7 @@ pub struct EvalOutcome {
 pub fn evaluate(spec: &ExperimentSpec, world: &World) -> Result<Option<EvalOutcome>, TrainerError> {
     let comm = &world.comm;
     let rank = comm.rank();
-    let device = pick_device(comm.local_rank());
+    let device = pick_device(comm.local_rank())?;
     let ckpt = spec
         .evaluate
         .checkpoint
