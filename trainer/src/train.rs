@@ -438,10 +438,10 @@ pub fn train(
     let (rank, nworld) = (comm.rank(), comm.world());
     let device = pick_device(comm.local_rank())?;
     if device == Device::Cpu && spec.train.precision != Precision::Fp32 {
+        let name = if spec.train.precision == Precision::Fp16 { "fp16" } else { "bf16" };
         return Err(TrainerError::Config(format!(
-            "train.precision {:?} needs a CUDA GPU but this run is on the CPU: set train.precision=fp32",
-            spec.train.precision
-        ).to_lowercase()));
+            "train.precision {name} needs a CUDA GPU but this run is on the CPU: set train.precision=fp32"
+        )));
     }
     if device == Device::Cpu {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
