@@ -247,7 +247,10 @@ fn two_ranks_match_one_rank_with_the_doubled_batch_and_write_every_output() {
             k1[e]["train_loss"].as_f64().unwrap(),
             k2[e]["train_loss"].as_f64().unwrap(),
         );
-        assert!((a - b).abs() <= 1e-4 * a.abs(), "epoch {e}: world 1 loss {a}, world 2 {b}");
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs(),
+            "epoch {e}: world 1 loss {a}, world 2 {b}"
+        );
     }
     let diff = max_diff(
         &model_tensors(&d.join("w1/train/dd_model_latest.safetensors")),
@@ -324,7 +327,10 @@ fn sigterm_writes_a_mid_epoch_checkpoint_and_the_rerun_ends_where_an_uninterrupt
         &model_tensors(&d.join("ref/train/dd_model_latest.safetensors")),
         &model_tensors(&d.join("cut/train/dd_model_latest.safetensors")),
     );
-    assert!(diff < 1e-3, "resumed run ends {diff} away from the uninterrupted one");
+    assert!(
+        diff < 1e-3,
+        "resumed run ends {diff} away from the uninterrupted one"
+    );
 }
 
 #[test]
@@ -360,7 +366,11 @@ fn fails_with(d: &Path, a: &[String], env: &[(&str, &str)], code: i32, want: &st
     assert_eq!(st.code(), Some(code), "{a:?}:\n{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].contains(want), "{a:?}: wanted {want:?} in {:?}", lines[0]);
+    assert!(
+        lines[0].contains(want),
+        "{a:?}: wanted {want:?} in {:?}",
+        lines[0]
+    );
 }
 
 #[test]
@@ -370,7 +380,11 @@ fn each_bad_input_is_one_line_before_the_first_step() {
     let d = dir.path();
     ok(
         d,
-        &args("train", "good", &["train.num_epochs=1", "train.validation_interval=10"]),
+        &args(
+            "train",
+            "good",
+            &["train.num_epochs=1", "train.validation_interval=10"],
+        ),
     );
     fails_with(
         d,

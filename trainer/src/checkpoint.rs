@@ -248,7 +248,12 @@ mod tests {
         let p = dir.path().join("c.safetensors");
         let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]);
         let b = Tensor::from_slice(&[5i64]);
-        save(&p, &[("w".into(), a.shallow_clone()), ("n".into(), b)], &meta()).unwrap();
+        save(
+            &p,
+            &[("w".into(), a.shallow_clone()), ("n".into(), b)],
+            &meta(),
+        )
+        .unwrap();
         let c = load(&p).unwrap();
         assert_eq!(c.meta, meta());
         assert!(c.tensors["w"].equal(&a));

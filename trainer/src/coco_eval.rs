@@ -25,7 +25,15 @@ impl Detection {
 
     pub fn to_row(&self) -> [f64; 7] {
         let [x, y, w, h] = self.bbox;
-        [self.image_id as f64, x, y, w, h, self.score, self.category_id as f64]
+        [
+            self.image_id as f64,
+            x,
+            y,
+            w,
+            h,
+            self.score,
+            self.category_id as f64,
+        ]
     }
 
     pub fn from_row(r: &[f64]) -> Self {
@@ -138,7 +146,10 @@ pub fn evaluate(gt: &COCO, dets: &[Detection]) -> Result<CocoStats, TrainerError
     ev.evaluate().map_err(eval_err)?;
     ev.accumulate();
     let _ = ev.summarize_lines();
-    let stats = ev.stats().map(<[f64]>::to_vec).unwrap_or_else(|| vec![0.0; 12]);
+    let stats = ev
+        .stats()
+        .map(<[f64]>::to_vec)
+        .unwrap_or_else(|| vec![0.0; 12]);
     let lines = summary_lines(&stats);
     Ok(CocoStats { stats, lines })
 }
@@ -194,15 +205,37 @@ mod tests {
     fn perfect_detections_score_one_and_misses_score_lower() {
         let g = gt();
         let perfect = [
-            Detection { image_id: 1, category_id: 1, bbox: [10.0, 10.0, 30.0, 30.0], score: 0.9 },
-            Detection { image_id: 2, category_id: 2, bbox: [50.0, 50.0, 20.0, 40.0], score: 0.8 },
+            Detection {
+                image_id: 1,
+                category_id: 1,
+                bbox: [10.0, 10.0, 30.0, 30.0],
+                score: 0.9,
+            },
+            Detection {
+                image_id: 2,
+                category_id: 2,
+                bbox: [50.0, 50.0, 20.0, 40.0],
+                score: 0.8,
+            },
         ];
         let s = evaluate(&g, &perfect).unwrap();
         assert!((s.map() - 1.0).abs() < 1e-9, "{:?}", s.stats);
         assert_eq!(s.lines.len(), 12);
-        assert_eq!(s.lines[0], " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000");
-        assert_eq!(s.lines[11], " Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = -1.000");
-        let half = [perfect[0], Detection { category_id: 1, ..perfect[1] }];
+        assert_eq!(
+            s.lines[0],
+            " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000"
+        );
+        assert_eq!(
+            s.lines[11],
+            " Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = -1.000"
+        );
+        let half = [
+            perfect[0],
+            Detection {
+                category_id: 1,
+                ..perfect[1]
+            },
+        ];
         let s = evaluate(&g, &half).unwrap();
         assert!(s.map() < 0.75 && s.map() > 0.25, "{:?}", s.stats);
         assert_eq!(evaluate(&g, &[]).unwrap().map(), 0.0);

@@ -78,8 +78,8 @@ impl Optim {
                 let mut w = p.tensor.shallow_clone();
                 match self.kind {
                     Optimizer::AdamW => {
-                        let (m, v) = self.state[i]
-                            .get_or_insert_with(|| (w.zeros_like(), w.zeros_like()));
+                        let (m, v) =
+                            self.state[i].get_or_insert_with(|| (w.zeros_like(), w.zeros_like()));
                         let _ = w.g_mul_scalar_(1.0 - lr * self.weight_decay);
                         let _ = m.lerp_(&g, 1.0 - BETA1);
                         let _ = v.g_mul_scalar_(BETA2);
@@ -104,7 +104,10 @@ impl Optim {
                                 }
                                 slot @ None => {
                                     let buf = d.copy();
-                                    *slot = Some((buf.shallow_clone(), Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu))));
+                                    *slot = Some((
+                                        buf.shallow_clone(),
+                                        Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
+                                    ));
                                     buf
                                 }
                             }

@@ -142,7 +142,8 @@ fn status(
         .append(true)
         .open(&path)
         .map_err(|e| TrainerError::Io(format!("cannot write {}: {e}", path.display())))?;
-    writeln!(f, "{rec}").map_err(|e| TrainerError::Io(format!("cannot write {}: {e}", path.display())))
+    writeln!(f, "{rec}")
+        .map_err(|e| TrainerError::Io(format!("cannot write {}: {e}", path.display())))
 }
 
 /// The model, its named parameters and the frozen variables (buffers).
@@ -294,13 +295,18 @@ pub fn predict(
                 .iter()
                 .map(|t| (t.orig_size[0] as f64, t.orig_size[1] as f64))
                 .collect();
-            let dets = post_process(&last.logits, &last.boxes, &sizes, num_select, conf_threshold);
+            let dets = post_process(
+                &last.logits,
+                &last.boxes,
+                &sizes,
+                num_select,
+                conf_threshold,
+            );
             let real = batch.targets.len() - batch.padding;
             for (t, d) in batch.targets.iter().zip(dets).take(real) {
                 let scores: Vec<f32> = Vec::try_from(&d.scores.to_device(Device::Cpu))?;
                 let labels: Vec<i64> = Vec::try_from(&d.labels.to_device(Device::Cpu))?;
-                let boxes: Vec<f32> =
-                    Vec::try_from(&d.boxes.to_device(Device::Cpu).reshape([-1]))?;
+                let boxes: Vec<f32> = Vec::try_from(&d.boxes.to_device(Device::Cpu).reshape([-1]))?;
                 for k in 0..scores.len() {
                     let b = &boxes[4 * k..4 * k + 4];
                     let det = Detection {
@@ -407,9 +413,9 @@ fn find_resume(
             d.flatten()
                 .map(|e| e.path())
                 .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("model_epoch_") && n.ends_with(".safetensors"))
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n.starts_with("model_epoch_") && n.ends_with(".safetensors")
+                    })
                 })
                 .collect()
         })
@@ -438,7 +444,11 @@ pub fn train(
     let (rank, nworld) = (comm.rank(), comm.world());
     let device = pick_device(comm.local_rank())?;
     if device == Device::Cpu && spec.train.precision != Precision::Fp32 {
-        let name = if spec.train.precision == Precision::Fp16 { "fp16" } else { "bf16" };
+        let name = if spec.train.precision == Precision::Fp16 {
+            "fp16"
+        } else {
+            "bf16"
+        };
         return Err(TrainerError::Config(format!(
             "train.precision {name} needs a CUDA GPU but this run is on the CPU: set train.precision=fp32"
         )));
@@ -449,11 +459,20 @@ pub fn train(
     }
     let dir = spec.task_results_dir(Task::Train);
     check_writable(&dir)?;
-    let seed = if spec.train.seed >= 0 { spec.train.seed } else { 0 };
+    let seed = if spec.train.seed >= 0 {
+        spec.train.seed
+    } else {
+        0
+    };
 
     // Data (local rank 0 builds the caches; the others wait for it).
     let local_rank = comm.local_rank() as u32;
-    let train_cache = Arc::new(ensure_split(&spec.dataset, Split::Train, local_rank, false)?);
+    let train_cache = Arc::new(ensure_split(
+        &spec.dataset,
+        Split::Train,
+        local_rank,
+        false,
+    )?);
     let global_batch = spec.dataset.batch_size as usize * nworld;
     if train_cache.len() < global_batch {
         return Err(TrainerError::Config(format!(
@@ -509,12 +528,29 @@ pub fn train(
         .as_deref()
         .filter(|p| !p.is_empty())
     {
-        let r = crate::weights::load_file(&built.vs, Path::new(p), crate::weights::LoadMode::Pretrained)?;
-        tracing::info!(path = p, loaded = r.loaded, skipped = r.skipped_shape.len(), "pretrained weights loaded");
+        let r = crate::weights::load_file(
+            &built.vs,
+            Path::new(p),
+            crate::weights::LoadMode::Pretrained,
+        )?;
+        tracing::info!(
+            path = p,
+            loaded = r.loaded,
+            skipped = r.skipped_shape.len(),
+            "pretrained weights loaded"
+        );
     }
     tch::manual_seed(seed + rank as i64);
-    let tensors: Vec<Tensor> = built.params.iter().map(|p| p.tensor.shallow_clone()).collect();
-    let buffers: Vec<Tensor> = built.buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let tensors: Vec<Tensor> = built
+        .params
+        .iter()
+        .map(|p| p.tensor.shallow_clone())
+        .collect();
+    let buffers: Vec<Tensor> = built
+        .buffers
+        .iter()
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
     let ddp = Ddp::new(comm, &tensors, &buffers, BucketConfig::default())?;
     let spec_yaml = spec.to_yaml();
     if rank == 0 {
@@ -525,7 +561,12 @@ pub fn train(
 
     let steps = loader.steps_per_epoch();
     let epochs = spec.train.num_epochs;
-    let save = |epoch: u32, step: usize, gstep: u64, optim: &Optim, names: &[&str]| -> Result<(), TrainerError> {
+    let save = |epoch: u32,
+                step: usize,
+                gstep: u64,
+                optim: &Optim,
+                names: &[&str]|
+     -> Result<(), TrainerError> {
         if rank != 0 {
             return Ok(());
         }
@@ -533,7 +574,12 @@ pub fn train(
             .params
             .iter()
             .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
-            .chain(built.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())))
+            .chain(
+                built
+                    .buffers
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone())),
+            )
             .collect();
         t.extend(optim.state_tensors(&built.params));
         let meta = CheckpointMeta {
@@ -586,12 +632,7 @@ pub fn train(
             optim.step(&built.params);
             global_step += 1;
             // Loss terms averaged over ranks, and whether any rank was asked to stop.
-            let term = |k: &str| {
-                losses
-                    .terms
-                    .get(k)
-                    .map_or(0.0, |t| t.double_value(&[]))
-            };
+            let term = |k: &str| losses.terms.get(k).map_or(0.0, |t| t.double_value(&[]));
             let stop_here = stop.load(Ordering::SeqCst);
             let mut agg = Tensor::from_slice(&[
                 losses.total.double_value(&[]),
@@ -608,7 +649,9 @@ pub fn train(
             counted += 1;
             images_done += global_batch as u64;
             if rank == 0
-                && (last_log.elapsed() >= Duration::from_secs(10) || step + 1 == steps || step == first)
+                && (last_log.elapsed() >= Duration::from_secs(10)
+                    || step + 1 == steps
+                    || step == first)
             {
                 let el = run_start.elapsed().as_secs_f64();
                 let ips = images_done as f64 / el.max(1e-9);
@@ -622,12 +665,28 @@ pub fn train(
                 last_log = Instant::now();
             }
             if agg[4] > 0.0 {
-                let (e, s) = if step + 1 == steps { (epoch + 1, 0) } else { (epoch, step + 1) };
+                let (e, s) = if step + 1 == steps {
+                    (epoch + 1, 0)
+                } else {
+                    (epoch, step + 1)
+                };
                 save(e, s, global_step, &optim, &[LATEST])?;
                 if rank == 0 {
-                    status(&dir, "RUNNING", &format!("Stopped by a signal at epoch {epoch} step {}; checkpoint written.", step + 1), None)?;
+                    status(
+                        &dir,
+                        "RUNNING",
+                        &format!(
+                            "Stopped by a signal at epoch {epoch} step {}; checkpoint written.",
+                            step + 1
+                        ),
+                        None,
+                    )?;
                 }
-                tracing::info!(epoch, step = step + 1, "stopped by a signal: checkpoint written; run the same command to resume");
+                tracing::info!(
+                    epoch,
+                    step = step + 1,
+                    "stopped by a signal: checkpoint written; run the same command to resume"
+                );
                 return Ok(TrainOutcome {
                     stopped_at: Some((epoch, step + 1)),
                     last_map,
@@ -649,12 +708,24 @@ pub fn train(
         let mut map = None;
         if let (true, Some((_, vloader))) = (validate, &val) {
             let t0 = Instant::now();
-            let dets = predict(&built.model, vloader, comm, i64::from(spec.model.num_select), 0.0, device)?;
+            let dets = predict(
+                &built.model,
+                vloader,
+                comm,
+                i64::from(spec.model.num_select),
+                0.0,
+                device,
+            )?;
             if let Some(gt) = &gt {
                 let s = coco_eval::evaluate(gt, &dets)?;
                 tracing::info!(
                     "epoch {}/{} validation: mAP {:.4} mAP50 {:.4} ({} detections, {:.1} s)",
-                    epoch + 1, epochs, s.map(), s.map50(), dets.len(), t0.elapsed().as_secs_f64()
+                    epoch + 1,
+                    epochs,
+                    s.map(),
+                    s.map50(),
+                    dets.len(),
+                    t0.elapsed().as_secs_f64()
                 );
                 map = Some((s.map(), s.map50()));
                 last_map = map;
@@ -663,7 +734,8 @@ pub fn train(
         if rank == 0 {
             let n = counted.max(1) as f64;
             let done = epoch + 1 - start_epoch;
-            let eta = run_start.elapsed().as_secs_f64() / f64::from(done) * f64::from(epochs - epoch - 1);
+            let eta =
+                run_start.elapsed().as_secs_f64() / f64::from(done) * f64::from(epochs - epoch - 1);
             let mut kpi = serde_json::json!({
                 "epoch": epoch, "max_epoch": epochs, "step": global_step,
                 "max_step": u64::from(epochs) * steps as u64,
@@ -717,8 +789,19 @@ pub fn evaluate(spec: &ExperimentSpec, world: &World) -> Result<Option<EvalOutco
         .ok_or_else(|| TrainerError::Config("evaluate.checkpoint is not set: pass evaluate.checkpoint=<results>/train/dd_model_latest.safetensors".into()))?;
     let dir = spec.task_results_dir(Task::Evaluate);
     check_writable(&dir)?;
-    let cache = Arc::new(ensure_split(&spec.dataset, Split::Test, comm.local_rank() as u32, false)?);
-    let loader = Loader::new(cache.clone(), &spec.dataset, LoaderMode::Eval, comm.world(), rank)?;
+    let cache = Arc::new(ensure_split(
+        &spec.dataset,
+        Split::Test,
+        comm.local_rank() as u32,
+        false,
+    )?);
+    let loader = Loader::new(
+        cache.clone(),
+        &spec.dataset,
+        LoaderMode::Eval,
+        comm.world(),
+        rank,
+    )?;
     let built = build_model(spec, device, 0)?;
     let ck = checkpoint::load(Path::new(ckpt))?;
     load_model_tensors(&built, &ck.tensors, &ck.path)?;
@@ -737,8 +820,9 @@ pub fn evaluate(spec: &ExperimentSpec, world: &World) -> Result<Option<EvalOutco
     let stats = coco_eval::evaluate(&gt, &dets)?;
     let results: Vec<serde_json::Value> = dets.iter().map(Detection::to_json).collect();
     let write = |name: &str, v: &serde_json::Value| {
-        std::fs::write(dir.join(name), serde_json::to_vec_pretty(v).expect("json"))
-            .map_err(|e| TrainerError::Io(format!("cannot write {}: {e}", dir.join(name).display())))
+        std::fs::write(dir.join(name), serde_json::to_vec_pretty(v).expect("json")).map_err(|e| {
+            TrainerError::Io(format!("cannot write {}: {e}", dir.join(name).display()))
+        })
     };
     write("results.json", &serde_json::Value::Array(results))?;
     write("metrics.json", &stats.to_json())?;
