@@ -453,6 +453,16 @@ pub fn train(
             "train.precision {name} needs a CUDA GPU but this run is on the CPU: set train.precision=fp32"
         )));
     }
+    if spec.train.precision != Precision::Fp32 {
+        return Err(TrainerError::Config(
+            "train.precision fp16/bf16 (autocast) is not implemented in this version: set train.precision=fp32".into(),
+        ));
+    }
+    if spec.train.distributed_strategy == crate::spec::DistributedStrategy::Fsdp {
+        return Err(TrainerError::Config(
+            "train.distributed_strategy fsdp is not wired into training in this version: set train.distributed_strategy=ddp".into(),
+        ));
+    }
     if device == Device::Cpu {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         tch::set_num_threads((cores / comm.local_world().max(1)).max(1) as i32);
