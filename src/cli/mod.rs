@@ -6,6 +6,7 @@ mod convert;
 mod dataset;
 mod export;
 mod spec;
+mod train;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,10 @@ pub enum Command {
     /// Benchmarks: ddetr against its peers, one key=value line last.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Train a model: `ddetr train -e spec.yaml [-r dir] [key=value …]` (any world under ddetr-launch).
+    Train(SpecArgs),
+    /// COCO bbox evaluation of `evaluate.checkpoint` on `dataset.test_data_sources`.
+    Evaluate(SpecArgs),
     /// Export a checkpoint to ONNX (TAO's export task: export.checkpoint, export.onnx_file, …).
     Export(SpecArgs),
     /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
@@ -71,6 +76,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Spec(SpecCommand::Validate(args)) => spec::validate(&args),
         Command::Dataset(cmd) => dataset::run(&cmd),
         Command::Bench(cmd) => bench::run(&cmd),
+        Command::Train(args) => train::train(&args),
+        Command::Evaluate(args) => train::evaluate(&args),
         Command::Export(args) => export::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Doctor => {

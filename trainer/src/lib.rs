@@ -11,14 +11,18 @@
 //! (`$(/work/shared/peers/venv.sh) trainer/tests/golden/<script>`) to regenerate.
 
 pub mod bench;
+pub mod checkpoint;
+pub mod coco_eval;
 pub mod criterion;
 pub mod export;
 pub mod lsa;
 pub mod matcher;
 pub mod model;
+pub mod optim;
 pub mod post_process;
 pub mod spec;
 pub mod torch_pickle;
+pub mod train;
 pub mod weights;
 
 /// Why the model half could not do what was asked. Messages are one line: what is wrong and
@@ -50,4 +54,13 @@ pub enum TrainerError {
     InfeasibleCost,
     #[error("{0}")]
     Torch(#[from] tch::TchError),
+    /// A spec or input that cannot work (a usage error).
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Dataset(#[from] ddetr_dataset::DatasetError),
+    #[error("{0}")]
+    Collective(#[from] ddetr_collective::CollectiveError),
 }

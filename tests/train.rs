@@ -1,0 +1,448 @@
+//! End-to-end checks of `ddetr train` / `ddetr evaluate` on a tiny synthetic set (64×64 images,
+//! a dozen of them, a few steps per epoch): outputs and mAP, world-2 DDP against world-1 with the
+//! doubled batch, SIGTERM → checkpoint → resume, a corrupt latest checkpoint, and the bad-input
+//! lines. Every child is killed by a Drop guard, even when a test fails.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use ddetr_trainer::checkpoint;
+
+/// Upper bound for one training run here.
+const PATIENCE: Duration = Duration::from_secs(400);
+
+/// The tests train one at a time (each run uses every core).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The tiny spec: the demo spec at 64×64 with batch 2 (overrides after `-e`).
+const TINY: &[&str] = &[
+    "dataset.batch_size=2",
+    "dataset.workers=1",
+    "dataset.augmentation.scales=[64]",
+    "dataset.augmentation.train_random_resize=[56,64]",
+    "dataset.augmentation.train_random_crop_min=48",
+    "dataset.augmentation.train_random_crop_max=64",
+    "dataset.augmentation.random_resize_max_size=64",
+    "dataset.augmentation.test_random_resize=64",
+    "train.num_epochs=2",
+    "train.validation_interval=1",
+    "dataset.train_data_sources=[{image_dir: data/train/images, json_file: data/train/annotations.json}]",
+    "dataset.val_data_sources=[{image_dir: data/val/images, json_file: data/val/annotations.json}]",
+    "dataset.test_data_sources={image_dir: data/val/images, json_file: data/val/annotations.json}",
+];
+
+/// The binaries under test: cargo's, or those in `DDETR_BIN_DIR` (installed binaries, or a
+/// private copy when several worktrees share one target dir).
+fn ddetr_bin() -> String {
+    match std::env::var("DDETR_BIN_DIR") {
+        Ok(d) => format!("{d}/ddetr"),
+        Err(_) => env!("CARGO_BIN_EXE_ddetr").to_string(),
+    }
+}
+
+fn launch_bin() -> String {
+    match std::env::var("DDETR_BIN_DIR") {
+        Ok(d) => format!("{d}/ddetr-launch"),
+        Err(_) => env!("CARGO_BIN_EXE_ddetr-launch").to_string(),
+    }
+}
+
+fn spec() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shapes_tiny.yaml")
+}
+
+/// A work dir with the tiny train (12 images) and val (6 images) sets.
+fn workdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (split, n, seed) in [("train", "12", "1"), ("val", "6", "2")] {
+        let st = Command::new(ddetr_bin())
+            .args(["dataset", "synth", "--out", &format!("data/{split}")])
+            .args(["--images", n, "--size", "64x64", "--seed", seed])
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    dir
+}
+
+/// A child process whose output goes to files; killed on drop.
+struct Proc {
+    child: Child,
+    err: PathBuf,
+}
+
+impl Proc {
+    fn start(dir: &Path, program: &str, args: &[String], env: &[(&str, &str)]) -> Self {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let err = dir.join(format!("run{n}.err"));
+        let child = Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .env_remove("LOCAL_RANK")
+            .env_remove("LOCAL_WORLD_SIZE")
+            .env("DDETR_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join(format!("run{n}.out"))).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, err }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                t.elapsed() < PATIENCE,
+                "run did not finish in {PATIENCE:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if self.child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn args(task: &str, results: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        task.to_string(),
+        "-e".into(),
+        spec().display().to_string(),
+        "-r".into(),
+        results.into(),
+    ];
+    v.extend(TINY.iter().map(|s| s.to_string()));
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Runs `ddetr <args>` to the end; returns (status, stderr).
+fn ddetr(dir: &Path, a: &[String], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let mut p = Proc::start(dir, &ddetr_bin(), a, env);
+    let st = p.wait();
+    (st, p.stderr())
+}
+
+fn ok(dir: &Path, a: &[String]) -> String {
+    let (st, err) = ddetr(dir, a, &[]);
+    assert!(st.success(), "ddetr {a:?} failed ({st}):\n{err}");
+    err
+}
+
+/// The per-epoch KPI records of a status.json.
+fn kpis(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("kpi").cloned())
+        .collect()
+}
+
+fn model_tensors(path: &Path) -> BTreeMap<String, tch::Tensor> {
+    checkpoint::load(path)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("optim."))
+        .collect()
+}
+
+fn max_diff(a: &BTreeMap<String, tch::Tensor>, b: &BTreeMap<String, tch::Tensor>) -> f64 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(k, t)| {
+            (t.to_kind(tch::Kind::Double) - b[k].to_kind(tch::Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn two_ranks_match_one_rank_with_the_doubled_batch_and_write_every_output() {
+    let _serial = serial();
+    let dir = workdir();
+    let d = dir.path();
+    // World 1, batch 4.
+    ok(d, &args("train", "w1", &["dataset.batch_size=4"]));
+    // World 2 under the launcher, batch 2 per rank: the same 4 images per step.
+    let mut a = vec![
+        "--nodes".to_string(),
+        "1".into(),
+        "--nproc-per-node".into(),
+        "2".into(),
+        "--device".into(),
+        "cpu".into(),
+        "--".into(),
+    ];
+    a.extend(args("train", "w2", &[]));
+    let mut p = Proc::start(d, &launch_bin(), &a, &[]);
+    let st = p.wait();
+    assert!(st.success(), "ddetr-launch failed ({st}):\n{}", p.stderr());
+
+    for w in ["w1", "w2"] {
+        let t = d.join(w).join("train");
+        for f in [
+            "dd_model_latest.safetensors",
+            "model_epoch_000.safetensors",
+            "model_epoch_001.safetensors",
+            "experiment.yaml",
+        ] {
+            assert!(t.join(f).is_file(), "{w}: {f} missing");
+        }
+        let k = kpis(&t.join("status.json"));
+        assert_eq!(k.len(), 2, "{w}: one KPI record per epoch");
+        for (e, r) in k.iter().enumerate() {
+            assert_eq!(r["epoch"], e);
+            let m = r["val_mAP50"].as_f64().expect("val_mAP50 in every epoch");
+            assert!((0.0..=1.0).contains(&m));
+            assert!(r["train_loss"].as_f64().unwrap().is_finite());
+        }
+    }
+    let (k1, k2) = (
+        kpis(&d.join("w1/train/status.json")),
+        kpis(&d.join("w2/train/status.json")),
+    );
+    for e in 0..2 {
+        let (a, b) = (
+            k1[e]["train_loss"].as_f64().unwrap(),
+            k2[e]["train_loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs(),
+            "epoch {e}: world 1 loss {a}, world 2 {b}"
+        );
+    }
+    let diff = max_diff(
+        &model_tensors(&d.join("w1/train/dd_model_latest.safetensors")),
+        &model_tensors(&d.join("w2/train/dd_model_latest.safetensors")),
+    );
+    // AdamW normalises each update, so a gradient that is ~0 on one side can move a weight by up to
+    // lr (2e-4) per step there: allow a few lr steps.
+    assert!(diff < 1e-3, "world-1 and world-2 weights differ by {diff}");
+
+    // Evaluate the world-2 checkpoint: 12 COCO lines on stdout, metrics and detections written.
+    let (st, err) = ddetr(
+        d,
+        &args(
+            "evaluate",
+            "w2",
+            &["evaluate.checkpoint=w2/train/dd_model_latest.safetensors"],
+        ),
+        &[],
+    );
+    assert!(st.success(), "{err}");
+    let out = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".out"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .find(|s| s.contains("Average Precision"))
+        .expect("evaluate prints the summary");
+    assert_eq!(out.lines().filter(|l| l.contains("Average")).count(), 12);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("w2/evaluate/metrics.json")).unwrap())
+            .unwrap();
+    assert!(m["AP50"].as_f64().is_some());
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("w2/evaluate/results.json")).unwrap())
+            .unwrap();
+    assert!(r.as_array().unwrap()[0]["bbox"].as_array().unwrap().len() == 4);
+}
+
+#[test]
+fn sigterm_writes_a_mid_epoch_checkpoint_and_the_rerun_ends_where_an_uninterrupted_run_does() {
+    let _serial = serial();
+    let dir = workdir();
+    let d = dir.path();
+    let extra = ["train.num_epochs=3", "train.validation_interval=10"];
+    ok(d, &args("train", "ref", &extra));
+
+    let a = args("train", "cut", &extra);
+    let mut p = Proc::start(d, &ddetr_bin(), &a, &[]);
+    let t = Instant::now();
+    while !p.stderr().contains("epoch 1/3 step 1/6") {
+        assert!(t.elapsed() < PATIENCE, "no first step:\n{}", p.stderr());
+        assert!(p.child.try_wait().unwrap().is_none(), "{}", p.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    let st = p.wait();
+    assert_eq!(st.code(), Some(143), "{}", p.stderr());
+    let meta = checkpoint::load(&d.join("cut/train/dd_model_latest.safetensors"))
+        .unwrap()
+        .meta;
+    assert!(
+        meta.epoch < 3 && (meta.step > 0 || meta.epoch > 0),
+        "checkpoint at {meta:?}"
+    );
+    let status = std::fs::read_to_string(d.join("cut/train/status.json")).unwrap();
+    assert!(status.contains("Stopped by a signal"), "{status}");
+
+    let err = ok(d, &a);
+    assert!(err.contains("resuming"), "{err}");
+    let diff = max_diff(
+        &model_tensors(&d.join("ref/train/dd_model_latest.safetensors")),
+        &model_tensors(&d.join("cut/train/dd_model_latest.safetensors")),
+    );
+    assert!(
+        diff < 1e-3,
+        "resumed run ends {diff} away from the uninterrupted one"
+    );
+}
+
+#[test]
+fn a_flipped_byte_in_the_latest_checkpoint_falls_back_to_the_previous_one() {
+    let _serial = serial();
+    let dir = workdir();
+    let d = dir.path();
+    ok(d, &args("train", "r", &["train.validation_interval=10"]));
+    let latest = d.join("r/train/dd_model_latest.safetensors");
+    let mut bytes = std::fs::read(&latest).unwrap();
+    let i = bytes.len() - 100;
+    bytes[i] ^= 0x01;
+    std::fs::write(&latest, bytes).unwrap();
+    let err = ok(
+        d,
+        &args(
+            "train",
+            "r",
+            &["train.num_epochs=3", "train.validation_interval=10"],
+        ),
+    );
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(
+        err.contains("resuming path=r/train/model_epoch_001.safetensors epoch=2 step=0"),
+        "{err}"
+    );
+    assert_eq!(checkpoint::load(&latest).unwrap().meta.epoch, 3);
+}
+
+/// Exactly one `error:` line, containing `want`; exit code `code`.
+fn fails_with(d: &Path, a: &[String], env: &[(&str, &str)], code: i32, want: &str) {
+    let (st, err) = ddetr(d, a, env);
+    assert_eq!(st.code(), Some(code), "{a:?}:\n{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains(want),
+        "{a:?}: wanted {want:?} in {:?}",
+        lines[0]
+    );
+}
+
+#[test]
+fn each_bad_input_is_one_line_before_the_first_step() {
+    let _serial = serial();
+    let dir = workdir();
+    let d = dir.path();
+    ok(
+        d,
+        &args(
+            "train",
+            "good",
+            &["train.num_epochs=1", "train.validation_interval=10"],
+        ),
+    );
+    fails_with(
+        d,
+        &args("train", "x1", &["dataset.num_classes=2"]),
+        &[],
+        2,
+        "dataset.num_classes is 2 but annotations use category_id 3: set dataset.num_classes to at least 4",
+    );
+    fails_with(
+        d,
+        &args("train", "x2", &["dataset.batch_size=13"]),
+        &[],
+        2,
+        "the training set has 12 images but the global batch is 13",
+    );
+    std::fs::write(d.join("afile"), b"").unwrap();
+    fails_with(
+        d,
+        &args("train", "afile/sub", &[]),
+        &[],
+        2,
+        "results_dir afile/sub/train is not writable",
+    );
+    fails_with(
+        d,
+        &args(
+            "train",
+            "x3",
+            &[
+                "model.num_queries=30",
+                "model.num_select=30",
+                "train.resume_training_checkpoint_path=good/train/dd_model_latest.safetensors",
+            ],
+        ),
+        &[],
+        1,
+        "tensor query_embed.weight has shape [50, 256] but the model expects [30, 256]",
+    );
+    fails_with(
+        d,
+        &args("train", "x4", &["train.precision=fp16"]),
+        &[],
+        2,
+        "needs a CUDA GPU",
+    );
+    if !tch::Cuda::is_available() {
+        fails_with(
+            d,
+            &args("train", "x5", &[]),
+            &[("DDETR_DEVICE", "cuda")],
+            2,
+            "DDETR_DEVICE=cuda but no CUDA GPU is visible",
+        );
+    }
+    for x in ["x1", "x2", "x3", "x4", "x5"] {
+        assert!(
+            !d.join(x).join("train/dd_model_latest.safetensors").exists(),
+            "{x} trained"
+        );
+    }
+}
