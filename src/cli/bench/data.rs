@@ -87,25 +87,6 @@ fn reader(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn peer_python(args: &DataBenchArgs) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &args.python {
-        return Ok(p.clone());
-    }
-    let out = Command::new(args.peers.join("venv.sh"))
-        .output()
-        .context("running the peers' venv.sh")?;
-    if !out.status.success() {
-        bail!(
-            "venv.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-    }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
 /// Runs a peer script and returns the value of `key=` in its last line.
 fn run_peer(python: &Path, script: &Path, arg: &Path, keys: &[&str]) -> anyhow::Result<Vec<f64>> {
     let out = Command::new(python)
@@ -209,7 +190,7 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
     let python = if args.no_peer {
         None
     } else {
-        peer_python(args)
+        super::peers_python(args.python.as_deref(), &args.peers.join("venv.sh"))
             .map_err(|e| println!("peers: not run ({e:#})"))
             .ok()
     };

@@ -5,6 +5,10 @@ mod collective;
 mod data;
 mod step;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
 use clap::Subcommand;
 
 #[derive(Debug, Subcommand)]
@@ -25,4 +29,24 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Data(args) => data::data(args),
         BenchCommand::Collective(args) => collective::run(args.clone()),
     }
+}
+
+/// The python that runs the peer scripts: `explicit` when given, else what the peers' `venv.sh`
+/// prints (it creates that venv the first time).
+pub(crate) fn peers_python(explicit: Option<&Path>, venv_sh: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let out = Command::new(venv_sh)
+        .output()
+        .with_context(|| format!("running {}", venv_sh.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "{} failed: {}",
+            venv_sh.display(),
+            err.lines().last().unwrap_or("").trim()
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }

@@ -37,27 +37,9 @@ pub struct StepArgs {
     pub cuda: bool,
 }
 
-fn peer_python(args: &StepArgs) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &args.python {
-        return Ok(p.clone());
-    }
-    let venv = args.peer.with_file_name("venv.sh");
-    let out = Command::new(&venv)
-        .output()
-        .with_context(|| format!("running {}", venv.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            venv.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
 /// Runs the peer and returns its median step seconds.
 fn run_peer(args: &StepArgs) -> anyhow::Result<f64> {
-    let python = peer_python(args)?;
+    let python = super::peers_python(args.python.as_deref(), &args.peer.with_file_name("venv.sh"))?;
     let out = Command::new(&python)
         .env("DEVICE", if args.cuda { "cuda" } else { "cpu" })
         .arg(&args.peer)
