@@ -510,14 +510,12 @@ impl Communicator {
         }
     }
 
-    /// `output` (world × input.numel() elements, any shape) receives every rank's `input` in rank
-    /// order. `input` may be this rank's block of `output` (a `narrow` of it).
-    pub fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<()> {
-        const OP: &str = "all_gather";
-        let dtype = self.check(OP, input)?;
-        if self.check(OP, output)? != dtype {
+    /// Checks both tensors of a two-tensor op and that they share one dtype.
+    fn check_pair(&self, op: &'static str, input: &Tensor, output: &Tensor) -> Result<DType> {
+        let dtype = self.check(op, input)?;
+        if self.check(op, output)? != dtype {
             return Err(CollectiveError::InvalidArgument {
-                op: OP,
+                op,
                 what: format!(
                     "input is {:?} but output is {:?}",
                     input.kind(),
@@ -525,6 +523,14 @@ impl Communicator {
                 ),
             });
         }
+        Ok(dtype)
+    }
+
+    /// `output` (world × input.numel() elements, any shape) receives every rank's `input` in rank
+    /// order. `input` may be this rank's block of `output` (a `narrow` of it).
+    pub fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        const OP: &str = "all_gather";
+        self.check_pair(OP, input, output)?;
         if output.numel() != input.numel() * self.world() {
             return Err(CollectiveError::InvalidArgument {
                 op: OP,
@@ -552,18 +558,8 @@ impl Communicator {
     /// `input` (world × output.numel() elements). `output` may be this rank's block of `input`.
     pub fn reduce_scatter(&self, input: &Tensor, output: &mut Tensor, op: ReduceOp) -> Result<()> {
         const OP: &str = "reduce_scatter";
-        let dtype = self.check(OP, input)?;
+        let dtype = self.check_pair(OP, input, output)?;
         self.check_op(OP, dtype, op)?;
-        if self.check(OP, output)? != dtype {
-            return Err(CollectiveError::InvalidArgument {
-                op: OP,
-                what: format!(
-                    "input is {:?} but output is {:?}",
-                    input.kind(),
-                    output.kind()
-                ),
-            });
-        }
         if input.numel() != output.numel() * self.world() {
             return Err(CollectiveError::InvalidArgument {
                 op: OP,
