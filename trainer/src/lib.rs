@@ -14,6 +14,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod coco_eval;
 pub mod criterion;
+pub mod engine;
 pub mod export;
 pub mod lsa;
 pub mod matcher;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ddetr_collective::ddp::{BucketConfig, Ddp};
+use crate::engine::Engine;
 use ddetr_collective::{CommConfig, Communicator, RankInfo, ReduceOp, TcpStore, TcpStoreServer};
 use ddetr_dataset::cache::{ensure_split, Split};
 use ddetr_dataset::loader::{Batch, Loader, LoaderMode};
@@ -458,11 +458,6 @@ pub fn train(
             "train.precision fp16/bf16 (autocast) is not implemented in this version: set train.precision=fp32".into(),
         ));
     }
-    if spec.train.distributed_strategy == crate::spec::DistributedStrategy::Fsdp {
-        return Err(TrainerError::Config(
-            "train.distributed_strategy fsdp is not wired into training in this version: set train.distributed_strategy=ddp".into(),
-        ));
-    }
     if device == Device::Cpu {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         tch::set_num_threads((cores / comm.local_world().max(1)).max(1) as i32);
@@ -517,9 +512,9 @@ pub fn train(
     let mut optim = Optim::new(&spec.train.optim, built.params.len());
     let (mut start_epoch, mut start_step) = (0u32, 0usize);
     let mut global_step = 0u64;
-    if let Some(ck) = find_resume(spec, &dir)? {
+    let resume = find_resume(spec, &dir)?;
+    if let Some(ck) = &resume {
         load_model_tensors(&built, &ck.tensors, &ck.path)?;
-        optim.load_state(&built.params, &ck.tensors)?;
         start_epoch = ck.meta.epoch;
         start_step = ck.meta.step;
         global_step = ck.meta.global_step;
@@ -551,17 +546,26 @@ pub fn train(
         );
     }
     tch::manual_seed(seed + rank as i64);
-    let tensors: Vec<Tensor> = built
-        .params
-        .iter()
-        .map(|p| p.tensor.shallow_clone())
-        .collect();
     let buffers: Vec<Tensor> = built
         .buffers
         .iter()
         .map(|(_, t)| t.shallow_clone())
         .collect();
-    let ddp = Ddp::new(comm, &tensors, &buffers, BucketConfig::default())?;
+    let mut engine = Engine::new(
+        spec.train.distributed_strategy,
+        comm,
+        &built.params,
+        &buffers,
+    )?;
+    if let Some(ck) = &resume {
+        engine.load_state(&mut optim, &built.params, &ck.tensors)?;
+    }
+    drop(resume);
+    tracing::info!(
+        strategy = engine.name(),
+        optimizer_state_bytes_per_rank = engine.state_bytes_per_rank(&optim, &built.params),
+        "distributed engine ready"
+    );
     let spec_yaml = spec.to_yaml();
     if rank == 0 {
         std::fs::write(dir.join("experiment.yaml"), &spec_yaml)
@@ -575,8 +579,11 @@ pub fn train(
                 step: usize,
                 gstep: u64,
                 optim: &Optim,
+                engine: &Engine,
                 names: &[&str]|
      -> Result<(), TrainerError> {
+        // Collective under fsdp (the sharded state is gathered), so every rank gets here.
+        let state = engine.state_tensors(optim, &built.params)?;
         if rank != 0 {
             return Ok(());
         }
@@ -591,7 +598,7 @@ pub fn train(
                     .map(|(n, t)| (n.clone(), t.shallow_clone())),
             )
             .collect();
-        t.extend(optim.state_tensors(&built.params));
+        t.extend(state);
         let meta = CheckpointMeta {
             epoch,
             step,
@@ -635,11 +642,7 @@ pub fn train(
                 }
             }
             losses.total.backward();
-            ddp.sync_gradients(&tensors)?;
-            if spec.train.clip_grad_norm > 0.0 {
-                ddp.clip_grad_norm(&tensors, spec.train.clip_grad_norm);
-            }
-            optim.step(&built.params);
+            engine.step(&mut optim, &built.params, spec.train.clip_grad_norm, 1.0)?;
             global_step += 1;
             // Loss terms averaged over ranks, and whether any rank was asked to stop.
             let term = |k: &str| losses.terms.get(k).map_or(0.0, |t| t.double_value(&[]));
@@ -680,7 +683,7 @@ pub fn train(
                 } else {
                     (epoch, step + 1)
                 };
-                save(e, s, global_step, &optim, &[LATEST])?;
+                save(e, s, global_step, &optim, &engine, &[LATEST])?;
                 if rank == 0 {
                     status(
                         &dir,
@@ -710,7 +713,7 @@ pub fn train(
             names.push(epoch_checkpoint_name(epoch));
         }
         let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
-        save(epoch + 1, 0, global_step, &optim, &names_ref)?;
+        save(epoch + 1, 0, global_step, &optim, &engine, &names_ref)?;
         let validate = val.is_some()
             && ((spec.train.validation_interval > 0
                 && (epoch + 1) % spec.train.validation_interval == 0)
