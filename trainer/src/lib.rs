@@ -10,6 +10,7 @@
 //! matcher), `make_lsa_fixtures.py` and `make_pth_fixture.py`; run them with the peers venv
 //! (`$(/work/shared/peers/venv.sh) trainer/tests/golden/<script>`) to regenerate.
 
+pub mod amp;
 pub mod bench;
 pub mod checkpoint;
 pub mod coco_eval;

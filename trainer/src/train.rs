@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::amp::Amp;
 use crate::engine::Engine;
 use ddetr_collective::{CommConfig, Communicator, RankInfo, ReduceOp, TcpStore, TcpStoreServer};
 use ddetr_dataset::cache::{ensure_split, Split};
@@ -453,11 +454,6 @@ pub fn train(
             "train.precision {name} needs a CUDA GPU but this run is on the CPU: set train.precision=fp32"
         )));
     }
-    if spec.train.precision != Precision::Fp32 {
-        return Err(TrainerError::Config(
-            "train.precision fp16/bf16 (autocast) is not implemented in this version: set train.precision=fp32".into(),
-        ));
-    }
     if device == Device::Cpu {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         tch::set_num_threads((cores / comm.local_world().max(1)).max(1) as i32);
@@ -557,8 +553,10 @@ pub fn train(
         &built.params,
         &buffers,
     )?;
+    let mut amp = Amp::new(spec.train.precision, device);
     if let Some(ck) = &resume {
         engine.load_state(&mut optim, &built.params, &ck.tensors)?;
+        amp.load_state(&ck.tensors);
     }
     drop(resume);
     tracing::info!(
@@ -580,6 +578,7 @@ pub fn train(
                 gstep: u64,
                 optim: &Optim,
                 engine: &Engine,
+                amp: &Amp,
                 names: &[&str]|
      -> Result<(), TrainerError> {
         // Collective under fsdp (the sharded state is gathered), so every rank gets here.
@@ -599,6 +598,7 @@ pub fn train(
             )
             .collect();
         t.extend(state);
+        t.extend(amp.state_tensors());
         let meta = CheckpointMeta {
             epoch,
             step,
@@ -629,20 +629,40 @@ pub fn train(
             let images = batch.normalized(device);
             let mask = batch.mask.to_device(device);
             let targets = targets_of(&batch, device);
-            let out = built.model.forward(&images, &mask, true);
             // num_boxes averaged over ranks (upstream's all_reduce / world size).
             let mut nb = Tensor::from_slice(&[local_num_boxes(&targets)]);
             comm.all_reduce(&mut nb, ReduceOp::Sum)?;
             let num_boxes = normalizer(nb.double_value(&[0]) / nworld as f64);
-            let losses = criterion.forward(&out, &targets, num_boxes)?;
+            let losses = amp.autocast(|| {
+                let out = built.model.forward(&images, &mask, true);
+                criterion.forward(&out, &targets, num_boxes)
+            })?;
             for p in &built.params {
                 let mut g = p.tensor.grad();
                 if g.defined() {
                     let _ = g.zero_();
                 }
             }
-            losses.total.backward();
-            engine.step(&mut optim, &built.params, spec.train.clip_grad_norm, 1.0)?;
+            let scale = amp.loss_scale();
+            if scale == 1.0 {
+                losses.total.backward();
+            } else {
+                (&losses.total * scale).backward();
+            }
+            let report = engine.step(
+                &mut optim,
+                &built.params,
+                spec.train.clip_grad_norm,
+                1.0 / scale,
+            )?;
+            if report.skipped {
+                tracing::warn!(
+                    step,
+                    scale,
+                    "fp16 gradients overflowed: step skipped, loss scale halved"
+                );
+            }
+            amp.update(report.skipped);
             global_step += 1;
             // Loss terms averaged over ranks, and whether any rank was asked to stop.
             let term = |k: &str| losses.terms.get(k).map_or(0.0, |t| t.double_value(&[]));
@@ -683,7 +703,7 @@ pub fn train(
                 } else {
                     (epoch, step + 1)
                 };
-                save(e, s, global_step, &optim, &engine, &[LATEST])?;
+                save(e, s, global_step, &optim, &engine, &amp, &[LATEST])?;
                 if rank == 0 {
                     status(
                         &dir,
@@ -713,7 +733,7 @@ pub fn train(
             names.push(epoch_checkpoint_name(epoch));
         }
         let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
-        save(epoch + 1, 0, global_step, &optim, &engine, &names_ref)?;
+        save(epoch + 1, 0, global_step, &optim, &engine, &amp, &names_ref)?;
         let validate = val.is_some()
             && ((spec.train.validation_interval > 0
                 && (epoch + 1) % spec.train.validation_interval == 0)
