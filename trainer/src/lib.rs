@@ -23,6 +23,7 @@ pub mod model;
 pub mod optim;
 pub mod post_process;
 pub mod spec;
+pub mod step;
 pub mod torch_pickle;
 pub mod train;
 pub mod weights;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::amp::Amp;
 use crate::engine::Engine;
+use crate::step::{forward_backward, StepMode};
 use ddetr_collective::{CommConfig, Communicator, RankInfo, ReduceOp, TcpStore, TcpStoreServer};
 use ddetr_dataset::cache::{ensure_split, Split};
 use ddetr_dataset::loader::{Batch, Loader, LoaderMode};
@@ -633,10 +634,6 @@ pub fn train(
             let mut nb = Tensor::from_slice(&[local_num_boxes(&targets)]);
             comm.all_reduce(&mut nb, ReduceOp::Sum)?;
             let num_boxes = normalizer(nb.double_value(&[0]) / nworld as f64);
-            let losses = amp.autocast(|| {
-                let out = built.model.forward(&images, &mask, true);
-                criterion.forward(&out, &targets, num_boxes)
-            })?;
             for p in &built.params {
                 let mut g = p.tensor.grad();
                 if g.defined() {
@@ -644,11 +641,19 @@ pub fn train(
                 }
             }
             let scale = amp.loss_scale();
-            if scale == 1.0 {
-                losses.total.backward();
-            } else {
-                (&losses.total * scale).backward();
-            }
+            let losses = forward_backward(
+                &built.model,
+                &criterion,
+                &images,
+                &mask,
+                &targets,
+                num_boxes,
+                &amp,
+                StepMode {
+                    activation_checkpoint: spec.train.activation_checkpoint,
+                    loss_scale: scale,
+                },
+            )?;
             let report = engine.step(
                 &mut optim,
                 &built.params,
