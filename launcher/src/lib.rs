@@ -8,6 +8,7 @@
 pub mod args;
 pub mod gpu;
 pub mod hostlist;
+pub mod rdzv;
 mod launch;
 pub mod supervise;
 pub mod world;
