@@ -197,7 +197,7 @@ fn two_ranks_succeed_with_prefixed_output_env_contract_and_log_files() {
             line,
             format!(
                 "{rank} local={rank} ws=2 lws=2 node=0 addr=127.0.0.1 port={port} \
-                 rdzv=tcp://127.0.0.1:{port} restart=0 omp={omp}"
+                 rdzv=quic://127.0.0.1:{port} restart=0 omp={omp}"
             )
         );
         assert!(
@@ -383,7 +383,7 @@ fn dry_run_prints_the_world_resolved_from_slurm() {
         "device=cpu",
         "master_addr=gpu07",
         "master_port=18456",
-        "rdzv=tcp://gpu07:18456",
+        "rdzv=quic://gpu07:18456",
         "job_id=123456",
         "source.nodes=SLURM_NNODES",
         "source.node_rank=SLURM_NODEID",

@@ -235,13 +235,7 @@ impl Core {
                             self.cfg.max_restarts
                         );
                     } else {
-                        self.finish(
-                            now,
-                            Verdict::Abort(format!(
-                                "{report} after {generation} restart(s) (--max-restarts {})",
-                                self.cfg.max_restarts
-                            )),
-                        );
+                        self.finish(now, Verdict::Abort(report));
                     }
                 }
                 out.push((id, Reply::Ok));
@@ -766,7 +760,7 @@ mod tests {
         let fail = |g| Request::Failed {
             node_rank: 1,
             generation: g,
-            report: "rank 3 (node 1, local rank 1) was killed by signal 9 (SIGKILL)".into(),
+            report: format!("rank 3 (node 1, local rank 1) was killed by signal 9 (SIGKILL) after {g} restart(s) (--max-restarts 1)"),
         };
         assert_eq!(c.handle(secs(t0, 1.0), 1, fail(0)), [(1, Reply::Ok)]);
         assert_eq!(status(&mut c, secs(t0, 1.1), 0), (1, Verdict::Run));
