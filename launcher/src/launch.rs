@@ -5,8 +5,8 @@
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::Read;
-use std::path::PathBuf;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -201,7 +201,9 @@ impl Launch {
             .expect("World::rdzv is a quic:// url")
             .to_string();
         let Some((client, joined)) = self.join(&addr, info, &stop)? else {
-            return Ok(Outcome::Signalled(stop.requested().unwrap_or(libc::SIGTERM)));
+            return Ok(Outcome::Signalled(
+                stop.requested().unwrap_or(libc::SIGTERM),
+            ));
         };
         tracing::info!(
             node,
@@ -396,7 +398,10 @@ fn spec_hash(command: &[OsString]) -> String {
             }
         }
     }
-    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn hostname() -> String {

@@ -9,8 +9,8 @@
 pub mod args;
 pub mod gpu;
 pub mod hostlist;
-pub mod rdzv;
 mod launch;
+pub mod rdzv;
 pub mod supervise;
 pub mod world;
 
@@ -19,6 +19,29 @@ pub use launch::{prepare, Launch, Outcome};
 pub use supervise::RankFailure;
 
 use std::path::PathBuf;
+
+/// `ddetr-launch`'s exit codes (the same contract as `ddetr`'s, README "Exit codes").
+pub mod exit {
+    pub const SUCCESS: u8 = 0;
+    /// A trainer failed after its restarts, a node was lost, the rendezvous failed.
+    pub const FAILURE: u8 = 1;
+    /// Usage: bad flags or environment, a node that does not match the job.
+    pub const USAGE: u8 = 2;
+    /// Stopped by signal N after a clean shutdown: 128 + N.
+    pub const SIGNAL_BASE: u8 = 128;
+}
+
+/// Logs to stderr with `RUST_LOG` (else `default`) as the filter; no colours in pipes and files.
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
 
 /// Everything that can go wrong in `ddetr-launch`. [`LaunchError::is_usage`] tells the binary
 /// which ones are the invocation's fault (exit 2) and which are the run's (exit 1).

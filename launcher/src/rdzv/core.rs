@@ -56,7 +56,10 @@ enum Phase {
     Joining,
     Running,
     /// The job is over; agents still collect the verdict.
-    Final { verdict: Verdict, at: Instant },
+    Final {
+        verdict: Verdict,
+        at: Instant,
+    },
 }
 
 /// The rendezvous server's state.
@@ -194,7 +197,10 @@ impl Core {
                 count,
                 timeout_ms,
             } => {
-                let entry = self.barriers.entry(name.clone()).or_insert((count, Vec::new()));
+                let entry = self
+                    .barriers
+                    .entry(name.clone())
+                    .or_insert((count, Vec::new()));
                 if entry.0 != count {
                     out.push((
                         id,
@@ -569,10 +575,13 @@ mod tests {
 
     fn status(c: &mut Core, t: Instant, node: u32) -> (u64, Verdict) {
         match c.handle(t, 1, Request::Heartbeat { node_rank: node }).pop() {
-            Some((1, Reply::Status {
-                generation,
-                verdict,
-            })) => (generation, verdict),
+            Some((
+                1,
+                Reply::Status {
+                    generation,
+                    verdict,
+                },
+            )) => (generation, verdict),
             other => panic!("{other:?}"),
         }
     }
@@ -616,10 +625,20 @@ mod tests {
         assert!(matches!(&out[1], (1, Reply::Rejected(w)) if w == why));
 
         for (field, edit) in [
-            ("spec_hash", Box::new(|i: &mut NodeInfo| i.spec_hash = "zzz".into()) as Box<dyn Fn(&mut NodeInfo)>),
+            (
+                "spec_hash",
+                Box::new(|i: &mut NodeInfo| i.spec_hash = "zzz".into())
+                    as Box<dyn Fn(&mut NodeInfo)>,
+            ),
             ("nproc", Box::new(|i: &mut NodeInfo| i.nproc = 3)),
-            ("devices", Box::new(|i: &mut NodeInfo| i.devices = "cuda".into())),
-            ("version", Box::new(|i: &mut NodeInfo| i.version = "0.2.0".into())),
+            (
+                "devices",
+                Box::new(|i: &mut NodeInfo| i.devices = "cuda".into()),
+            ),
+            (
+                "version",
+                Box::new(|i: &mut NodeInfo| i.version = "0.2.0".into()),
+            ),
         ] {
             let (mut c, t0) = core(2, 0);
             let mut i = info(1);
@@ -628,7 +647,10 @@ mod tests {
             let Reply::Rejected(why) = &out[0].1 else {
                 panic!("{out:?}")
             };
-            assert!(why.starts_with(&format!("node 1 (host1): {field} is ")), "{why}");
+            assert!(
+                why.starts_with(&format!("node 1 (host1): {field} is ")),
+                "{why}"
+            );
             assert!(matches!(c.verdict(), Some(Verdict::Abort(_))));
         }
         let (mut c, t0) = core(2, 0);
@@ -701,7 +723,15 @@ mod tests {
         assert_eq!(c.handle(t0, 6, add(5)), [(6, Reply::Added(5))]);
         assert_eq!(c.handle(t0, 7, add(-7)), [(7, Reply::Added(-2))]);
         assert!(matches!(
-            c.handle(t0, 8, Request::Add { key: "a".into(), delta: 1 })[0].1,
+            c.handle(
+                t0,
+                8,
+                Request::Add {
+                    key: "a".into(),
+                    delta: 1
+                }
+            )[0]
+            .1,
             Reply::Rejected(_)
         ));
         let cas = |e: Option<&[u8]>, v: &[u8]| Request::CompareSet {
@@ -711,15 +741,33 @@ mod tests {
         };
         assert_eq!(
             c.handle(t0, 9, cas(None, b"1")),
-            [(9, Reply::Swapped { swapped: true, current: Some(b"1".to_vec()) })]
+            [(
+                9,
+                Reply::Swapped {
+                    swapped: true,
+                    current: Some(b"1".to_vec())
+                }
+            )]
         );
         assert_eq!(
             c.handle(t0, 10, cas(None, b"2")),
-            [(10, Reply::Swapped { swapped: false, current: Some(b"1".to_vec()) })]
+            [(
+                10,
+                Reply::Swapped {
+                    swapped: false,
+                    current: Some(b"1".to_vec())
+                }
+            )]
         );
         assert_eq!(
             c.handle(t0, 11, cas(Some(b"1"), b"3")),
-            [(11, Reply::Swapped { swapped: true, current: Some(b"3".to_vec()) })]
+            [(
+                11,
+                Reply::Swapped {
+                    swapped: true,
+                    current: Some(b"3".to_vec())
+                }
+            )]
         );
     }
 
@@ -741,11 +789,24 @@ mod tests {
         let out = c.tick(secs(t0, 1.0));
         assert_eq!(
             out,
-            [(4, Reply::Timeout { missing: "barrier y (1 of 3 arrived)".into() })]
+            [(
+                4,
+                Reply::Timeout {
+                    missing: "barrier y (1 of 3 arrived)".into()
+                }
+            )]
         );
         // A disagreeing count is refused.
         assert!(c.handle(t0, 5, b("z")).is_empty());
-        let out = c.handle(t0, 6, Request::Barrier { name: "z".into(), count: 2, timeout_ms: 9 });
+        let out = c.handle(
+            t0,
+            6,
+            Request::Barrier {
+                name: "z".into(),
+                count: 2,
+                timeout_ms: 9,
+            },
+        );
         assert!(matches!(&out[..], [(6, Reply::Rejected(_))]), "{out:?}");
         // A cancelled arrival no longer counts.
         c.cancel(5);
@@ -757,10 +818,12 @@ mod tests {
     fn a_failure_bumps_the_generation_until_restarts_are_spent() {
         let (mut c, t0) = core(2, 1);
         joined(&mut c, t0);
-        let fail = |g| Request::Failed {
+        let fail = |g| {
+            Request::Failed {
             node_rank: 1,
             generation: g,
             report: format!("rank 3 (node 1, local rank 1) was killed by signal 9 (SIGKILL) after {g} restart(s) (--max-restarts 1)"),
+        }
         };
         assert_eq!(c.handle(secs(t0, 1.0), 1, fail(0)), [(1, Reply::Ok)]);
         assert_eq!(status(&mut c, secs(t0, 1.1), 0), (1, Verdict::Run));
@@ -769,8 +832,22 @@ mod tests {
         c.handle(secs(t0, 1.2), 1, fail(0));
         assert_eq!(status(&mut c, secs(t0, 1.3), 1), (1, Verdict::Run));
         // Completion needs every node in the current generation.
-        c.handle(secs(t0, 2.0), 1, Request::Done { node_rank: 0, generation: 0 });
-        c.handle(secs(t0, 2.0), 1, Request::Done { node_rank: 0, generation: 1 });
+        c.handle(
+            secs(t0, 2.0),
+            1,
+            Request::Done {
+                node_rank: 0,
+                generation: 0,
+            },
+        );
+        c.handle(
+            secs(t0, 2.0),
+            1,
+            Request::Done {
+                node_rank: 0,
+                generation: 1,
+            },
+        );
         assert_eq!(status(&mut c, secs(t0, 2.1), 0), (1, Verdict::Run));
         c.handle(secs(t0, 2.2), 1, fail(1));
         let (g, v) = status(&mut c, secs(t0, 2.3), 0);
@@ -782,7 +859,10 @@ mod tests {
             )
         );
         assert!(!c.finished(secs(t0, 2.4)));
-        assert!(matches!(status(&mut c, secs(t0, 2.5), 1).1, Verdict::Abort(_)));
+        assert!(matches!(
+            status(&mut c, secs(t0, 2.5), 1).1,
+            Verdict::Abort(_)
+        ));
         assert!(c.finished(secs(t0, 2.5)));
     }
 
@@ -790,9 +870,23 @@ mod tests {
     fn every_node_done_completes_the_job() {
         let (mut c, t0) = core(2, 0);
         joined(&mut c, t0);
-        c.handle(secs(t0, 0.5), 1, Request::Done { node_rank: 1, generation: 0 });
+        c.handle(
+            secs(t0, 0.5),
+            1,
+            Request::Done {
+                node_rank: 1,
+                generation: 0,
+            },
+        );
         assert_eq!(status(&mut c, secs(t0, 0.6), 1), (0, Verdict::Run));
-        c.handle(secs(t0, 0.7), 1, Request::Done { node_rank: 0, generation: 0 });
+        c.handle(
+            secs(t0, 0.7),
+            1,
+            Request::Done {
+                node_rank: 0,
+                generation: 0,
+            },
+        );
         assert_eq!(status(&mut c, secs(t0, 0.8), 0), (0, Verdict::Complete));
         assert!(!c.finished(secs(t0, 0.8)));
         // Node 1 never asks again: the server stops after three heartbeats anyway.
@@ -813,7 +907,9 @@ mod tests {
         assert_eq!(c.next_deadline(), Some(secs(t0, 3.0)));
         c.tick(secs(t0, 3.1));
         let (_, v) = status(&mut c, secs(t0, 3.1), 0);
-        let Verdict::Abort(why) = v else { panic!("{v:?}") };
+        let Verdict::Abort(why) = v else {
+            panic!("{v:?}")
+        };
         assert!(
             why.starts_with("node 1 (host1) missed 3 heartbeats (silent for 3.1 s)"),
             "{why}"
@@ -824,7 +920,14 @@ mod tests {
     fn an_agent_that_leaves_stops_the_job() {
         let (mut c, t0) = core(2, 3);
         joined(&mut c, t0);
-        c.handle(t0, 1, Request::Leave { node_rank: 1, reason: "SIGTERM".into() });
+        c.handle(
+            t0,
+            1,
+            Request::Leave {
+                node_rank: 1,
+                reason: "SIGTERM".into(),
+            },
+        );
         assert_eq!(
             status(&mut c, t0, 0).1,
             Verdict::Abort("node 1 (host1) stopped: SIGTERM".into())

@@ -54,7 +54,9 @@ pub enum RdzvError {
          DDETR_JOB_TOKEN or --token-file"
     )]
     BadToken { addr: SocketAddr },
-    #[error("the rendezvous at {addr} refused the connection: it serves its connection limit already")]
+    #[error(
+        "the rendezvous at {addr} refused the connection: it serves its connection limit already"
+    )]
     Full { addr: SocketAddr },
     #[error("lost the rendezvous at {addr} (node 0's agent): {reason}")]
     Lost { addr: SocketAddr, reason: String },

@@ -240,7 +240,8 @@ async fn serve(endpoint: Endpoint, shared: Arc<Shared>, token: Arc<Vec<u8>>, lim
             continue;
         }
         active.fetch_add(1, Ordering::SeqCst);
-        let (shared, token, active) = (Arc::clone(&shared), Arc::clone(&token), Arc::clone(&active));
+        let (shared, token, active) =
+            (Arc::clone(&shared), Arc::clone(&token), Arc::clone(&active));
         tokio::spawn(async move {
             if let Err(e) = connection(incoming, &shared, &token).await {
                 tracing::debug!(%remote, "rendezvous connection ended: {e}");
@@ -276,10 +277,13 @@ async fn connection(
     shared: &Arc<Shared>,
     token: &[u8],
 ) -> Result<(), String> {
-    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming.accept().map_err(|e| e.to_string())?)
-        .await
-        .map_err(|_| "handshake timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        incoming.accept().map_err(|e| e.to_string())?,
+    )
+    .await
+    .map_err(|_| "handshake timed out".to_string())?
+    .map_err(|e| e.to_string())?;
     let mut ekm = [0u8; PROOF_LEN];
     conn.export_keying_material(&mut ekm, EXPORTER_LABEL, b"")
         .map_err(|_| "cannot export keying material".to_string())?;
@@ -480,7 +484,8 @@ impl Client {
                 };
                 let endpoint = {
                     let _guard = rt.enter();
-                    Endpoint::client(bind).map_err(|source| RdzvError::Bind { addr: bind, source })?
+                    Endpoint::client(bind)
+                        .map_err(|source| RdzvError::Bind { addr: bind, source })?
                 };
                 let left = deadline.saturating_duration_since(Instant::now());
                 let attempt = rt.block_on(async {
@@ -535,7 +540,10 @@ impl Client {
     pub fn request_within(&self, req: &Request, within: Duration) -> Result<Reply, RdzvError> {
         let addr = self.addr;
         let fut = async { self.request_async(req).await };
-        match self.rt.block_on(async { tokio::time::timeout(within, fut).await }) {
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(within, fut).await })
+        {
             Ok(r) => r,
             Err(_) => Err(RdzvError::Lost {
                 addr,
@@ -546,8 +554,7 @@ impl Client {
 
     async fn request_async(&self, req: &Request) -> Result<Reply, RdzvError> {
         let addr = self.addr;
-        let bytes =
-            proto::encode(req).map_err(|what| RdzvError::Protocol { addr, what })?;
+        let bytes = proto::encode(req).map_err(|what| RdzvError::Protocol { addr, what })?;
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| lost(addr, e))?;
         send.write_all(&bytes).await.map_err(|e| lost(addr, e))?;
         send.finish().map_err(|e| lost(addr, e))?;
@@ -835,10 +842,19 @@ mod tests {
         assert_eq!(a.get("k").unwrap().as_deref(), Some(&b"v"[..]));
         assert_eq!(a.add("n", 2).unwrap(), 2);
         assert_eq!(b.add("n", 3).unwrap(), 5);
-        assert_eq!(a.compare_set("c", None, b"1").unwrap(), (true, Some(b"1".to_vec())));
-        assert_eq!(b.compare_set("c", None, b"2").unwrap(), (false, Some(b"1".to_vec())));
+        assert_eq!(
+            a.compare_set("c", None, b"1").unwrap(),
+            (true, Some(b"1".to_vec()))
+        );
+        assert_eq!(
+            b.compare_set("c", None, b"2").unwrap(),
+            (false, Some(b"1".to_vec()))
+        );
         let e = a.wait(&["never"], Duration::from_millis(100)).unwrap_err();
-        assert!(matches!(e, RdzvError::Timeout { ref missing, .. } if missing == "never"), "{e}");
+        assert!(
+            matches!(e, RdzvError::Timeout { ref missing, .. } if missing == "never"),
+            "{e}"
+        );
         std::thread::scope(|sc| {
             sc.spawn(|| b.barrier("x", 2, T).unwrap());
             a.barrier("x", 2, T).unwrap();
@@ -854,7 +870,9 @@ mod tests {
         let e = Client::connect(&addr, b"other", T).err().unwrap();
         assert!(matches!(e, RdzvError::ServerNotAuthentic { .. }), "{e}");
         // A client that skips that check still cannot get past the server.
-        let e = Client::connect_checked(&addr, b"other", T, false).err().unwrap();
+        let e = Client::connect_checked(&addr, b"other", T, false)
+            .err()
+            .unwrap();
         assert!(matches!(e, RdzvError::BadToken { .. }), "{e}");
         assert!(e.to_string().contains("same DDETR_JOB_TOKEN"), "{e}");
         // The server still serves the right token.
@@ -902,7 +920,12 @@ mod tests {
             let mut v = Vec::new();
             for _ in 0..2 {
                 let ep = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-                v.push(ep.connect_with(cfg.clone(), addr, SERVER_NAME).unwrap().await.unwrap());
+                v.push(
+                    ep.connect_with(cfg.clone(), addr, SERVER_NAME)
+                        .unwrap()
+                        .await
+                        .unwrap(),
+                );
             }
             v
         });
@@ -927,7 +950,9 @@ mod tests {
         // The half-open ones are closed by the server once their proof is overdue.
         rt.block_on(async {
             for c in &idle {
-                let e = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, c.closed()).await.unwrap();
+                let e = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, c.closed())
+                    .await
+                    .unwrap();
                 assert_eq!(closed_with(&e), Some(CLOSE_BAD_TOKEN), "{e}");
             }
         });
@@ -940,8 +965,13 @@ mod tests {
         let addr = s.addr().to_string();
         let a = Client::connect(&addr, b"secret", T).unwrap();
         let b = Client::connect(&addr, b"secret", T).unwrap();
-        let e = Client::connect(&addr, b"secret", Duration::from_millis(500)).err().unwrap();
-        assert!(matches!(e, RdzvError::Unreachable { .. } | RdzvError::Full { .. }), "{e}");
+        let e = Client::connect(&addr, b"secret", Duration::from_millis(500))
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, RdzvError::Unreachable { .. } | RdzvError::Full { .. }),
+            "{e}"
+        );
         drop(a);
         // A freed slot serves again.
         let c = Client::connect(&addr, b"secret", T).unwrap();
@@ -951,12 +981,24 @@ mod tests {
 
     #[test]
     fn nobody_listening_is_unreachable_within_the_timeout() {
-        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let t = Instant::now();
-        let e = Client::connect(&format!("127.0.0.1:{port}"), b"x", Duration::from_millis(300))
-            .err()
-            .unwrap();
+        let e = Client::connect(
+            &format!("127.0.0.1:{port}"),
+            b"x",
+            Duration::from_millis(300),
+        )
+        .err()
+        .unwrap();
         assert!(t.elapsed() < Duration::from_secs(3));
-        assert!(e.to_string().starts_with("cannot reach the rendezvous at 127.0.0.1:"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("cannot reach the rendezvous at 127.0.0.1:"),
+            "{e}"
+        );
     }
 }

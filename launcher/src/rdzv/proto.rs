@@ -69,7 +69,9 @@ pub enum Request {
         timeout_ms: u64,
     },
     /// An agent is alive; the reply says what the job does next.
-    Heartbeat { node_rank: u32 },
+    Heartbeat {
+        node_rank: u32,
+    },
     /// A trainer of this node failed in `generation` (`report` is the one-line failure).
     Failed {
         node_rank: u32,
@@ -77,9 +79,15 @@ pub enum Request {
         report: String,
     },
     /// Every trainer of this node exited 0 in `generation` (the exit barrier).
-    Done { node_rank: u32, generation: u64 },
+    Done {
+        node_rank: u32,
+        generation: u64,
+    },
     /// The agent is leaving (it was told to stop); the job stops.
-    Leave { node_rank: u32, reason: String },
+    Leave {
+        node_rank: u32,
+        reason: String,
+    },
 }
 
 /// What the job does next, as the heartbeat reply says it.
@@ -111,8 +119,13 @@ pub enum Reply {
         current: Option<Vec<u8>>,
     },
     /// A wait or barrier ran out of time; what was still missing.
-    Timeout { missing: String },
-    Status { generation: u64, verdict: Verdict },
+    Timeout {
+        missing: String,
+    },
+    Status {
+        generation: u64,
+        verdict: Verdict,
+    },
     /// The request is refused; one line naming the node and the field.
     Rejected(String),
 }
