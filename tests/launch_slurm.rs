@@ -89,7 +89,10 @@ fn sbatch_runs_the_example_on_two_nodes_through_the_rendezvous() {
     let show = loop {
         let show = run(Command::new("scontrol").args(["show", "job", &job])).unwrap_or_default();
         let state = field(&show, "JobState").unwrap_or("UNKNOWN");
-        if !matches!(state, "PENDING" | "CONFIGURING" | "RUNNING" | "COMPLETING" | "UNKNOWN") {
+        if !matches!(
+            state,
+            "PENDING" | "CONFIGURING" | "RUNNING" | "COMPLETING" | "UNKNOWN"
+        ) {
             break show;
         }
         assert!(
@@ -111,7 +114,10 @@ fn sbatch_runs_the_example_on_two_nodes_through_the_rendezvous() {
             "rank {rank} missing:\n{out}"
         );
     }
-    assert!(out.contains(&format!("ddetr job {job}: every node finished")), "{out}");
+    assert!(
+        out.contains(&format!("ddetr job {job}: every node finished")),
+        "{out}"
+    );
     // Both agents logged their node's ranks.
     let logs = dir.path().join(format!("logs/{job}"));
     for rank in 0..4 {

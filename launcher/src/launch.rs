@@ -307,6 +307,7 @@ impl Coordinator for RdzvCoordinator<'_> {
                 Some(Request::Failed {
                     node_rank: self.node,
                     generation: generation.into(),
+                    summary: format!("rank {} {}", f.rank, f.exit),
                     report: f.to_string(),
                 })
             }

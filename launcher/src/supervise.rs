@@ -337,6 +337,12 @@ pub fn supervise_with(
             match coord.poll(generation, &local) {
                 Next::Continue => std::thread::sleep(POLL),
                 Next::Restart(g) => {
+                    if matches!(local, LocalState::Running | LocalState::Succeeded) {
+                        tracing::warn!(
+                            "the job restarts (a trainer failed elsewhere): stopping this node's \
+                             trainers for restart {g}"
+                        );
+                    }
                     group.shutdown(spec.grace);
                     if let Some(sig) = stop.requested() {
                         coord.leaving(sig);

@@ -228,6 +228,7 @@ impl Core {
             Request::Failed {
                 node_rank,
                 generation,
+                summary,
                 report,
             } => {
                 self.seen(now, node_rank);
@@ -236,7 +237,8 @@ impl Core {
                         self.generation += 1;
                         self.done.clear();
                         tracing::warn!(
-                            "{report}: restarting every node's trainers (restart {} of {})",
+                            "{summary} on node {node_rank}: restarting every node's trainers \
+                             (restart {} of {})",
                             self.generation,
                             self.cfg.max_restarts
                         );

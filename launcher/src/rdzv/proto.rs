@@ -72,10 +72,12 @@ pub enum Request {
     Heartbeat {
         node_rank: u32,
     },
-    /// A trainer of this node failed in `generation` (`report` is the one-line failure).
+    /// A trainer of this node failed in `generation`: `summary` says who and how (for the
+    /// restart notice), `report` is the one-line failure the job ends with if restarts are spent.
     Failed {
         node_rank: u32,
         generation: u64,
+        summary: String,
         report: String,
     },
     /// Every trainer of this node exited 0 in `generation` (the exit barrier).
