@@ -820,12 +820,14 @@ mod tests {
     fn a_failure_bumps_the_generation_until_restarts_are_spent() {
         let (mut c, t0) = core(2, 1);
         joined(&mut c, t0);
-        let fail = |g| {
-            Request::Failed {
+        let fail = |g| Request::Failed {
             node_rank: 1,
             generation: g,
-            report: format!("rank 3 (node 1, local rank 1) was killed by signal 9 (SIGKILL) after {g} restart(s) (--max-restarts 1)"),
-        }
+            summary: "rank 3 was killed by signal 9 (SIGKILL)".into(),
+            report: format!(
+                "rank 3 (node 1, local rank 1) was killed by signal 9 (SIGKILL) after {g} \
+                 restart(s) (--max-restarts 1)"
+            ),
         };
         assert_eq!(c.handle(secs(t0, 1.0), 1, fail(0)), [(1, Reply::Ok)]);
         assert_eq!(status(&mut c, secs(t0, 1.1), 0), (1, Verdict::Run));
