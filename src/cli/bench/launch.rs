@@ -2,7 +2,9 @@
 //! barrier and exited: `ddetr-launch --nodes 1 --nproc-per-node N --device cpu -- bench barrier`
 //! against `torchrun --standalone --nproc-per-node N torchrun_barrier.py` (gloo init + barrier),
 //! alternating, in the same run. Prints each run and the medians; the last line is
-//! `nproc=… runs=… ours_s=… peer_s=… ratio=…` (ratio = peer / ours: above 1 means we are faster).
+//! `nproc=… runs=… ours_s=… peer_s=… ratio=… agent_only_s=…` (ratio = peer / ours: above 1 means
+//! we are faster; agent_only_s is the same launch with `/bin/true` as the worker, i.e. the
+//! launcher and rendezvous alone, without libtorch's load and the communicator).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -79,8 +81,28 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<()> {
         Some(python.with_file_name("torchrun"))
     };
     let nproc = args.nproc.to_string();
-    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    let (mut ours, mut peer, mut bare) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..args.runs {
+        let t = timed(
+            Command::new(&launcher)
+                .args([
+                    "--nodes",
+                    "1",
+                    "--nproc-per-node",
+                    &nproc,
+                    "--device",
+                    "cpu",
+                ])
+                .args(["--trainer-bin", "/bin/true", "--", "bench"])
+                .env_remove("DDETR_JOB_TOKEN")
+                .env("RUST_LOG", "warn"),
+            "ddetr-launch … /bin/true",
+        )?;
+        println!(
+            "run {i}: ddetr-launch + /bin/true:      {:.3} s",
+            t.as_secs_f64()
+        );
+        bare.push(t);
         let t = timed(
             Command::new(&launcher)
                 .args([
@@ -119,12 +141,16 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<()> {
         }
     }
     let ours_s = median(&mut ours);
+    let bare_s = median(&mut bare);
     if peer.is_empty() {
-        println!("nproc={} runs={} ours_s={ours_s:.3}", args.nproc, args.runs);
+        println!(
+            "nproc={} runs={} ours_s={ours_s:.3} agent_only_s={bare_s:.3}",
+            args.nproc, args.runs
+        );
     } else {
         let peer_s = median(&mut peer);
         println!(
-            "nproc={} runs={} ours_s={ours_s:.3} peer_s={peer_s:.3} ratio={:.2}",
+            "nproc={} runs={} ours_s={ours_s:.3} peer_s={peer_s:.3} ratio={:.2} agent_only_s={bare_s:.3}",
             args.nproc,
             args.runs,
             peer_s / ours_s
