@@ -45,7 +45,8 @@ const CLOSE_FLUSH: Duration = Duration::from_millis(20);
 /// QUIC application close codes.
 const CLOSE_OK: u32 = 0;
 const CLOSE_BAD_TOKEN: u32 = 1;
-const CLOSE_FULL: u32 = 2;
+/// Stream reset code for a request that does not decode.
+const RESET_UNDECODABLE: u32 = 3;
 
 fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -350,7 +351,7 @@ async fn request(
     let req: Request = match proto::decode(&bytes) {
         Ok(r) => r,
         Err(e) => {
-            let _ = send.reset(VarInt::from_u32(3));
+            let _ = send.reset(VarInt::from_u32(RESET_UNDECODABLE));
             return Err(format!("undecodable request: {e}"));
         }
     };
@@ -741,9 +742,14 @@ async fn handshake(
     let connecting = endpoint
         .connect_with(config.clone(), target, SERVER_NAME)
         .map_err(|e| Attempt::Retry(e.to_string()))?;
-    let conn = connecting.await.map_err(|e| match closed_with(&e) {
-        Some(CLOSE_FULL) => Attempt::Fatal(RdzvError::Full { addr: target }),
-        _ => Attempt::Retry(e.to_string()),
+    let conn = connecting.await.map_err(|e| match e {
+        // The server's admission check: it serves its connection limit already.
+        ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            Attempt::Fatal(RdzvError::Full { addr: target })
+        }
+        e => Attempt::Retry(e.to_string()),
     })?;
     let mut ekm = [0u8; PROOF_LEN];
     conn.export_keying_material(&mut ekm, EXPORTER_LABEL, b"")
