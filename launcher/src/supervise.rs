@@ -6,11 +6,14 @@
 //! `[rank N] ` prefix and into `rank_N.log`; the last [`TAIL_LINES`] stderr lines are kept and
 //! attached to its failure (ripgrep's `CommandReader` habit).
 //!
-//! The agent polls the trainers every [`POLL`]. The first one that exits non-zero stops the
-//! group; the group is started again with `DDETR_RESTART_COUNT` + 1 while restarts remain
-//! (torchrun's gang semantics). A stop request (SIGTERM/SIGINT/SIGHUP to the agent) takes the same
-//! shutdown path. Shutdown has one order and is idempotent: SIGTERM to every group that still has
-//! members → wait up to the grace → SIGKILL the groups left → reap → drain the logs.
+//! The agent polls the trainers every [`POLL`] and asks a [`Coordinator`] what comes next: the
+//! first trainer that exits non-zero stops this node's group, and the coordinator decides whether
+//! the job restarts (every node's group starts again with `DDETR_RESTART_COUNT` = the new
+//! generation), completes, or fails. [`Alone`] decides for a node on its own (torchrun's gang
+//! semantics); `ddetr-launch` uses the rendezvous, which decides for the whole job. A stop request
+//! (SIGTERM/SIGINT/SIGHUP to the agent) takes the same shutdown path. Shutdown has one order and
+//! is idempotent: SIGTERM to every group that still has members → wait up to the grace →
+//! SIGKILL the groups left → reap → drain the logs.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
