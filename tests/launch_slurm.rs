@@ -43,6 +43,15 @@ impl Drop for Cancel {
     }
 }
 
+/// Stops the cluster this test started.
+struct StopCluster(String);
+
+impl Drop for StopCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.0).arg("stop").output();
+    }
+}
+
 #[test]
 fn sbatch_runs_the_example_on_two_nodes_through_the_rendezvous() {
     // SAFETY: getuid has no preconditions.
@@ -56,11 +65,20 @@ fn sbatch_runs_the_example_on_two_nodes_through_the_rendezvous() {
         eprintln!("SKIPPED: {script} does not exist (set DDETR_SLURM_SCRIPT)");
         return;
     }
-    if let Err(e) = run(Command::new(&script).args(["start", "2"])) {
-        eprintln!("SKIPPED: Slurm cannot be installed or started here: {e}");
-        return;
-    }
-    eprintln!("Slurm: local two-node cluster (n1, n2) started by {script}");
+    // A cluster that already runs is used as it is; one this test starts, it stops again.
+    let running = run(Command::new("sinfo").args(["-h", "-o", "%N"]))
+        .is_ok_and(|nodes| nodes.trim() == "n[1-2]");
+    let _stop = if running {
+        eprintln!("Slurm: the local two-node cluster (n1, n2) is already running");
+        None
+    } else {
+        if let Err(e) = run(Command::new(&script).args(["start", "2"])) {
+            eprintln!("SKIPPED: Slurm cannot be installed or started here: {e}");
+            return;
+        }
+        eprintln!("Slurm: local two-node cluster (n1, n2) started by {script}");
+        Some(StopCluster(script.clone()))
+    };
 
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_ddetr-launch"))
         .parent()
