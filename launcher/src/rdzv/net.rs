@@ -45,8 +45,8 @@ const CLOSE_FLUSH: Duration = Duration::from_millis(20);
 /// QUIC application close codes.
 const CLOSE_OK: u32 = 0;
 const CLOSE_BAD_TOKEN: u32 = 1;
-/// Stream reset code for a request that does not decode.
-const RESET_UNDECODABLE: u32 = 3;
+/// Stream reset code for a request that is too long, too slow or does not decode.
+const RESET_BAD_REQUEST: u32 = 3;
 
 fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -344,20 +344,32 @@ async fn request(
     mut recv: quinn::RecvStream,
     shared: &Shared,
 ) -> Result<(), String> {
-    let bytes = tokio::time::timeout(READ_TIMEOUT, recv.read_to_end(MAX_MESSAGE))
-        .await
-        .map_err(|_| "request not read in time".to_string())?
-        .map_err(|e| e.to_string())?;
-    let req: Request = match proto::decode(&bytes) {
+    // A request that cannot be read in time, is too long, or does not decode is answered with a
+    // stream reset (a dropped send stream would look like an empty reply).
+    let read = tokio::time::timeout(READ_TIMEOUT, recv.read_to_end(MAX_MESSAGE)).await;
+    let decoded = match read {
+        Err(_) => Err("request not read in time".to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(bytes)) => {
+            proto::decode::<Request>(&bytes).map_err(|e| format!("undecodable request: {e}"))
+        }
+    };
+    let req = match decoded {
         Ok(r) => r,
         Err(e) => {
-            let _ = send.reset(VarInt::from_u32(RESET_UNDECODABLE));
-            return Err(format!("undecodable request: {e}"));
+            let _ = send.reset(VarInt::from_u32(RESET_BAD_REQUEST));
+            return Err(e);
         }
     };
     let (id, rx) = shared.submit(req);
     let reply = tokio::select! {
-        r = rx => r.map_err(|_| "server closing".to_string())?,
+        r = rx => match r {
+            Ok(reply) => reply,
+            Err(_) => {
+                let _ = send.reset(VarInt::from_u32(RESET_BAD_REQUEST));
+                return Err("server closing".into());
+            }
+        },
         _ = send.stopped() => {
             shared.cancel(id);
             return Err("client gave up".into());
@@ -966,6 +978,25 @@ mod tests {
             }
         });
         drop(ok);
+    }
+
+    #[test]
+    fn garbage_and_oversized_requests_are_dropped_and_the_connection_still_serves() {
+        let s = server(1, 4);
+        let c = Client::connect(&s.addr().to_string(), b"secret", T).unwrap();
+        let conn = c.conn.clone();
+        for body in [vec![0xffu8; 64], vec![7u8; MAX_MESSAGE + 1]] {
+            let got = c.rt.block_on(async {
+                let (mut send, mut recv) = conn.open_bi().await.unwrap();
+                // The server may stop reading an oversized body before it is all sent.
+                let _ = send.write_all(&body).await;
+                let _ = send.finish();
+                tokio::time::timeout(T, recv.read_to_end(MAX_MESSAGE)).await
+            });
+            assert!(matches!(got, Ok(Err(_))), "{got:?}");
+        }
+        c.set("still", b"here").unwrap();
+        assert_eq!(c.get("still").unwrap().as_deref(), Some(&b"here"[..]));
     }
 
     #[test]
