@@ -91,12 +91,17 @@ impl Agent {
         }
     }
 
+    /// The pid a worker wrote (the file can exist a moment before its content does).
     fn pid(&self, name: &str) -> i32 {
-        std::fs::read_to_string(self.path(name))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+        let t = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(self.path(name)).unwrap_or_default();
+            if let Ok(pid) = text.trim().parse() {
+                return pid;
+            }
+            assert!(t.elapsed() < PATIENCE, "{name} holds no pid: {text:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn signal(&self, sig: &str, pid: i32) {

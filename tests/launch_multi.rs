@@ -264,12 +264,21 @@ impl Job {
     }
 }
 
+/// The pid a worker wrote to `path` (the file can exist a moment before its content does).
 fn read_pid(path: &Path) -> i32 {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Ok(pid) = text.trim().parse() {
+            return pid;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{} holds no pid: {text:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn alive(pid: i32) -> bool {
