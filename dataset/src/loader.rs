@@ -9,6 +9,7 @@
 //! fails to read or decode is reported once (naming the file) and replaced by the next readable
 //! image in the dataset, so training never stops on it and batch shapes stay constant.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -21,12 +22,18 @@ use crate::cache::Cache;
 use crate::config::{AugmentationConfig, DatasetConfig};
 use crate::error::{DatasetError, Result};
 use crate::image::decode_rgb8;
+use crate::layout;
 use crate::rng::Rng;
 use crate::sampler::{DistributedSampler, Mode};
 use crate::transforms::{self, Sample, EVAL_MAX_SIZE};
 
 /// How many other images are tried in place of one that cannot be read.
 const MAX_REPLACEMENTS: usize = 16;
+
+thread_local! {
+    /// Each worker keeps its resizer (and so its scratch buffers) across images.
+    static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
+}
 
 /// One image's training target (upstream's `target` dict).
 #[derive(Debug)]
@@ -65,9 +72,9 @@ pub struct Batch {
 
 impl Batch {
     /// The model input on `device`: `(x/255 − mean)/std` as float `[B, 3, H, W]`, zero on the
-    /// padding (upstream pads after `Normalize`): a conversion, an in-place multiply-add, and (when
-    /// the batch has padding) an in-place multiply by the valid-pixel mask, on the device's
-    /// vectorized kernels.
+    /// padding (upstream pads after `Normalize`): the u8 batch goes to the device, is converted
+    /// there, and normalized in place by one fused multiply-add (`addcmul`); the padding of each
+    /// image smaller than the batch is then zeroed (two small fills per such image).
     pub fn normalized(&self, device: Device) -> Tensor {
         let scale = Tensor::from_slice(&self.std.map(|s| 1.0 / (255.0 * s)))
             .view([1, 3, 1, 1])
@@ -75,11 +82,22 @@ impl Batch {
         let shift = Tensor::from_slice(&[0, 1, 2].map(|c| -self.mean[c] / self.std[c]))
             .view([1, 3, 1, 1])
             .to_device(device);
-        let mut x = self.images.to_device(device).to_kind(Kind::Float);
-        let _ = x.g_mul_(&scale);
-        let _ = x.g_add_(&shift);
+        let x = self.images.to_device(device).to_kind(Kind::Float);
+        let _ = shift.addcmul_out(&x, &x, &scale);
         if self.has_padding {
-            let _ = x.g_mul_(&self.mask.to_device(device).logical_not().unsqueeze(1));
+            let [_, _, hh, ww] = x.size()[..] else {
+                unreachable!("images are [B, 3, H, W]")
+            };
+            for (k, t) in self.targets.iter().enumerate() {
+                let [h, w] = t.size;
+                let img = x.get(k as i64);
+                if h < hh {
+                    let _ = img.narrow(1, h, hh - h).fill_(0.0);
+                }
+                if w < ww {
+                    let _ = img.narrow(1, 0, h).narrow(2, w, ww - w).fill_(0.0);
+                }
+            }
         }
         x
     }
@@ -243,19 +261,15 @@ impl Shared {
                 )
             })
             .unzip();
-        let mut s = Sample {
-            image,
-            boxes,
-            labels,
-        };
-        let mut resizer = Resizer::new();
-        match self.mode {
+        let mut s = Sample::new(image, boxes, labels);
+        let ops = match self.mode {
             LoaderMode::Train { seed } => {
                 let mut rng = Rng::derive(seed, &[epoch, index as u64]);
-                transforms::train(&mut s, &self.aug, &mut rng, &mut resizer);
+                transforms::train_ops(rec.width, rec.height, &self.aug, &mut rng)
             }
-            LoaderMode::Eval => transforms::eval(&mut s, &self.aug, &mut resizer),
-        }
+            LoaderMode::Eval => transforms::eval_ops(rec.width, rec.height, &self.aug),
+        };
+        RESIZER.with_borrow_mut(|r| transforms::apply_fused(&mut s, &ops, r));
         Ok((
             s,
             Meta {
@@ -353,8 +367,9 @@ fn pad_target(h: u32, w: u32, aug: &AugmentationConfig, mode: LoaderMode) -> (u3
     (ph.max(h), pw.max(w))
 }
 
-/// Pads the images to a common size (bottom/right), builds the padding mask, and normalizes the
-/// whole batch in libtorch; targets become normalized cxcywh tensors.
+/// Lays the images out as one zero-padded (bottom/right) u8 `[B, 3, H, W]` tensor, applying any
+/// deferred flip ([`Sample::mirrored`]) on the way, and builds the padding mask; targets become
+/// normalized cxcywh tensors. [`Batch::normalized`] makes the float model input.
 pub fn collate(
     samples: &[(Sample, Meta)],
     aug: &AugmentationConfig,
@@ -369,26 +384,47 @@ pub fn collate(
     }
     let (b, hh, ww) = (samples.len(), bh as usize, bw as usize);
     let plane = hh * ww;
-    let mut mask = vec![true; b * plane];
-    let mut pixels = vec![0u8; b * 3 * plane];
+    let images = Tensor::empty(
+        [b as i64, 3, hh as i64, ww as i64],
+        (Kind::Uint8, Device::Cpu),
+    );
+    let mask = Tensor::empty([b as i64, hh as i64, ww as i64], (Kind::Bool, Device::Cpu));
+    // SAFETY: both tensors were just allocated here, contiguous, on the CPU, with exactly these
+    // many one-byte elements, and nothing else refers to them yet; a bool is stored as 0 or 1.
+    let (pixels, valid) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(images.data_ptr() as *mut u8, b * 3 * plane),
+            std::slice::from_raw_parts_mut(mask.data_ptr() as *mut u8, b * plane),
+        )
+    };
     for (k, (s, _)) in samples.iter().enumerate() {
         let (w, h) = (s.image.width as usize, s.image.height as usize);
         let img = &mut pixels[k * 3 * plane..(k + 1) * 3 * plane];
         let (r, rest) = img.split_at_mut(plane);
         let (g, bl) = rest.split_at_mut(plane);
+        let m = &mut valid[k * plane..(k + 1) * plane];
         for y in 0..h {
-            let src = &s.image.data[y * w * 3..(y + 1) * w * 3];
-            let o = y * ww;
-            for (x, px) in src.chunks_exact(3).enumerate() {
-                r[o + x] = px[0];
-                g[o + x] = px[1];
-                bl[o + x] = px[2];
+            let row = y * ww..y * ww + w;
+            layout::deinterleave_row(
+                &s.image.data[y * w * 3..(y + 1) * w * 3],
+                &mut r[row.clone()],
+                &mut g[row.clone()],
+                &mut bl[row],
+                s.mirrored,
+            );
+            if w < ww {
+                for p in [&mut *r, &mut *g, &mut *bl] {
+                    p[y * ww + w..(y + 1) * ww].fill(0);
+                }
             }
-            mask[k * plane + o..k * plane + o + w].fill(false);
+            m[y * ww..y * ww + w].fill(0);
+            m[y * ww + w..(y + 1) * ww].fill(1);
         }
+        for p in [r, g, bl] {
+            p[h * ww..].fill(0);
+        }
+        m[h * ww..].fill(1);
     }
-    let images = Tensor::from_slice(&pixels).view([b as i64, 3, hh as i64, ww as i64]);
-    let mask = Tensor::from_slice(&mask).view([b as i64, hh as i64, ww as i64]);
     let f = |v: &[f64]| [v[0] as f32, v[1] as f32, v[2] as f32];
     let targets = samples
         .iter()
