@@ -72,18 +72,42 @@ pub struct Batch {
 
 impl Batch {
     /// The model input on `device`: `(x/255 − mean)/std` as float `[B, 3, H, W]`, zero on the
-    /// padding (upstream pads after `Normalize`): the u8 batch goes to the device, is converted
-    /// there, and normalized in place by one fused multiply-add (`addcmul`); the padding of each
-    /// image smaller than the batch is then zeroed (two small fills per such image).
+    /// padding (upstream pads after `Normalize`). On the CPU, one vectorized pass from the u8
+    /// batch straight to the float tensor; elsewhere the u8 batch goes to the device and libtorch
+    /// converts and normalizes it there ([`Batch::normalized_by_libtorch`]).
     pub fn normalized(&self, device: Device) -> Tensor {
-        let scale = Tensor::from_slice(&self.std.map(|s| 1.0 / (255.0 * s)))
+        if device == Device::Cpu
+            && self.images.device() == Device::Cpu
+            && self.images.kind() == Kind::Uint8
+        {
+            self.normalized_on_cpu()
+        } else {
+            self.normalized_by_libtorch(device)
+        }
+    }
+
+    /// Per channel, the multiplier `1/(255·std)` and the offset `−mean/std`.
+    fn affine(&self) -> ([f32; 3], [f32; 3]) {
+        (
+            self.std.map(|s| 1.0 / (255.0 * s)),
+            [0, 1, 2].map(|c| -self.mean[c] / self.std[c]),
+        )
+    }
+
+    /// `normalized` with libtorch's kernels on `device`: conversion to float, then an in-place
+    /// multiply and add by per-channel values (two vectorized passes), then the padding of each
+    /// image smaller than the batch zeroed (two small fills per such image).
+    pub fn normalized_by_libtorch(&self, device: Device) -> Tensor {
+        let (scale, shift) = self.affine();
+        let scale = Tensor::from_slice(&scale)
             .view([1, 3, 1, 1])
             .to_device(device);
-        let shift = Tensor::from_slice(&[0, 1, 2].map(|c| -self.mean[c] / self.std[c]))
+        let shift = Tensor::from_slice(&shift)
             .view([1, 3, 1, 1])
             .to_device(device);
-        let x = self.images.to_device(device).to_kind(Kind::Float);
-        let _ = shift.addcmul_out(&x, &x, &scale);
+        let mut x = self.images.to_device(device).to_kind(Kind::Float);
+        let _ = x.g_mul_(&scale);
+        let _ = x.g_add_(&shift);
         if self.has_padding {
             let [_, _, hh, ww] = x.size()[..] else {
                 unreachable!("images are [B, 3, H, W]")
@@ -100,6 +124,53 @@ impl Batch {
             }
         }
         x
+    }
+
+    /// `normalized` on the CPU in one pass: each valid row converted, multiplied and offset in a
+    /// loop the compiler vectorizes, padding written as zeros (same arithmetic as
+    /// [`Batch::normalized_by_libtorch`]: a float multiply, then a float add).
+    fn normalized_on_cpu(&self) -> Tensor {
+        let images = self.images.contiguous();
+        let [b, ch, hh, ww] = images.size()[..] else {
+            unreachable!("images are [B, 3, H, W]")
+        };
+        let (b, hh, ww) = (b as usize, hh as usize, ww as usize);
+        let plane = hh * ww;
+        let out = Tensor::empty(
+            [b as i64, ch, hh as i64, ww as i64],
+            (Kind::Float, Device::Cpu),
+        );
+        let n = b * 3 * plane;
+        // SAFETY: `images` is a contiguous CPU u8 tensor of n elements (checked by the caller and
+        // by `contiguous`); `out` was just allocated, contiguous, with n floats, and is not yet
+        // shared.
+        let (src, dst) = unsafe {
+            (
+                std::slice::from_raw_parts(images.data_ptr() as *const u8, n),
+                std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n),
+            )
+        };
+        let (scale, shift) = self.affine();
+        for k in 0..b {
+            let (h, w) = match self.targets.get(k) {
+                Some(t) if self.has_padding => (t.size[0] as usize, t.size[1] as usize),
+                _ => (hh, ww),
+            };
+            for c in 0..3 {
+                let at = (k * 3 + c) * plane;
+                let (a, o) = (scale[c], shift[c]);
+                for y in 0..hh {
+                    let row = at + y * ww..at + (y + 1) * ww;
+                    let (d, s) = (&mut dst[row.clone()], &src[row]);
+                    let valid = if y < h { w } else { 0 };
+                    for (d, &s) in d[..valid].iter_mut().zip(&s[..valid]) {
+                        *d = s as f32 * a + o;
+                    }
+                    d[valid..].fill(0.0);
+                }
+            }
+        }
+        out
     }
 }
 
