@@ -1,13 +1,18 @@
 //! The loader: sampler → decode (zune) → transform (fast_image_resize) → collate into tch tensors,
 //! on `dataset.workers` threads with a bounded prefetch of batches.
 //!
-//! Pixels stay u8 through the transforms and the collation (a zero-padded u8 `[B, 3, H, W]`
-//! batch); [`Batch::normalized`] converts and normalizes the whole batch with libtorch's vectorized
-//! kernels on the target device (`x · 1/(255·std) − mean/std`, padding zeroed as upstream, which
-//! pads after `Normalize`). Every random draw comes from the stream `(seed, epoch, image index)`, so a batch
-//! is the same whatever the thread count or the order in which workers finish. An image that
-//! fails to read or decode is reported once (naming the file) and replaced by the next readable
-//! image in the dataset, so training never stops on it and batch shapes stay constant.
+//! The output side is the hot path (TAO's scales upsample 640×480 to ~0.85 MP), so: the transform
+//! is drawn as steps and run by the fused executor (a resize followed by a crop resamples only the
+//! kept region; flips are applied by collation, which lays rows out right to left with SIMD
+//! shuffles straight into the u8 batch tensor); each worker reuses its resizer. Pixels stay u8
+//! through collation (a zero-padded u8 `[B, 3, H, W]` batch, 4× less to move than float);
+//! [`Batch::normalized`] makes the float input once per batch on the training device
+//! (`x · 1/(255·std) − mean/std`, padding zeroed as upstream, which pads after `Normalize`): one
+//! vectorized pass on the CPU, libtorch's kernels on a GPU. Every random draw comes from the stream
+//! `(seed, epoch, image index)`, so a batch is the same whatever the thread count or the order in
+//! which workers finish. An image that fails to read or decode is reported once (naming the file)
+//! and replaced by the next readable image in the dataset, so training never stops on it and batch
+//! shapes stay constant.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
