@@ -753,7 +753,7 @@ mod tests {
         for (w, h) in [(640u32, 480u32), (97, 61), (333, 500), (1242, 375)] {
             for size in [400u32, 500, 533, 600, 71] {
                 let (rw, rh) = size_with_aspect_ratio(w, h, size, None);
-                let (cw, ch) = (rw.min(384).max(1) - rw.min(384) / 3, rh.min(384) / 2 + 1);
+                let (cw, ch) = (rw.clamp(1, 384) - rw.min(384) / 3, rh.min(384) / 2 + 1);
                 let ops = [
                     Op::Resize {
                         width: rw,
