@@ -11,6 +11,7 @@ pub mod convert;
 pub mod error;
 pub mod image;
 pub mod inspect;
+pub mod layout;
 pub mod loader;
 pub mod rng;
 pub mod sampler;

@@ -1,14 +1,20 @@
 //! The loader: sampler → decode (zune) → transform (fast_image_resize) → collate into tch tensors,
 //! on `dataset.workers` threads with a bounded prefetch of batches.
 //!
-//! Pixels stay u8 through the transforms and the collation (a zero-padded u8 `[B, 3, H, W]`
-//! batch); [`Batch::normalized`] converts and normalizes the whole batch with libtorch's vectorized
-//! kernels on the target device (`x · 1/(255·std) − mean/std`, padding zeroed as upstream, which
-//! pads after `Normalize`). Every random draw comes from the stream `(seed, epoch, image index)`, so a batch
-//! is the same whatever the thread count or the order in which workers finish. An image that
-//! fails to read or decode is reported once (naming the file) and replaced by the next readable
-//! image in the dataset, so training never stops on it and batch shapes stay constant.
+//! The output side is the hot path (TAO's scales upsample 640×480 to ~0.85 MP), so: the transform
+//! is drawn as steps and run by the fused executor (a resize followed by a crop resamples only the
+//! kept region; flips are applied by collation, which lays rows out right to left with SIMD
+//! shuffles straight into the u8 batch tensor); each worker reuses its resizer. Pixels stay u8
+//! through collation (a zero-padded u8 `[B, 3, H, W]` batch, 4× less to move than float);
+//! [`Batch::normalized`] makes the float input once per batch on the training device
+//! (`x · 1/(255·std) − mean/std`, padding zeroed as upstream, which pads after `Normalize`): one
+//! vectorized pass on the CPU, libtorch's kernels on a GPU. Every random draw comes from the stream
+//! `(seed, epoch, image index)`, so a batch is the same whatever the thread count or the order in
+//! which workers finish. An image that fails to read or decode is reported once (naming the file)
+//! and replaced by the next readable image in the dataset, so training never stops on it and batch
+//! shapes stay constant.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -21,12 +27,18 @@ use crate::cache::Cache;
 use crate::config::{AugmentationConfig, DatasetConfig};
 use crate::error::{DatasetError, Result};
 use crate::image::decode_rgb8;
+use crate::layout;
 use crate::rng::Rng;
 use crate::sampler::{DistributedSampler, Mode};
 use crate::transforms::{self, Sample, EVAL_MAX_SIZE};
 
 /// How many other images are tried in place of one that cannot be read.
 const MAX_REPLACEMENTS: usize = 16;
+
+thread_local! {
+    /// Each worker keeps its resizer (and so its scratch buffers) across images.
+    static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
+}
 
 /// One image's training target (upstream's `target` dict).
 #[derive(Debug)]
@@ -65,23 +77,105 @@ pub struct Batch {
 
 impl Batch {
     /// The model input on `device`: `(x/255 − mean)/std` as float `[B, 3, H, W]`, zero on the
-    /// padding (upstream pads after `Normalize`): a conversion, an in-place multiply-add, and (when
-    /// the batch has padding) an in-place multiply by the valid-pixel mask, on the device's
-    /// vectorized kernels.
+    /// padding (upstream pads after `Normalize`). On the CPU, one vectorized pass from the u8
+    /// batch straight to the float tensor; elsewhere the u8 batch goes to the device and libtorch
+    /// converts and normalizes it there ([`Batch::normalized_by_libtorch`]).
     pub fn normalized(&self, device: Device) -> Tensor {
-        let scale = Tensor::from_slice(&self.std.map(|s| 1.0 / (255.0 * s)))
+        if device == Device::Cpu
+            && self.images.device() == Device::Cpu
+            && self.images.kind() == Kind::Uint8
+        {
+            self.normalized_on_cpu()
+        } else {
+            self.normalized_by_libtorch(device)
+        }
+    }
+
+    /// Per channel, the multiplier `1/(255·std)` and the offset `−mean/std`.
+    fn affine(&self) -> ([f32; 3], [f32; 3]) {
+        (
+            self.std.map(|s| 1.0 / (255.0 * s)),
+            [0, 1, 2].map(|c| -self.mean[c] / self.std[c]),
+        )
+    }
+
+    /// `normalized` with libtorch's kernels on `device`: conversion to float, then an in-place
+    /// multiply and add by per-channel values (two vectorized passes), then the padding of each
+    /// image smaller than the batch zeroed (two small fills per such image).
+    pub fn normalized_by_libtorch(&self, device: Device) -> Tensor {
+        let (scale, shift) = self.affine();
+        let scale = Tensor::from_slice(&scale)
             .view([1, 3, 1, 1])
             .to_device(device);
-        let shift = Tensor::from_slice(&[0, 1, 2].map(|c| -self.mean[c] / self.std[c]))
+        let shift = Tensor::from_slice(&shift)
             .view([1, 3, 1, 1])
             .to_device(device);
         let mut x = self.images.to_device(device).to_kind(Kind::Float);
         let _ = x.g_mul_(&scale);
         let _ = x.g_add_(&shift);
         if self.has_padding {
-            let _ = x.g_mul_(&self.mask.to_device(device).logical_not().unsqueeze(1));
+            let [_, _, hh, ww] = x.size()[..] else {
+                unreachable!("images are [B, 3, H, W]")
+            };
+            for (k, t) in self.targets.iter().enumerate() {
+                let [h, w] = t.size;
+                let img = x.get(k as i64);
+                if h < hh {
+                    let _ = img.narrow(1, h, hh - h).fill_(0.0);
+                }
+                if w < ww {
+                    let _ = img.narrow(1, 0, h).narrow(2, w, ww - w).fill_(0.0);
+                }
+            }
         }
         x
+    }
+
+    /// `normalized` on the CPU in one pass: each valid row converted, multiplied and offset in a
+    /// loop the compiler vectorizes, padding written as zeros (same arithmetic as
+    /// [`Batch::normalized_by_libtorch`]: a float multiply, then a float add).
+    fn normalized_on_cpu(&self) -> Tensor {
+        let images = self.images.contiguous();
+        let [b, ch, hh, ww] = images.size()[..] else {
+            unreachable!("images are [B, 3, H, W]")
+        };
+        let (b, hh, ww) = (b as usize, hh as usize, ww as usize);
+        let plane = hh * ww;
+        let out = Tensor::empty(
+            [b as i64, ch, hh as i64, ww as i64],
+            (Kind::Float, Device::Cpu),
+        );
+        let n = b * 3 * plane;
+        // SAFETY: `images` is a contiguous CPU u8 tensor of n elements (checked by the caller and
+        // by `contiguous`); `out` was just allocated, contiguous, with n floats, and is not yet
+        // shared.
+        let (src, dst) = unsafe {
+            (
+                std::slice::from_raw_parts(images.data_ptr() as *const u8, n),
+                std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n),
+            )
+        };
+        let (scale, shift) = self.affine();
+        for k in 0..b {
+            let (h, w) = match self.targets.get(k) {
+                Some(t) if self.has_padding => (t.size[0] as usize, t.size[1] as usize),
+                _ => (hh, ww),
+            };
+            for c in 0..3 {
+                let at = (k * 3 + c) * plane;
+                let (a, o) = (scale[c], shift[c]);
+                for y in 0..hh {
+                    let row = at + y * ww..at + (y + 1) * ww;
+                    let (d, s) = (&mut dst[row.clone()], &src[row]);
+                    let valid = if y < h { w } else { 0 };
+                    for (d, &s) in d[..valid].iter_mut().zip(&s[..valid]) {
+                        *d = s as f32 * a + o;
+                    }
+                    d[valid..].fill(0.0);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -243,19 +337,15 @@ impl Shared {
                 )
             })
             .unzip();
-        let mut s = Sample {
-            image,
-            boxes,
-            labels,
-        };
-        let mut resizer = Resizer::new();
-        match self.mode {
+        let mut s = Sample::new(image, boxes, labels);
+        let ops = match self.mode {
             LoaderMode::Train { seed } => {
                 let mut rng = Rng::derive(seed, &[epoch, index as u64]);
-                transforms::train(&mut s, &self.aug, &mut rng, &mut resizer);
+                transforms::train_ops(rec.width, rec.height, &self.aug, &mut rng)
             }
-            LoaderMode::Eval => transforms::eval(&mut s, &self.aug, &mut resizer),
-        }
+            LoaderMode::Eval => transforms::eval_ops(rec.width, rec.height, &self.aug),
+        };
+        RESIZER.with_borrow_mut(|r| transforms::apply_fused(&mut s, &ops, r));
         Ok((
             s,
             Meta {
@@ -353,8 +443,9 @@ fn pad_target(h: u32, w: u32, aug: &AugmentationConfig, mode: LoaderMode) -> (u3
     (ph.max(h), pw.max(w))
 }
 
-/// Pads the images to a common size (bottom/right), builds the padding mask, and normalizes the
-/// whole batch in libtorch; targets become normalized cxcywh tensors.
+/// Lays the images out as one zero-padded (bottom/right) u8 `[B, 3, H, W]` tensor, applying any
+/// deferred flip ([`Sample::mirrored`]) on the way, and builds the padding mask; targets become
+/// normalized cxcywh tensors. [`Batch::normalized`] makes the float model input.
 pub fn collate(
     samples: &[(Sample, Meta)],
     aug: &AugmentationConfig,
@@ -369,26 +460,47 @@ pub fn collate(
     }
     let (b, hh, ww) = (samples.len(), bh as usize, bw as usize);
     let plane = hh * ww;
-    let mut mask = vec![true; b * plane];
-    let mut pixels = vec![0u8; b * 3 * plane];
+    let images = Tensor::empty(
+        [b as i64, 3, hh as i64, ww as i64],
+        (Kind::Uint8, Device::Cpu),
+    );
+    let mask = Tensor::empty([b as i64, hh as i64, ww as i64], (Kind::Bool, Device::Cpu));
+    // SAFETY: both tensors were just allocated here, contiguous, on the CPU, with exactly these
+    // many one-byte elements, and nothing else refers to them yet; a bool is stored as 0 or 1.
+    let (pixels, valid) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(images.data_ptr() as *mut u8, b * 3 * plane),
+            std::slice::from_raw_parts_mut(mask.data_ptr() as *mut u8, b * plane),
+        )
+    };
     for (k, (s, _)) in samples.iter().enumerate() {
         let (w, h) = (s.image.width as usize, s.image.height as usize);
         let img = &mut pixels[k * 3 * plane..(k + 1) * 3 * plane];
         let (r, rest) = img.split_at_mut(plane);
         let (g, bl) = rest.split_at_mut(plane);
+        let m = &mut valid[k * plane..(k + 1) * plane];
         for y in 0..h {
-            let src = &s.image.data[y * w * 3..(y + 1) * w * 3];
-            let o = y * ww;
-            for (x, px) in src.chunks_exact(3).enumerate() {
-                r[o + x] = px[0];
-                g[o + x] = px[1];
-                bl[o + x] = px[2];
+            let row = y * ww..y * ww + w;
+            layout::deinterleave_row(
+                &s.image.data[y * w * 3..(y + 1) * w * 3],
+                &mut r[row.clone()],
+                &mut g[row.clone()],
+                &mut bl[row],
+                s.mirrored,
+            );
+            if w < ww {
+                for p in [&mut *r, &mut *g, &mut *bl] {
+                    p[y * ww + w..(y + 1) * ww].fill(0);
+                }
             }
-            mask[k * plane + o..k * plane + o + w].fill(false);
+            m[y * ww..y * ww + w].fill(0);
+            m[y * ww + w..(y + 1) * ww].fill(1);
         }
+        for p in [r, g, bl] {
+            p[h * ww..].fill(0);
+        }
+        m[h * ww..].fill(1);
     }
-    let images = Tensor::from_slice(&pixels).view([b as i64, 3, hh as i64, ww as i64]);
-    let mask = Tensor::from_slice(&mask).view([b as i64, hh as i64, ww as i64]);
     let f = |v: &[f64]| [v[0] as f32, v[1] as f32, v[2] as f32];
     let targets = samples
         .iter()

@@ -1,8 +1,11 @@
 //! `ddetr bench data`: the data path against its peers, in one run.
 //!
 //! 1. Train transform throughput on one core: decode (zune-jpeg) → flip/resize/crop
-//!    (fast_image_resize) → normalized float tensor, over 640×480 synthetic JPEGs; the peer is
-//!    `shared/peers/torchvision_pipeline.py` (PIL + torchvision) on the same files.
+//!    (fast_image_resize) → u8 batch → normalized float tensor, over 640×480 JPEGs from
+//!    `shared/peers/make_shapes_jpegs.py` (ddetr's synth when the peers' Python is missing), with
+//!    and without the normalize and stage by stage; the peer is
+//!    `shared/peers/torchvision_pipeline.py` (PIL + torchvision) on the same files. Then the
+//!    loader's throughput with 1 and 2 worker threads (`--loader-threads`).
 //! 2. A COCO-train-sized annotation file (`shared/peers/make_big_coco_json.py`): cache build time,
 //!    open time, and the extra resident memory of each additional process that maps the cache
 //!    and reads every record; the peer is pycocotools loading the JSON (`pycocotools_load.py`).
@@ -17,9 +20,12 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use clap::Args;
 use ddetr_dataset::cache::{self, Cache, CacheOptions};
-use ddetr_dataset::loader::{collate, Loader, LoaderMode};
+use ddetr_dataset::image::decode_rgb8;
+use ddetr_dataset::loader::{collate, Loader, LoaderMode, Meta};
+use ddetr_dataset::rng::Rng;
 use ddetr_dataset::synth::{self, SynthOptions};
-use ddetr_dataset::{DataSource, DatasetConfig};
+use ddetr_dataset::transforms::{self, Sample};
+use ddetr_dataset::{AugmentationConfig, DataSource, DatasetConfig};
 
 #[derive(Debug, Args)]
 pub struct DataBenchArgs {
@@ -49,6 +55,9 @@ pub struct DataBenchArgs {
     /// Additional reader processes that map the big cache.
     #[arg(long, default_value_t = 3)]
     pub readers: usize,
+    /// Loader throughput runs with these worker-thread counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub loader_threads: Vec<usize>,
     /// Internal: run as one reader process on CACHE and print its memory figures.
     #[arg(long, value_name = "CACHE", hide = true)]
     pub reader: Option<PathBuf>,
@@ -131,20 +140,46 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
     };
     let mut kv: Vec<(String, String)> = Vec::new();
 
-    // 1. Transform throughput on one core.
+    // 1. Transform throughput on one core, on the peer's JPEGs where its Python is there.
+    let python = if args.no_peer {
+        None
+    } else {
+        super::peers_python(args.python.as_deref(), &args.peers.join("venv.sh"))
+            .map_err(|e| println!("peers: not run ({e:#})"))
+            .ok()
+    };
     let shapes = work.join("shapes640");
     if !shapes.join("annotations.json").exists() {
-        synth::generate(
-            &shapes,
-            &SynthOptions {
-                images: args.images,
-                width: 640,
-                height: 480,
-                classes: 3,
-                seed: 0,
-                tar: false,
-            },
-        )?;
+        let made_by_peer = python.as_ref().is_some_and(|py| {
+            Command::new(py)
+                .arg(args.peers.join("make_shapes_jpegs.py"))
+                .arg(&shapes)
+                .arg(args.images.to_string())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        if made_by_peer {
+            println!(
+                "images: {} 640x480 JPEGs from make_shapes_jpegs.py",
+                args.images
+            );
+        } else {
+            println!(
+                "images: {} 640x480 JPEGs from ddetr dataset synth (make_shapes_jpegs.py not run)",
+                args.images
+            );
+            synth::generate(
+                &shapes,
+                &SynthOptions {
+                    images: args.images,
+                    width: 640,
+                    height: 480,
+                    classes: 3,
+                    seed: 0,
+                    tar: false,
+                },
+            )?;
+        }
     }
     let src = DataSource {
         image_dir: shapes.join("images").display().to_string(),
@@ -166,34 +201,41 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
         ..DatasetConfig::default()
     };
     config.augmentation.fixed_padding = false;
-    let loader = Loader::new(c.clone(), &config, LoaderMode::Train { seed: 0 }, 1, 0)?;
-    // Warm the page cache and the allocator with a few images, then time a full pass.
+    let aug = config.augmentation.clone();
+    let mode = LoaderMode::Train { seed: 0 };
+    let loader = Loader::new(c.clone(), &config, mode, 1, 0)?;
+    // Warm the page cache and the allocator with a few images, then time a full pass: the
+    // worker's part (decode, transform, collate into the u8 batch) and the normalization to the
+    // float model input (on the CPU here; on the training device when there is one).
     for i in 0..c.len().min(8) {
-        loader.sample(i, 99)?;
+        let s = loader.sample(i, 99)?;
+        let _ = collate(&[s], &aug, mode, 0, 0).normalized(tch::Device::Cpu);
     }
-    let started = Instant::now();
+    let (mut worker_s, mut norm_s) = (0f64, 0f64);
     for i in 0..c.len() {
+        let t = Instant::now();
         let s = loader.sample(i, 0)?;
-        let b = collate(
-            &[s],
-            &config.augmentation,
-            LoaderMode::Train { seed: 0 },
-            0,
-            0,
-        );
+        let b = collate(&[s], &aug, mode, 0, 0);
+        let t2 = Instant::now();
         let _ = std::hint::black_box(b.normalized(tch::Device::Cpu));
+        worker_s += (t2 - t).as_secs_f64();
+        norm_s += t2.elapsed().as_secs_f64();
     }
-    let ours = c.len() as f64 / started.elapsed().as_secs_f64();
-    println!("ddetr train transform (decode, flip, resize/crop, normalize), 1 core: {ours:.1} img/s over {} 640x480 JPEGs", c.len());
+    let n = c.len() as f64;
+    let (ours, worker) = (n / (worker_s + norm_s), n / worker_s);
+    println!("ddetr train transform, 1 core, {} 640x480 JPEGs:", c.len());
+    println!("  decode, flip, resize/crop, u8 batch, float normalize on the CPU: {ours:.1} img/s");
+    println!(
+        "  without the normalize (a data worker's share when training on a GPU): {worker:.1} img/s"
+    );
+    let stages = stage_breakdown(&c, &aug)?;
+    println!(
+        "  per image: decode {:.2} ms, transform (resize/crop) {:.2} ms, collate (layout, flip, pad) {:.2} ms, normalize {:.2} ms",
+        stages[0], stages[1], stages[2], stages[3]
+    );
     kv.push(("imgs_per_s_core".into(), format!("{ours:.1}")));
+    kv.push(("worker_imgs_per_s_core".into(), format!("{worker:.1}")));
 
-    let python = if args.no_peer {
-        None
-    } else {
-        super::peers_python(args.python.as_deref(), &args.peers.join("venv.sh"))
-            .map_err(|e| println!("peers: not run ({e:#})"))
-            .ok()
-    };
     if let Some(py) = &python {
         match run_peer(
             py,
@@ -202,11 +244,39 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
             &["imgs_per_s_per_core"],
         ) {
             Ok(v) => {
-                println!("peer torchvision_pipeline.py (PIL + torchvision), 1 core: {:.1} img/s  → ddetr {:.2}x", v[0], ours / v[0]);
+                println!(
+                    "peer torchvision_pipeline.py (PIL + torchvision), 1 core: {:.1} img/s  → ddetr {:.2}x with the CPU normalize, {:.2}x without",
+                    v[0],
+                    ours / v[0],
+                    worker / v[0]
+                );
                 kv.push(("peer_imgs_per_s_core".into(), format!("{:.1}", v[0])));
+                kv.push(("ratio".into(), format!("{:.2}", ours / v[0])));
+                kv.push(("worker_ratio".into(), format!("{:.2}", worker / v[0])));
             }
             Err(e) => println!("peer torchvision_pipeline.py: not run ({e:#})"),
         }
+    }
+
+    // Loader throughput with N worker threads (batches of 4, u8 batches as the trainer gets them).
+    for &threads in &args.loader_threads {
+        let cfg = DatasetConfig {
+            batch_size: 4,
+            workers: threads as u32,
+            ..config.clone()
+        };
+        let l = Loader::new(c.clone(), &cfg, mode, 1, 0)?;
+        let t = Instant::now();
+        let mut images = 0usize;
+        for b in l.epoch(0, 0) {
+            images += b?.indices.len();
+        }
+        let rate = images as f64 / t.elapsed().as_secs_f64();
+        println!("ddetr loader, {threads} worker thread(s), batch 4: {rate:.1} img/s");
+        kv.push((
+            format!("loader_{threads}t_imgs_per_s"),
+            format!("{rate:.1}"),
+        ));
     }
 
     // 2. COCO-train-sized annotations.
@@ -312,6 +382,49 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
     let line: Vec<String> = kv.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("{}", line.join(" "));
     Ok(())
+}
+
+/// Milliseconds per image in each stage of the worker path and the normalization, over every
+/// image of `c`, run stage by stage as the loader does (decode, transform, collate, normalize).
+fn stage_breakdown(c: &Cache, aug: &AugmentationConfig) -> anyhow::Result<[f64; 4]> {
+    let mut resizer = transforms::Resizer::new();
+    let mut t = [0f64; 4];
+    let mode = LoaderMode::Train { seed: 0 };
+    for i in 0..c.len() {
+        let clock = Instant::now();
+        let image = decode_rgb8(&c.image_bytes(i)?, c.file_name(i))?;
+        let t1 = Instant::now();
+        let (boxes, labels) = c
+            .boxes_of(i)
+            .iter()
+            .map(|b| {
+                let [x, y, w, h] = b.bbox;
+                ([x, y, x + w, y + h], b.category_id)
+            })
+            .unzip();
+        let mut s = Sample::new(image, boxes, labels);
+        let ops = transforms::train_ops(
+            s.image.width,
+            s.image.height,
+            aug,
+            &mut Rng::derive(0, &[0, i as u64]),
+        );
+        transforms::apply_fused(&mut s, &ops, &mut resizer);
+        let t2 = Instant::now();
+        let meta = Meta {
+            index: i,
+            image_id: 0,
+            orig_size: [0, 0],
+        };
+        let b = collate(&[(s, meta)], aug, mode, 0, 0);
+        let t3 = Instant::now();
+        let _ = std::hint::black_box(b.normalized(tch::Device::Cpu));
+        let t4 = Instant::now();
+        for (k, d) in [t1 - clock, t2 - t1, t3 - t2, t4 - t3].iter().enumerate() {
+            t[k] += d.as_secs_f64();
+        }
+    }
+    Ok(t.map(|x| x * 1e3 / c.len() as f64))
 }
 
 /// The cache build checks that every image file exists; the big JSON's images are empty files.
