@@ -127,6 +127,9 @@ pub(crate) struct Block {
     pub(crate) convs: Vec<Conv>,
     pub(crate) bns: Vec<FrozenBatchNorm2d>,
     pub(crate) downsample: Option<Downsample>,
+    /// Built from scratch (zero last norm): check the norm and skip the branch while it is
+    /// zero. Off otherwise, so pretrained models pay no check (a device sync on a GPU).
+    pub(crate) skip_if_zero: bool,
 }
 
 impl Block {
@@ -137,7 +140,7 @@ impl Block {
         };
         // A frozen all-zero last norm (a from-scratch backbone's zero-initialised residual
         // branch) contributes exactly zero and gets zero gradients: skip its convolutions.
-        if self.bns.last().is_some_and(FrozenBatchNorm2d::is_zero) {
+        if self.skip_if_zero && self.bns.last().is_some_and(FrozenBatchNorm2d::is_zero) {
             return identity.relu();
         }
         let mut out = x.shallow_clone();
@@ -285,6 +288,7 @@ impl ResNetBody {
                     convs,
                     bns,
                     downsample,
+                    skip_if_zero: zero_last,
                 });
             }
             layers.push(stage_blocks);
