@@ -5,7 +5,7 @@
 #   3. `ddetr-launch --nodes 1 --nproc-per-node 2 -- train -e configs/shapes_tiny.yaml`
 #      (two DDP ranks over the shared-memory CPU collectives; results/shapes_tiny/train/),
 #   4. `ddetr evaluate` of the last checkpoint on the val set (results/shapes_tiny/evaluate/).
-# Env: DEMO_TRAIN_IMAGES / DEMO_VAL_IMAGES (defaults 800 / 100), DEMO_NPROC (2), DDETR_BIN_DIR
+# Env: DEMO_TRAIN_IMAGES / DEMO_VAL_IMAGES (defaults 1600 / 100), DEMO_NPROC (2), DDETR_BIN_DIR
 # (use already-built binaries instead of building; skips setup).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -16,16 +16,23 @@ else
   scripts/setup.sh
   bin="${CARGO_TARGET_DIR:-$root/target}/release"
 fi
-train_n="${DEMO_TRAIN_IMAGES:-800}"
+train_n="${DEMO_TRAIN_IMAGES:-1600}"
 val_n="${DEMO_VAL_IMAGES:-100}"
 nproc="${DEMO_NPROC:-2}"
 spec=configs/shapes_tiny.yaml
 t0=$(date +%s)
-echo "== synthetic shapes: $train_n train / $val_n val images at 128x128 (data/shapes/)"
-[ -f data/shapes/train/annotations.json ] && [ "$(ls data/shapes/train/images | wc -l)" = "$train_n" ] ||
-  { rm -rf data/shapes/train; "$bin/ddetr" dataset synth --out data/shapes/train --images "$train_n" --size 128x128 --seed 1; }
-[ -f data/shapes/val/annotations.json ] && [ "$(ls data/shapes/val/images | wc -l)" = "$val_n" ] ||
-  { rm -rf data/shapes/val; "$bin/ddetr" dataset synth --out data/shapes/val --images "$val_n" --size 128x128 --seed 2; }
+# Objects of 16 px and more a side (the peer's S/8 at 128x128; COCO small and medium).
+synth_flags=(--size 128x128 --min-side 16)
+echo "== synthetic shapes: $train_n train / $val_n val images, ${synth_flags[*]} (data/shapes/)"
+synth() { # split images seed: (re)generate unless the same arguments made it already
+  local dir="data/shapes/$1" args="--images $2 --seed $3 ${synth_flags[*]}"
+  [ -f "$dir/annotations.json" ] && [ "$(cat "$dir/.synth-args" 2>/dev/null)" = "$args" ] && return
+  rm -rf "$dir"
+  "$bin/ddetr" dataset synth --out "$dir" --images "$2" --seed "$3" "${synth_flags[@]}"
+  echo "$args" >"$dir/.synth-args"
+}
+synth train "$train_n" 1
+synth val "$val_n" 2
 echo "== train: $nproc ranks, $spec"
 "$bin/ddetr-launch" --nodes 1 --nproc-per-node "$nproc" -- train -e "$spec"
 echo "== evaluate: the last checkpoint on the val set"

@@ -25,8 +25,8 @@ pub const DEFAULT_CLASSES: usize = 3;
 /// COCO's area-range bounds (pycocotools `areaRng`): small < 32², medium < 96², large above.
 pub const COCO_SMALL_MAX: f64 = 32.0 * 32.0;
 pub const COCO_MEDIUM_MAX: f64 = 96.0 * 96.0;
-/// Smallest object side in pixels.
-const MIN_SIDE: u32 = 6;
+/// Smallest object side in pixels (the default of `--min-side`).
+pub const MIN_SIDE: u32 = 6;
 /// Largest object side as a fraction of the image side.
 const MAX_SIDE_FRACTION: f64 = 0.6;
 /// A new object may cover at most this fraction of an earlier object's box.
@@ -46,6 +46,9 @@ pub struct SynthOptions {
     pub seed: u64,
     /// Also write `images.tar.gz` (entries `images/<file_name>`).
     pub tar: bool,
+    /// Smallest object side in pixels (`--min-side`, default [`MIN_SIDE`]). Raising it removes
+    /// the tiniest objects (areas below `min_side²`); above 32 the small COCO range is empty.
+    pub min_side: u32,
 }
 
 impl Default for SynthOptions {
@@ -57,6 +60,7 @@ impl Default for SynthOptions {
             classes: DEFAULT_CLASSES,
             seed: 0,
             tar: false,
+            min_side: MIN_SIDE,
         }
     }
 }
@@ -120,15 +124,20 @@ impl SynthOptions {
                 SHAPES.join(", ")
             )));
         }
-        let min_image = (MIN_SIDE as f64 / MAX_SIDE_FRACTION).ceil() as u32 * 2;
+        if self.min_side == 0 {
+            return Err(DatasetError::InvalidArgument(
+                "--min-side must be at least 1 pixel".into(),
+            ));
+        }
+        let min_image = (self.min_side as f64 / MAX_SIDE_FRACTION).ceil() as u32 * 2;
         if self.width < min_image
             || self.height < min_image
             || self.width > 8192
             || self.height > 8192
         {
             return Err(DatasetError::InvalidArgument(format!(
-                "--size {}x{} is out of range: each side must be between {min_image} and 8192",
-                self.width, self.height
+                "--size {}x{} is out of range for --min-side {}: each side must be between {min_image} and 8192",
+                self.width, self.height, self.min_side
             )));
         }
         Ok(())
@@ -145,7 +154,7 @@ pub fn render(opts: &SynthOptions, index: usize) -> (Vec<u8>, Vec<SynthObject>) 
     let mut objects: Vec<SynthObject> = Vec::with_capacity(count);
     for _ in 0..count {
         let class = rng.below(opts.classes);
-        let Some((bw, bh)) = object_size(&mut rng, w, h) else {
+        let Some((bw, bh)) = object_size(&mut rng, w, h, opts.min_side) else {
             continue;
         };
         let mut placed = None;
@@ -177,12 +186,12 @@ pub fn render(opts: &SynthOptions, index: usize) -> (Vec<u8>, Vec<SynthObject>) 
 }
 
 /// A size from a uniformly chosen feasible COCO area range, log-uniform area, aspect in [1/2, 2].
-fn object_size(rng: &mut Rng, w: u32, h: u32) -> Option<(u32, u32)> {
-    let max_w = ((w as f64 * MAX_SIDE_FRACTION) as u32).max(MIN_SIDE);
-    let max_h = ((h as f64 * MAX_SIDE_FRACTION) as u32).max(MIN_SIDE);
+fn object_size(rng: &mut Rng, w: u32, h: u32, min_side: u32) -> Option<(u32, u32)> {
+    let max_w = ((w as f64 * MAX_SIDE_FRACTION) as u32).max(min_side);
+    let max_h = ((h as f64 * MAX_SIDE_FRACTION) as u32).max(min_side);
     let max_area = (max_w * max_h) as f64;
     let bounds = [
-        (MIN_SIDE as f64 * MIN_SIDE as f64, COCO_SMALL_MAX),
+        (min_side as f64 * min_side as f64, COCO_SMALL_MAX),
         (COCO_SMALL_MAX, COCO_MEDIUM_MAX),
         (COCO_MEDIUM_MAX, f64::MAX),
     ];
@@ -198,8 +207,8 @@ fn object_size(rng: &mut Rng, w: u32, h: u32) -> Option<(u32, u32)> {
     for _ in 0..20 {
         let area = rng.uniform(lo.ln(), hi.ln()).exp();
         let aspect = rng.uniform(0.5f64.ln(), 2f64.ln()).exp();
-        let bw = ((area * aspect).sqrt().round() as u32).clamp(MIN_SIDE, max_w);
-        let bh = ((area / aspect).sqrt().round() as u32).clamp(MIN_SIDE, max_h);
+        let bw = ((area * aspect).sqrt().round() as u32).clamp(min_side, max_w);
+        let bh = ((area / aspect).sqrt().round() as u32).clamp(min_side, max_h);
         let a = (bw * bh) as f64;
         if a >= lo && a < hi.max(lo + 1.0) {
             return Some((bw, bh));
@@ -491,6 +500,7 @@ mod tests {
             classes: 3,
             seed,
             tar: false,
+            min_side: MIN_SIDE,
         }
     }
 
@@ -520,6 +530,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn min_side_bounds_every_object_and_keeps_small_and_medium() {
+        let o = SynthOptions {
+            min_side: 16,
+            ..opts(128, 128, 100, 4)
+        };
+        let mut per_area = [0; 3];
+        let mut smallest = u32::MAX;
+        for i in 0..100 {
+            for a in render(&o, i).1 {
+                smallest = smallest.min(a.bbox[2].min(a.bbox[3]));
+                per_area[area_range((a.bbox[2] * a.bbox[3]) as f64)] += 1;
+            }
+        }
+        assert!(smallest >= 16, "{smallest}");
+        assert!(per_area[0] > 20 && per_area[1] > 20, "{per_area:?}");
+        // The default draws sides below 16 at this size.
+        let tiny = (0..100)
+            .flat_map(|i| render(&opts(128, 128, 100, 4), i).1)
+            .filter(|a| a.bbox[2].min(a.bbox[3]) < 16)
+            .count();
+        assert!(tiny > 20, "{tiny}");
+        let zero = SynthOptions {
+            min_side: 0,
+            ..opts(128, 128, 1, 4)
+        };
+        assert!(zero.check().is_err());
+        let too_big = SynthOptions {
+            min_side: 60,
+            ..opts(128, 128, 1, 4)
+        };
+        assert!(too_big.check().is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@ fn synth_set(dir: &Path, images: usize, seed: u64, tar: bool) -> PathBuf {
             classes: 3,
             seed,
             tar,
+            ..Default::default()
         },
     )
     .unwrap();

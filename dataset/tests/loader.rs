@@ -22,6 +22,7 @@ fn setup(dir: &Path, images: usize, pack: bool) -> Arc<ddetr_dataset::Cache> {
             classes: 3,
             seed: 7,
             tar: false,
+            ..Default::default()
         },
     )
     .unwrap();

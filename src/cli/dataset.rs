@@ -42,6 +42,9 @@ pub struct SynthArgs {
     /// Also write images.tar.gz (TAO's image artifact).
     #[arg(long)]
     pub tar: bool,
+    /// Smallest object side in pixels (above 32 no object is COCO-small).
+    #[arg(long, default_value_t = synth::MIN_SIDE, value_name = "PX")]
+    pub min_side: u32,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +119,7 @@ fn synth_cmd(args: &SynthArgs) -> anyhow::Result<()> {
         classes: args.classes,
         seed: args.seed,
         tar: args.tar,
+        min_side: args.min_side,
     };
     let summary = synth::generate(&args.out, &opts)
         .map_err(usage)

@@ -410,6 +410,14 @@ fn other_sanity_rules() {
         .contains("must exceed train_random_crop_min"));
     assert!(err("", &["dataset.augmentation.horizontal_flip_prob=2"]).contains("within [0, 1]"));
     assert!(err("", &["train.num_epochs=0"]).contains("at least 1 epoch"));
+    assert!(err(
+        "",
+        &[
+            "model.backbone_from_scratch=true",
+            "model.pretrained_backbone_path=r18.pth"
+        ]
+    )
+    .contains("model.backbone_from_scratch is true but model.pretrained_backbone_path is set"));
 }
 
 #[test]

@@ -177,6 +177,7 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
                     classes: 3,
                     seed: 0,
                     tar: false,
+                    ..Default::default()
                 },
             )?;
         }

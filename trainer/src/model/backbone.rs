@@ -27,12 +27,29 @@ pub struct FrozenBatchNorm2d {
 
 impl FrozenBatchNorm2d {
     pub fn new(p: nn::Path, channels: i64) -> Self {
+        Self::with_weight(p, channels, true)
+    }
+
+    /// `weight` starts at one, or at zero for the last norm of a residual block (timm's
+    /// `zero_init_last`, see [`ResNetBody::new`]).
+    fn with_weight(p: nn::Path, channels: i64, ones: bool) -> Self {
         Self {
-            weight: p.ones_no_train("weight", &[channels]),
+            weight: if ones {
+                p.ones_no_train("weight", &[channels])
+            } else {
+                p.zeros_no_train("weight", &[channels])
+            },
             bias: p.zeros_no_train("bias", &[channels]),
             running_mean: p.zeros_no_train("running_mean", &[channels]),
             running_var: p.ones_no_train("running_var", &[channels]),
         }
+    }
+
+    /// Whether the output is zero whatever the input (weight and bias all zero): a residual
+    /// branch ending in such a norm adds nothing, forward or backward.
+    pub fn is_zero(&self) -> bool {
+        let max_abs = |t: &Tensor| t.abs().max().double_value(&[]);
+        self.weight.numel() > 0 && max_abs(&self.weight) == 0.0 && max_abs(&self.bias) == 0.0
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -110,10 +127,22 @@ pub(crate) struct Block {
     pub(crate) convs: Vec<Conv>,
     pub(crate) bns: Vec<FrozenBatchNorm2d>,
     pub(crate) downsample: Option<Downsample>,
+    /// Built from scratch (zero last norm): check the norm and skip the branch while it is
+    /// zero. Off otherwise, so pretrained models pay no check (a device sync on a GPU).
+    pub(crate) skip_if_zero: bool,
 }
 
 impl Block {
     fn forward(&self, x: &Tensor) -> Tensor {
+        let identity = match &self.downsample {
+            Some(d) => d.bn.forward(&d.conv.forward(x)),
+            None => x.shallow_clone(),
+        };
+        // A frozen all-zero last norm (a from-scratch backbone's zero-initialised residual
+        // branch) contributes exactly zero and gets zero gradients: skip its convolutions.
+        if self.skip_if_zero && self.bns.last().is_some_and(FrozenBatchNorm2d::is_zero) {
+            return identity.relu();
+        }
         let mut out = x.shallow_clone();
         let n = self.convs.len();
         for (i, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
@@ -122,10 +151,6 @@ impl Block {
                 out = out.relu();
             }
         }
-        let identity = match &self.downsample {
-            Some(d) => d.bn.forward(&d.conv.forward(x)),
-            None => x.shallow_clone(),
-        };
         (out + identity).relu()
     }
 }
@@ -161,24 +186,31 @@ pub fn stage_channels(kind: BackboneKind, stage: usize) -> i64 {
 
 impl ResNetBody {
     /// `num_stages` stages (1..=4); `train_backbone` makes layer2..layer4 trainable; `dilation`
-    /// replaces layer4's stride with dilation 2 (DC5, bottleneck ResNets only).
+    /// replaces layer4's stride with dilation 2 (DC5, bottleneck ResNets only);
+    /// `from_scratch` (`model.backbone_from_scratch`) starts each block's last norm at zero
+    /// (timm's `zero_init_last`) and freezes the block's own convs, which can then never change
+    /// the output, and trains the stem and layer1 (upstream freezes them because they come
+    /// pretrained; random, they would be fixed noise filters).
     pub fn new(
         p: &nn::Path,
         kind: BackboneKind,
         num_stages: usize,
         train_backbone: bool,
         dilation: bool,
+        from_scratch: bool,
     ) -> Self {
         let (blocks, bottleneck) = layout(kind);
+        let zero_last = from_scratch;
         let expansion = if bottleneck { 4 } else { 1 };
-        let conv1 = Conv::new(p, "conv1", 3, STEM_CHANNELS, 7, 2, 3, 1, false);
+        let stem_trainable = train_backbone && from_scratch;
+        let conv1 = Conv::new(p, "conv1", 3, STEM_CHANNELS, 7, 2, 3, 1, stem_trainable);
         let bn1 = FrozenBatchNorm2d::new(p / "bn1", STEM_CHANNELS);
         let mut inplanes = STEM_CHANNELS;
         let mut cur_dilation = 1;
         let mut layers = Vec::new();
         for (stage, &stage_blocks_n) in blocks.iter().enumerate().take(num_stages) {
             let lp = p / format!("layer{}", stage + 1);
-            let trainable = train_backbone && stage > 0;
+            let trainable = train_backbone && (stage > 0 || from_scratch);
             let planes = 64i64 << stage;
             let mut stride = if stage == 0 { 1 } else { 2 };
             let previous_dilation = cur_dilation;
@@ -214,28 +246,40 @@ impl ResNetBody {
                             ),
                         }
                     });
+                // A branch whose last norm is frozen at zero never learns: freeze its convs too.
+                let branch_trainable = trainable && !zero_last;
                 let (convs, bns) = if bottleneck {
                     (
                         vec![
-                            Conv::new(&bp, "conv1", inplanes, planes, 1, 1, 0, 1, trainable),
-                            Conv::new(&bp, "conv2", planes, planes, 3, s, d, d, trainable),
-                            Conv::new(&bp, "conv3", planes, planes * 4, 1, 1, 0, 1, trainable),
+                            Conv::new(&bp, "conv1", inplanes, planes, 1, 1, 0, 1, branch_trainable),
+                            Conv::new(&bp, "conv2", planes, planes, 3, s, d, d, branch_trainable),
+                            Conv::new(
+                                &bp,
+                                "conv3",
+                                planes,
+                                planes * 4,
+                                1,
+                                1,
+                                0,
+                                1,
+                                branch_trainable,
+                            ),
                         ],
                         vec![
                             FrozenBatchNorm2d::new(&bp / "bn1", planes),
                             FrozenBatchNorm2d::new(&bp / "bn2", planes),
-                            FrozenBatchNorm2d::new(&bp / "bn3", planes * 4),
+                            FrozenBatchNorm2d::with_weight(&bp / "bn3", planes * 4, !zero_last),
                         ],
                     )
                 } else {
                     (
                         vec![
-                            Conv::new(&bp, "conv1", inplanes, planes, 3, s, 1, 1, trainable),
-                            Conv::new(&bp, "conv2", planes, planes, 3, 1, 1, 1, trainable),
+                            Conv::new(&bp, "conv1", inplanes, planes, 3, s, 1, 1, branch_trainable),
+                            Conv::new(&bp, "conv2", planes, planes, 3, 1, 1, 1, branch_trainable),
                         ],
                         vec![
                             FrozenBatchNorm2d::new(&bp / "bn1", planes),
-                            FrozenBatchNorm2d::new(&bp / "bn2", planes),
+                            FrozenBatchNorm2d::with_weight(&bp / "bn2", planes, !zero_last),
                         ],
                     )
                 };
@@ -244,6 +288,7 @@ impl ResNetBody {
                     convs,
                     bns,
                     downsample,
+                    skip_if_zero: zero_last,
                 });
             }
             layers.push(stage_blocks);
@@ -292,9 +337,17 @@ impl Backbone {
         stages: &[usize],
         train_backbone: bool,
         dilation: bool,
+        from_scratch: bool,
     ) -> Self {
         let num_stages = stages.iter().max().map_or(0, |m| m + 1);
-        let body = ResNetBody::new(&(p / "body"), kind, num_stages, train_backbone, dilation);
+        let body = ResNetBody::new(
+            &(p / "body"),
+            kind,
+            num_stages,
+            train_backbone,
+            dilation,
+            from_scratch,
+        );
         let num_channels = stages.iter().map(|&s| stage_channels(kind, s)).collect();
         let strides = stages
             .iter()
@@ -337,4 +390,98 @@ pub fn resize_mask(mask: &Tensor, h: i64, w: i64) -> Tensor {
         .upsample_nearest2d([h, w], None, None)
         .to_kind(Kind::Bool)
         .squeeze_dim(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::VarStore;
+    use tch::Device;
+
+    /// A block computed in full (no skipping), as torchvision's `forward`.
+    fn full_block(b: &Block, x: &Tensor) -> Tensor {
+        let mut out = x.shallow_clone();
+        for (i, (conv, bn)) in b.convs.iter().zip(&b.bns).enumerate() {
+            out = bn.forward(&conv.forward(&out));
+            if i + 1 < b.convs.len() {
+                out = out.relu();
+            }
+        }
+        let identity = match &b.downsample {
+            Some(d) => d.bn.forward(&d.conv.forward(x)),
+            None => x.shallow_clone(),
+        };
+        (out + identity).relu()
+    }
+
+    fn trainable(vs: &VarStore) -> Vec<String> {
+        let v = vs.variables_.lock().unwrap();
+        let ptrs: Vec<usize> = v
+            .trainable_variables
+            .iter()
+            .map(|t| t.tensor.data_ptr() as usize)
+            .collect();
+        let mut names: Vec<String> = v
+            .named_variables
+            .iter()
+            .filter(|(_, t)| ptrs.contains(&(t.data_ptr() as usize)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn from_scratch_zeroes_last_norms_freezes_branches_skips_them_exactly_and_trains_the_stem() {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let body = ResNetBody::new(&vs.root(), BackboneKind::Resnet18, 3, true, false, true);
+        let names = trainable(&vs);
+        // The stem and the downsample convs train; the residual branches cannot.
+        assert_eq!(
+            names,
+            [
+                "conv1.weight",
+                "layer2.0.downsample.0.weight",
+                "layer3.0.downsample.0.weight"
+            ],
+            "{names:?}"
+        );
+        let block = &body.layers[1][0];
+        assert!(block.bns[1].is_zero() && !block.bns[0].is_zero());
+        let x = Tensor::randn([2, 64, 16, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let skipped = block.forward(&x);
+        let full = full_block(block, &x);
+        assert_eq!(skipped.size(), [2, 128, 8, 8]);
+        assert!(skipped.allclose(&full, 0.0, 0.0, false));
+        let g1 = Tensor::run_backward(&[skipped.sum(Kind::Float)], &[&x], false, false);
+        let g2 = Tensor::run_backward(&[full.sum(Kind::Float)], &[&x], false, false);
+        assert!(g1[0].allclose(&g2[0], 1e-6, 1e-6, false));
+
+        // Weights loaded later (a non-zero last norm) are used: no skipping then.
+        tch::no_grad(|| {
+            let _ = block.bns[1].weight.shallow_clone().fill_(1.0);
+        });
+        assert!(!block.bns[1].is_zero());
+        let with_branch = block.forward(&x);
+        assert!(with_branch.allclose(&full_block(block, &x), 1e-6, 1e-6, false));
+        assert!(!with_branch.allclose(&full, 1e-3, 1e-3, false));
+    }
+
+    #[test]
+    fn default_init_keeps_unit_norms_and_trainable_branches() {
+        let vs = VarStore::new(Device::Cpu);
+        let body = ResNetBody::new(&vs.root(), BackboneKind::Resnet18, 2, true, false, false);
+        assert!(body.layers[1]
+            .iter()
+            .all(|b| b.bns.iter().all(|n| !n.is_zero())));
+        let names = trainable(&vs);
+        assert!(
+            names.contains(&"layer2.0.conv1.weight".to_string()),
+            "{names:?}"
+        );
+        assert!(!names
+            .iter()
+            .any(|n| n.starts_with("layer1") || n == "conv1.weight"));
+    }
 }

@@ -122,6 +122,8 @@ pub struct DetrConfig {
     pub backbone: crate::spec::Backbone,
     pub train_backbone: bool,
     pub dilation: bool,
+    /// `model.backbone_from_scratch` (see [`crate::model::backbone::ResNetBody::new`]).
+    pub backbone_from_scratch: bool,
     /// Backbone stages (0 = layer1) feeding the transformer.
     pub backbone_stages: Vec<usize>,
     pub num_classes: i64,
@@ -171,6 +173,7 @@ impl DetrConfig {
             backbone: m.backbone,
             train_backbone: m.train_backbone,
             dilation: m.dilation,
+            backbone_from_scratch: m.backbone_from_scratch,
             backbone_stages,
             num_classes: num_classes as i64,
             with_box_refine: m.with_box_refine,
@@ -245,6 +248,7 @@ impl DeformableDetr {
             &config.backbone_stages,
             config.train_backbone,
             config.dilation,
+            config.backbone_from_scratch,
         );
         let transformer = DeformableTransformer::new(&(root / "transformer"), tc);
 

@@ -104,6 +104,11 @@ pub struct ModelConfig {
     pub with_box_refine: bool,
     /// (ddetr) the official two-stage variant (needs `with_box_refine`).
     pub two_stage: bool,
+    /// (ddetr) A backbone trained from scratch, set up as the transformers peer's (timm ResNet):
+    /// the last FrozenBatchNorm of every residual block starts at zero (timm's `zero_init_last`,
+    /// torchvision's `zero_init_residual`), so those branches add nothing and their convs are
+    /// frozen and skipped; the stem and layer1 train (upstream freezes them as pretrained).
+    pub backbone_from_scratch: bool,
     /// Top-k detections kept by the post-process.
     pub num_select: u32,
     pub nheads: u32,
@@ -141,6 +146,7 @@ impl Default for ModelConfig {
             clip_max_norm: 0.1,
             with_box_refine: true,
             two_stage: false,
+            backbone_from_scratch: false,
             num_select: 100,
             nheads: 8,
             dropout_ratio: 0.3,

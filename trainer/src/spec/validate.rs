@@ -163,6 +163,25 @@ fn validate_model(spec: &ExperimentSpec) -> Result<(), SpecError> {
             "needs model.with_box_refine: true (as the official two-stage variant)",
         ));
     }
+    let pretrained = [
+        (
+            "model.pretrained_backbone_path",
+            &m.pretrained_backbone_path,
+        ),
+        (
+            "train.pretrained_model_path",
+            &spec.train.pretrained_model_path,
+        ),
+    ];
+    if let Some((key, _)) = pretrained
+        .iter()
+        .find(|(_, p)| m.backbone_from_scratch && p.as_deref().is_some_and(|p| !p.is_empty()))
+    {
+        return Err(invalid(
+            "model.backbone_from_scratch",
+            format!("is true but {key} is set: a from-scratch backbone freezes its residual convs, so drop one of the two"),
+        ));
+    }
     if !(m.focal_alpha > 0.0 && m.focal_alpha < 1.0) {
         return Err(invalid(
             "model.focal_alpha",
