@@ -48,7 +48,14 @@ fn workdir() -> tempfile::TempDir {
     for (split, n, seed) in [("train", 12, "1"), ("val", VAL_IMAGES, "2")] {
         let st = Command::new(ddetr_bin())
             .args(["dataset", "synth", "--out", &format!("data/{split}")])
-            .args(["--images", &n.to_string(), "--size", "64x64", "--seed", seed])
+            .args([
+                "--images",
+                &n.to_string(),
+                "--size",
+                "64x64",
+                "--seed",
+                seed,
+            ])
             .current_dir(dir.path())
             .stderr(Stdio::null())
             .status()
@@ -102,7 +109,10 @@ fn ddetr(dir: &Path, task: &str, results: &str, extra: &[&str]) -> (ExitStatus, 
         if let Some(st) = p.child.try_wait().unwrap() {
             break st;
         }
-        assert!(t.elapsed() < PATIENCE, "ddetr {task} did not finish in time");
+        assert!(
+            t.elapsed() < PATIENCE,
+            "ddetr {task} did not finish in time"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     (st, std::fs::read_to_string(&p.err).unwrap_or_default())
@@ -112,7 +122,11 @@ fn ddetr(dir: &Path, task: &str, results: &str, extra: &[&str]) -> (ExitStatus, 
 fn parse_label(line: &str) -> (String, [f64; 4], f64) {
     let f: Vec<&str> = line.split(' ').collect();
     assert_eq!(f.len(), 16, "16 KITTI fields: {line:?}");
-    assert_eq!(&f[1..4], &["0.00", "0", "0.00"], "truncation, occlusion, alpha: {line:?}");
+    assert_eq!(
+        &f[1..4],
+        &["0.00", "0", "0.00"],
+        "truncation, occlusion, alpha: {line:?}"
+    );
     assert!(f[8..15].iter().all(|v| *v == "0.00"), "3D fields: {line:?}");
     let n = |i: usize| -> f64 { f[i].parse().unwrap() };
     (f[0].to_string(), [n(4), n(5), n(6), n(7)], n(15))
@@ -135,7 +149,12 @@ fn labels(labels: &Path, threshold: f64) -> Vec<(String, [f64; 4], f64)> {
                 "{line}"
             );
             assert!(
-                0.0 <= b[0] && b[0] <= b[2] && b[2] <= SIDE && 0.0 <= b[1] && b[1] <= b[3] && b[3] <= SIDE,
+                0.0 <= b[0]
+                    && b[0] <= b[2]
+                    && b[2] <= SIDE
+                    && 0.0 <= b[1]
+                    && b[1] <= b[3]
+                    && b[3] <= SIDE,
                 "box outside the 64×64 image: {line}"
             );
             assert!(score >= threshold - 5e-4 && score <= 1.0, "{line}");
@@ -148,7 +167,12 @@ fn labels(labels: &Path, threshold: f64) -> Vec<(String, [f64; 4], f64)> {
 /// PNG signature and IHDR size.
 fn png_size(path: &Path) -> (u32, u32) {
     let b = std::fs::read(path).unwrap();
-    assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", path.display());
+    assert_eq!(
+        &b[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{} is not a PNG",
+        path.display()
+    );
     let be = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
     (be(16), be(20))
 }
@@ -168,7 +192,10 @@ fn training_draws_its_curves_and_inference_writes_an_image_and_a_kitti_file_per_
     let ck = "inference.checkpoint=r/train/dd_model_latest.safetensors";
     let (st, err) = ddetr(d, "inference", "r", &[ck, "inference.conf_threshold=0.0"]);
     assert!(st.success(), "inference failed:\n{err}");
-    assert!(err.contains("annotated images in r/inference/images_annotated"), "{err}");
+    assert!(
+        err.contains("annotated images in r/inference/images_annotated"),
+        "{err}"
+    );
     let all = labels(&d.join("r/inference/labels"), 0.0);
     assert!(!all.is_empty());
     let annotated = d.join("r/inference/images_annotated");
@@ -182,10 +209,15 @@ fn training_draws_its_curves_and_inference_writes_an_image_and_a_kitti_file_per_
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     originals.sort();
-    assert_eq!(names, originals, "one annotated image per input, same names");
+    assert_eq!(
+        names, originals,
+        "one annotated image per input, same names"
+    );
     for n in &names {
         let a = image::open(annotated.join(n)).unwrap().to_rgb8();
-        let o = image::open(d.join("data/val/images").join(n)).unwrap().to_rgb8();
+        let o = image::open(d.join("data/val/images").join(n))
+            .unwrap()
+            .to_rgb8();
         assert_eq!(a.dimensions(), o.dimensions(), "{n}: original size");
         let changed = a
             .pixels()
@@ -260,5 +292,8 @@ fn each_bad_inference_input_is_one_line() {
         &[ck, "inference.color_map={ellipse: reddish}"],
         "inference.color_map.ellipse is \"reddish\", not a colour",
     );
-    assert!(!d.join("x/inference").exists(), "nothing written on bad input");
+    assert!(
+        !d.join("x/inference").exists(),
+        "nothing written on bad input"
+    );
 }

@@ -165,9 +165,9 @@ pub fn list_images(dirs: &[String]) -> Result<Vec<PathBuf>, TrainerError> {
             .map(|e| e.path())
             .filter(|p| {
                 p.is_file()
-                    && p.extension()
-                        .and_then(|x| x.to_str())
-                        .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+                    && p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                        IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str())
+                    })
             })
             .collect();
         found.sort();
@@ -227,8 +227,10 @@ impl Painter {
             if let Some(p) = prev {
                 caret += font.kern(p, id);
             }
-            let glyph =
-                id.with_scale_and_position(LABEL_PX, ab_glyph::point(caret, y as f32 + font.ascent()));
+            let glyph = id.with_scale_and_position(
+                LABEL_PX,
+                ab_glyph::point(caret, y as f32 + font.ascent()),
+            );
             caret += font.h_advance(id);
             prev = Some(id);
             let Some(outlined) = self.font.outline_glyph(glyph) else {
@@ -258,7 +260,12 @@ impl Painter {
         let pad = LABEL_PX.ceil() as i64 + 2;
         let top = if b[1] - pad >= 0 { b[1] - pad } else { b[1] };
         Self::fill(img, b[0], top, b[2] + 1, top + pad, c);
-        self.text(img, b[0] + 1, top + 1, &format!("{}: {:.2}", d.class, d.score));
+        self.text(
+            img,
+            b[0] + 1,
+            top + 1,
+            &format!("{}: {:.2}", d.class, d.score),
+        );
     }
 }
 
@@ -330,8 +337,9 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
     let ck = checkpoint::load(ckpt)?;
     load_model_tensors(&built, &ck.tensors, &ck.path)?;
     let painter = Painter {
-        font: FontRef::try_from_slice(dejavu::sans::regular())
-            .map_err(|e| TrainerError::Io(format!("the embedded DejaVu font is unreadable: {e}")))?,
+        font: FontRef::try_from_slice(dejavu::sans::regular()).map_err(|e| {
+            TrainerError::Io(format!("the embedded DejaVu font is unreadable: {e}"))
+        })?,
         outline: inf.outline_width,
         colours,
     };
@@ -343,9 +351,8 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
         let mut originals = Vec::with_capacity(chunk.len());
         let mut samples = Vec::with_capacity(chunk.len());
         for (k, path) in chunk.iter().enumerate() {
-            let bytes = std::fs::read(path).map_err(|e| {
-                TrainerError::Io(format!("cannot read {}: {e}", path.display()))
-            })?;
+            let bytes = std::fs::read(path)
+                .map_err(|e| TrainerError::Io(format!("cannot read {}: {e}", path.display())))?;
             let rgb = decode_rgb8(&bytes, &path.display().to_string())?;
             let mut s = Sample {
                 image: rgb.clone(),

@@ -53,7 +53,12 @@ pub fn read_curves(status_json: &Path) -> Result<Curves, TrainerError> {
             let t = |k| get(k).unwrap_or(f64::NAN);
             c.loss.insert(
                 epoch,
-                [l, t("train_loss_ce"), t("train_loss_bbox"), t("train_loss_giou")],
+                [
+                    l,
+                    t("train_loss_ce"),
+                    t("train_loss_bbox"),
+                    t("train_loss_giou"),
+                ],
             );
         }
         if let (Some(m), Some(m50)) = (get("val_mAP"), get("val_mAP50")) {
@@ -116,7 +121,9 @@ fn chart(
             ch.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
                 .map_err(|e| draw_err(path, e))?
                 .label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
             ch.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled())))
                 .map_err(|e| draw_err(path, e))?;
         }
@@ -223,7 +230,11 @@ mod tests {
                 .flat_map(|x| (0..36).map(move |y| (x, y)))
                 .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&v| v < 100))
                 .count();
-            assert!(caption > 50, "{}: caption has {caption} dark pixels", f.display());
+            assert!(
+                caption > 50,
+                "{}: caption has {caption} dark pixels",
+                f.display()
+            );
         }
     }
 }

@@ -146,7 +146,8 @@ impl Progress {
             Display::Off => false,
             Display::Bar => true,
             Display::Log => {
-                self.last_log.is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
+                self.last_log
+                    .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
                     || step + 1 == self.steps
             }
         };

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ddetr_collective::ddp::{BucketConfig, Ddp};
 use ddetr_collective::{CommConfig, Communicator, RankInfo, ReduceOp, TcpStore, TcpStoreServer};
@@ -669,7 +669,17 @@ pub fn train(
             let m = |k: usize| agg[k] / nworld as f64;
             let (loss, loss_ce, loss_bbox, loss_giou) = (m(0), m(1), m(2), m(3));
             let lr = optim.lr(0);
-            progress.step(epoch, step, StepStats { loss, loss_ce, loss_bbox, loss_giou, lr });
+            progress.step(
+                epoch,
+                step,
+                StepStats {
+                    loss,
+                    loss_ce,
+                    loss_bbox,
+                    loss_giou,
+                    lr,
+                },
+            );
             if agg[4] > 0.0 {
                 let (e, s) = if step + 1 == steps {
                     (epoch + 1, 0)

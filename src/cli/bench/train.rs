@@ -177,9 +177,8 @@ fn record_secs(rec: &serde_json::Value) -> Option<i64> {
         .split(':')
         .map(|x| x.parse().ok())
         .collect::<Option<_>>()?;
-    let ([m, d, y], [hh, mm, ss]) = (date[..].try_into().ok()?, time[..].try_into().ok()?) else {
-        return None;
-    };
+    let [m, d, y]: [i64; 3] = date.try_into().ok()?;
+    let [hh, mm, ss]: [i64; 3] = time.try_into().ok()?;
     // Howard Hinnant's days_from_civil.
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
