@@ -57,6 +57,7 @@ fn workdir() -> tempfile::TempDir {
                 seed,
             ])
             .current_dir(dir.path())
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .unwrap();

@@ -87,7 +87,7 @@ fn chart(
     path: &Path,
     title: &str,
     y_label: &str,
-    series: &[(&str, RGBColor, Vec<(f64, f64)>)],
+    series: &[(&str, RGBColor, Vec<(u32, f64)>)],
     y_range: Option<(f64, f64)>,
 ) -> Result<(), TrainerError> {
     register_font();
@@ -97,7 +97,7 @@ fn chart(
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
         let finite = || series.iter().flat_map(|s| &s.2).filter(|p| p.1.is_finite());
-        let x_max = finite().map(|p| p.0).fold(1.0, f64::max);
+        let x_max = finite().map(|p| p.0).max().unwrap_or(1);
         let (y_lo, y_hi) = y_range.unwrap_or_else(|| {
             let hi = finite().map(|p| p.1).fold(0.0, f64::max);
             (0.0, if hi > 0.0 { hi * 1.05 } else { 1.0 })
@@ -107,16 +107,17 @@ fn chart(
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0.0..x_max.max(1.0) + 0.5, y_lo..y_hi)
+            .build_cartesian_2d(0..x_max + 1, y_lo..y_hi)
             .map_err(|e| draw_err(path, e))?;
         ch.configure_mesh()
+            .x_labels((x_max as usize + 2).min(12))
             .x_desc("epoch")
             .y_desc(y_label)
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| draw_err(path, e))?;
         for (name, colour, pts) in series {
-            let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
+            let pts: Vec<(u32, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
             let c = *colour;
             ch.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
                 .map_err(|e| draw_err(path, e))?
@@ -148,12 +149,8 @@ pub fn training_curves(dir: &Path) -> Result<Vec<PathBuf>, TrainerError> {
     let c = read_curves(&dir.join("status.json"))?;
     let mut written = Vec::new();
     if !c.loss.is_empty() {
-        let pick = |i: usize| -> Vec<(f64, f64)> {
-            c.loss
-                .iter()
-                .map(|(&e, v)| (f64::from(e) + 1.0, v[i]))
-                .collect()
-        };
+        let pick =
+            |i: usize| -> Vec<(u32, f64)> { c.loss.iter().map(|(&e, v)| (e + 1, v[i])).collect() };
         let path = dir.join(LOSS_PNG);
         chart(
             &path,
@@ -170,12 +167,8 @@ pub fn training_curves(dir: &Path) -> Result<Vec<PathBuf>, TrainerError> {
         written.push(path);
     }
     if !c.map.is_empty() {
-        let pick = |i: usize| -> Vec<(f64, f64)> {
-            c.map
-                .iter()
-                .map(|(&e, v)| (f64::from(e) + 1.0, v[i]))
-                .collect()
-        };
+        let pick =
+            |i: usize| -> Vec<(u32, f64)> { c.map.iter().map(|(&e, v)| (e + 1, v[i])).collect() };
         let path = dir.join(MAP_PNG);
         chart(
             &path,

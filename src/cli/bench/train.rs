@@ -48,7 +48,8 @@ pub fn run(args: &TrainBenchArgs) -> anyhow::Result<()> {
 }
 
 /// The spec of the benchmark run: TAO's model defaults, the synthetic set at `size`² with every
-/// augmentation pinned to that size, one epoch, no validation.
+/// augmentation pinned to that size (the random crop takes `size - 1` or `size` per side, so
+/// batches are `size`² or one pixel less per side), one epoch, no validation.
 fn bench_spec(root: &Path, args: &TrainBenchArgs) -> String {
     let s = args.size;
     let d = root.display();
@@ -64,7 +65,7 @@ dataset:
   augmentation:
     scales: [{s}]
     train_random_resize: [{s}]
-    train_random_crop_min: {s}
+    train_random_crop_min: {crop_min}
     train_random_crop_max: {s}
     random_resize_max_size: {s}
     test_random_resize: {s}
@@ -72,13 +73,14 @@ train:
   num_epochs: 1
   checkpoint_interval: 1
 ",
-        b = args.batch
+        b = args.batch,
+        crop_min = s - 1
     )
 }
 
 fn step(args: &TrainBenchArgs) -> anyhow::Result<()> {
-    if args.steps == 0 || args.batch == 0 {
-        bail!("--steps and --batch must be at least 1");
+    if args.steps == 0 || args.batch == 0 || args.size < 32 {
+        bail!("--steps and --batch must be at least 1 and --size at least 32");
     }
     let tmp = tempfile::tempdir().context("creating a temp dir")?;
     let images = args.batch as usize * (args.steps + 1);
