@@ -153,6 +153,22 @@ fn args(task: &str, results: &str, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// `ddetr-launch` on this node with `nproc` CPU trainers, up to the `--`.
+fn launch_args(nproc: u32) -> Vec<String> {
+    [
+        "--nodes",
+        "1",
+        "--nproc-per-node",
+        &nproc.to_string(),
+        "--device",
+        "cpu",
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Runs `ddetr <args>` to the end; returns (status, stderr).
 fn ddetr(dir: &Path, a: &[String], env: &[(&str, &str)]) -> (ExitStatus, String) {
     let mut p = Proc::start(dir, &ddetr_bin(), a, env);
@@ -205,15 +221,7 @@ fn two_ranks_match_one_rank_with_the_doubled_batch_and_write_every_output() {
     // World 1, batch 4.
     ok(d, &args("train", "w1", &["dataset.batch_size=4"]));
     // World 2 under the launcher, batch 2 per rank: the same 4 images per step.
-    let mut a = vec![
-        "--nodes".to_string(),
-        "1".into(),
-        "--nproc-per-node".into(),
-        "2".into(),
-        "--device".into(),
-        "cpu".into(),
-        "--".into(),
-    ];
+    let mut a = launch_args(2);
     a.extend(args("train", "w2", &[]));
     let mut p = Proc::start(d, &launch_bin(), &a, &[]);
     let st = p.wait();
@@ -259,6 +267,29 @@ fn two_ranks_match_one_rank_with_the_doubled_batch_and_write_every_output() {
     // AdamW normalises each update, so a gradient that is ~0 on one side can move a weight by up to
     // lr (2e-4) per step there: allow a few lr steps.
     assert!(diff < 1e-3, "world-1 and world-2 weights differ by {diff}");
+
+    // The same world under fsdp (ZeRO-2: sharded gradients and optimizer state): the same weights
+    // and, gathered into the checkpoint under the same names, the same optimizer state as ddp.
+    let mut a = launch_args(2);
+    a.extend(args("train", "w2f", &["train.distributed_strategy=fsdp"]));
+    let mut p = Proc::start(d, &launch_bin(), &a, &[]);
+    let st = p.wait();
+    assert!(st.success(), "fsdp run failed ({st}):\n{}", p.stderr());
+    assert!(
+        p.stderr()
+            .contains("fsdp (ZeRO-2): this rank holds the optimizer state of"),
+        "{}",
+        p.stderr()
+    );
+    let all = |w: &str| {
+        checkpoint::load(&d.join(w).join("train/dd_model_latest.safetensors"))
+            .unwrap()
+            .tensors
+    };
+    let (ddp, fsdp) = (all("w2"), all("w2f"));
+    assert!(fsdp.keys().any(|k| k.ends_with(".exp_avg_sq")));
+    let diff = max_diff(&ddp, &fsdp);
+    assert!(diff < 1e-6, "fsdp and ddp checkpoints differ by {diff}");
 
     // Evaluate the world-2 checkpoint: 12 COCO lines on stdout, metrics and detections written.
     let (st, err) = ddetr(
@@ -330,6 +361,63 @@ fn sigterm_writes_a_mid_epoch_checkpoint_and_the_rerun_ends_where_an_uninterrupt
     assert!(
         diff < 1e-3,
         "resumed run ends {diff} away from the uninterrupted one"
+    );
+}
+
+#[test]
+fn kill_9_of_a_trainer_under_the_launcher_restarts_and_ends_where_an_uninterrupted_run_does() {
+    let _serial = serial();
+    let dir = workdir();
+    let d = dir.path();
+    let extra = ["train.num_epochs=3", "train.validation_interval=10"];
+    let mut a = launch_args(2);
+    a.extend(args("train", "ref", &extra));
+    let mut p = Proc::start(d, &launch_bin(), &a, &[]);
+    let st = p.wait();
+    assert!(st.success(), "reference run failed ({st}):\n{}", p.stderr());
+
+    let mut a = vec!["--max-restarts".to_string(), "1".into()];
+    a.extend(launch_args(2));
+    a.extend(args("train", "cut", &extra));
+    let mut p = Proc::start(d, &launch_bin(), &a, &[]);
+    let t = Instant::now();
+    // Mid-epoch 2 (3 steps per epoch): the latest checkpoint is the end of epoch 1.
+    while !p.stderr().contains("epoch 2/3 step 1/3") {
+        assert!(
+            t.elapsed() < PATIENCE,
+            "no step of epoch 2:\n{}",
+            p.stderr()
+        );
+        assert!(p.child.try_wait().unwrap().is_none(), "{}", p.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let children = Command::new("pgrep")
+        .args(["-P", &p.child.id().to_string()])
+        .output()
+        .unwrap();
+    let pids = String::from_utf8_lossy(&children.stdout).to_string();
+    let victim = pids.split_whitespace().next().expect("trainer pids");
+    Command::new("kill")
+        .args(["-KILL", victim])
+        .status()
+        .unwrap();
+    let st = p.wait();
+    let err = p.stderr();
+    assert!(st.success(), "run with a restart failed ({st}):\n{err}");
+    assert!(
+        err.contains(
+            "was killed by signal 9 (SIGKILL): restarting all 2 trainer(s) (restart 1 of 1)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("resuming"), "{err}");
+    let diff = max_diff(
+        &model_tensors(&d.join("ref/train/dd_model_latest.safetensors")),
+        &model_tensors(&d.join("cut/train/dd_model_latest.safetensors")),
+    );
+    assert!(
+        diff < 1e-6,
+        "restarted run ends {diff} away from the uninterrupted one"
     );
 }
 

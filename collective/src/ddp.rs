@@ -69,7 +69,7 @@ pub fn assign_buckets(params: &[(usize, Kind)], cfg: BucketConfig) -> Vec<Bucket
 }
 
 /// The gradient of `p`, created as zeros when backward did not reach it.
-pub(crate) fn grad_or_zero(p: &Tensor) -> Tensor {
+pub fn grad_or_zero(p: &Tensor) -> Tensor {
     let g = p.grad();
     if g.defined() {
         return g;
@@ -82,7 +82,7 @@ pub(crate) fn grad_or_zero(p: &Tensor) -> Tensor {
 
 /// Global L2 norm of `grads` and the clip coefficient for `max_norm` (as torch's
 /// clip_grad_norm_: scale = max_norm / (norm + 1e-6) when below 1).
-pub(crate) fn clip_coef(norm: f64, max_norm: f64) -> Option<f64> {
+pub fn clip_coef(norm: f64, max_norm: f64) -> Option<f64> {
     let c = max_norm / (norm + 1e-6);
     (c < 1.0).then_some(c)
 }
@@ -189,7 +189,7 @@ impl<'c> Ddp<'c> {
 }
 
 /// Broadcasts `t` from rank 0 in place (through a contiguous copy if it is not contiguous).
-pub(crate) fn broadcast_tensor(comm: &Communicator, t: &Tensor) -> Result<()> {
+pub fn broadcast_tensor(comm: &Communicator, t: &Tensor) -> Result<()> {
     let mut dst = t.shallow_clone();
     if t.is_contiguous() {
         comm.broadcast(&mut dst, 0)

@@ -8,11 +8,13 @@ use std::time::Instant;
 use tch::nn::{self, OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
 
+use crate::amp::Amp;
 use crate::criterion::{local_num_boxes, normalizer, SetCriterion};
 use crate::matcher::Target;
 use crate::model::deformable_detr::{DetrConfig, GROUP_BACKBONE, GROUP_LINEAR_PROJ};
 use crate::model::DeformableDetr;
-use crate::spec::{ModelConfig, OptimConfig};
+use crate::spec::{ModelConfig, OptimConfig, Precision};
+use crate::step::{forward_backward, StepMode};
 use crate::TrainerError;
 
 /// COCO's class count (max category id 90 + 1), TAO's default.
@@ -30,6 +32,22 @@ pub struct StepBench {
     /// Trainable + frozen parameters (FrozenBatchNorm running statistics excluded).
     pub params: i64,
     pub final_loss: f64,
+    /// Highest resident set size during the timed steps, bytes (Linux: VmHWM after resetting
+    /// it with /proc/self/clear_refs); None where the kernel does not tell.
+    pub peak_rss: Option<u64>,
+}
+
+/// Resets the kernel's resident-set high-water mark of this process (Linux ≥ 4.0).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// This process's resident-set high-water mark, bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 impl StepBench {
@@ -41,12 +59,14 @@ impl StepBench {
     }
 }
 
-/// Runs `steps` timed training steps (after one warm-up step) at `batch` × 3 × `size` × `size`.
+/// Runs `steps` timed training steps (after one warm-up step) at `batch` × 3 × `size` × `size`,
+/// with the backbone recomputed in backward when `activation_checkpoint`.
 pub fn step_bench(
     batch: i64,
     size: i64,
     steps: usize,
     device: Device,
+    activation_checkpoint: bool,
 ) -> Result<StepBench, TrainerError> {
     tch::manual_seed(0);
     let cfg = ModelConfig::default();
@@ -83,12 +103,21 @@ pub fn step_bench(
     let num_boxes = normalizer(local_num_boxes(&targets));
     let mut step_s = Vec::with_capacity(steps);
     let mut final_loss = f64::NAN;
+    let amp = Amp::new(Precision::Fp32, device);
+    let mode = StepMode {
+        activation_checkpoint,
+        loss_scale: 1.0,
+    };
+    let mut rss_ok = false;
     for i in 0..=steps {
+        if i == 1 {
+            rss_ok = reset_peak_rss();
+        }
         let t0 = Instant::now();
-        let out = model.forward(&images, &mask, true);
-        let losses = criterion.forward(&out, &targets, num_boxes)?;
         opt.zero_grad();
-        losses.total.backward();
+        let losses = forward_backward(
+            &model, &criterion, &images, &mask, &targets, num_boxes, &amp, mode,
+        )?;
         opt.clip_grad_norm(CLIP_GRAD_NORM);
         opt.step();
         final_loss = losses.total.double_value(&[]);
@@ -105,5 +134,6 @@ pub fn step_bench(
         step_s,
         params,
         final_loss,
+        peak_rss: if rss_ok { peak_rss() } else { None },
     })
 }

@@ -11,10 +11,12 @@
 //! matcher), `make_lsa_fixtures.py` and `make_pth_fixture.py`; run them with the peers venv
 //! (`$(/work/shared/peers/venv.sh) trainer/tests/golden/<script>`) to regenerate.
 
+pub mod amp;
 pub mod bench;
 pub mod checkpoint;
 pub mod coco_eval;
 pub mod criterion;
+pub mod engine;
 pub mod export;
 pub mod inference;
 pub mod lsa;
@@ -25,6 +27,7 @@ pub mod plot;
 pub mod post_process;
 pub mod progress;
 pub mod spec;
+pub mod step;
 pub mod torch_pickle;
 pub mod train;
 pub mod weights;

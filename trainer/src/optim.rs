@@ -66,59 +66,96 @@ impl Optim {
     /// One step over `params` (the same list, in the same order, every call). Parameters
     /// without a gradient are skipped, as torch does.
     pub fn step(&mut self, params: &[Param]) {
-        self.steps += 1;
-        let t = self.steps as f64;
+        self.begin_step();
         tch::no_grad(|| {
             for (i, p) in params.iter().enumerate() {
                 let g = p.tensor.grad();
                 if !g.defined() {
                     continue;
                 }
-                let lr = self.lr(p.group);
-                let mut w = p.tensor.shallow_clone();
-                match self.kind {
-                    Optimizer::AdamW => {
-                        let (m, v) =
-                            self.state[i].get_or_insert_with(|| (w.zeros_like(), w.zeros_like()));
-                        let _ = w.g_mul_scalar_(1.0 - lr * self.weight_decay);
-                        let _ = m.lerp_(&g, 1.0 - BETA1);
-                        let _ = v.g_mul_scalar_(BETA2);
-                        let _ = v.addcmul_(&g, &g.g_mul_scalar(1.0 - BETA2));
-                        let bc1 = 1.0 - BETA1.powf(t);
-                        let bc2 = 1.0 - BETA2.powf(t);
-                        let denom = (v.sqrt() / bc2.sqrt()).g_add_scalar(EPS);
-                        let _ = w.addcdiv_(&(m.g_mul_scalar(-lr / bc1)), &denom);
-                    }
-                    Optimizer::SGD => {
-                        let d = if self.weight_decay != 0.0 {
-                            &g + &w * self.weight_decay
-                        } else {
-                            g.shallow_clone()
-                        };
-                        let d = if self.momentum != 0.0 {
-                            match &mut self.state[i] {
-                                Some((buf, _)) => {
-                                    let _ = buf.g_mul_scalar_(self.momentum);
-                                    let _ = buf.g_add_(&d);
-                                    buf.shallow_clone()
-                                }
-                                slot @ None => {
-                                    let buf = d.copy();
-                                    *slot = Some((
-                                        buf.shallow_clone(),
-                                        Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu)),
-                                    ));
-                                    buf
-                                }
-                            }
-                        } else {
-                            d
-                        };
-                        let _ = w.g_add_(&(d * -lr));
-                    }
-                }
+                let mut slot = self.state[i].take();
+                self.update(&mut slot, &p.tensor, &g, p.group);
+                self.state[i] = slot;
             }
         })
+    }
+
+    /// Counts one optimizer step (AdamW's bias correction uses the count); call once per step
+    /// before the [`Optim::update`]s of that step.
+    pub fn begin_step(&mut self) {
+        self.steps += 1;
+    }
+
+    /// The element-wise update of `w` (a parameter or any slice of one, updated in place) from
+    /// its gradient `g`, with `slot` holding that slice's state (created on first use). The
+    /// sharded engine applies it to each rank's slices; element for element it is [`Optim::step`].
+    pub fn update(
+        &self,
+        slot: &mut Option<(Tensor, Tensor)>,
+        w: &Tensor,
+        g: &Tensor,
+        group: usize,
+    ) {
+        let t = self.steps as f64;
+        let lr = self.lr(group);
+        let mut w = w.shallow_clone();
+        match self.kind {
+            Optimizer::AdamW => {
+                let (m, v) = slot.get_or_insert_with(|| (w.zeros_like(), w.zeros_like()));
+                let _ = w.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                let _ = m.lerp_(g, 1.0 - BETA1);
+                let _ = v.g_mul_scalar_(BETA2);
+                let _ = v.addcmul_(g, &g.g_mul_scalar(1.0 - BETA2));
+                let bc1 = 1.0 - BETA1.powf(t);
+                let bc2 = 1.0 - BETA2.powf(t);
+                let denom = (v.sqrt() / bc2.sqrt()).g_add_scalar(EPS);
+                let _ = w.addcdiv_(&(m.g_mul_scalar(-lr / bc1)), &denom);
+            }
+            Optimizer::SGD => {
+                let d = if self.weight_decay != 0.0 {
+                    g + &w * self.weight_decay
+                } else {
+                    g.shallow_clone()
+                };
+                let d = if self.momentum != 0.0 {
+                    match slot {
+                        Some((buf, _)) => {
+                            let _ = buf.g_mul_scalar_(self.momentum);
+                            let _ = buf.g_add_(&d);
+                            buf.shallow_clone()
+                        }
+                        None => {
+                            let buf = d.copy();
+                            *slot = Some((
+                                buf.shallow_clone(),
+                                Tensor::zeros([0], (w.kind(), w.device())),
+                            ));
+                            buf
+                        }
+                    }
+                } else {
+                    d
+                };
+                let _ = w.g_add_(&(d * -lr));
+            }
+        }
+    }
+
+    /// f32 state elements kept per parameter element (AdamW 2, SGD with momentum 1, else 0).
+    pub fn state_elems_per_param(&self) -> usize {
+        match self.kind {
+            Optimizer::AdamW => 2,
+            Optimizer::SGD if self.momentum != 0.0 => 1,
+            Optimizer::SGD => 0,
+        }
+    }
+
+    /// Names of the two state tensors of each parameter (`None`: the second is unused).
+    pub fn state_names(&self) -> (&'static str, Option<&'static str>) {
+        match self.kind {
+            Optimizer::AdamW => ("exp_avg", Some("exp_avg_sq")),
+            Optimizer::SGD => ("momentum_buffer", None),
+        }
     }
 
     /// The state as named tensors (`optim.<param>.exp_avg` …, `optim.steps`).
@@ -127,10 +164,7 @@ impl Optim {
             "optim.steps".to_string(),
             Tensor::from_slice(&[self.steps as i64]),
         )];
-        let (a, b) = match self.kind {
-            Optimizer::AdamW => ("exp_avg", Some("exp_avg_sq")),
-            Optimizer::SGD => ("momentum_buffer", None),
-        };
+        let (a, b) = self.state_names();
         for (p, s) in params.iter().zip(&self.state) {
             if let Some((x, y)) = s {
                 out.push((format!("optim.{}.{a}", p.name), x.shallow_clone()));

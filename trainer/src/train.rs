@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ddetr_collective::ddp::{BucketConfig, Ddp};
+use crate::amp::Amp;
+use crate::engine::Engine;
+use crate::step::{forward_backward, StepMode};
 use ddetr_collective::{CommConfig, Communicator, RankInfo, ReduceOp, TcpStore, TcpStoreServer};
 use ddetr_dataset::cache::{ensure_split, Split};
 use ddetr_dataset::loader::{Batch, Loader, LoaderMode};
@@ -456,16 +458,6 @@ pub fn train(
             "train.precision {name} needs a CUDA GPU but this run is on the CPU: set train.precision=fp32"
         )));
     }
-    if spec.train.precision != Precision::Fp32 {
-        return Err(TrainerError::Config(
-            "train.precision fp16/bf16 (autocast) is not implemented in this version: set train.precision=fp32".into(),
-        ));
-    }
-    if spec.train.distributed_strategy == crate::spec::DistributedStrategy::Fsdp {
-        return Err(TrainerError::Config(
-            "train.distributed_strategy fsdp is not wired into training in this version: set train.distributed_strategy=ddp".into(),
-        ));
-    }
     if device == Device::Cpu {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         tch::set_num_threads((cores / comm.local_world().max(1)).max(1) as i32);
@@ -520,9 +512,9 @@ pub fn train(
     let mut optim = Optim::new(&spec.train.optim, built.params.len());
     let (mut start_epoch, mut start_step) = (0u32, 0usize);
     let mut global_step = 0u64;
-    if let Some(ck) = find_resume(spec, &dir)? {
+    let resume = find_resume(spec, &dir)?;
+    if let Some(ck) = &resume {
         load_model_tensors(&built, &ck.tensors, &ck.path)?;
-        optim.load_state(&built.params, &ck.tensors)?;
         start_epoch = ck.meta.epoch;
         start_step = ck.meta.step;
         global_step = ck.meta.global_step;
@@ -554,17 +546,28 @@ pub fn train(
         );
     }
     tch::manual_seed(seed + rank as i64);
-    let tensors: Vec<Tensor> = built
-        .params
-        .iter()
-        .map(|p| p.tensor.shallow_clone())
-        .collect();
     let buffers: Vec<Tensor> = built
         .buffers
         .iter()
         .map(|(_, t)| t.shallow_clone())
         .collect();
-    let ddp = Ddp::new(comm, &tensors, &buffers, BucketConfig::default())?;
+    let mut engine = Engine::new(
+        spec.train.distributed_strategy,
+        comm,
+        &built.params,
+        &buffers,
+    )?;
+    let mut amp = Amp::new(spec.train.precision, device);
+    if let Some(ck) = &resume {
+        engine.load_state(&mut optim, &built.params, &ck.tensors)?;
+        amp.load_state(&ck.tensors);
+    }
+    drop(resume);
+    tracing::info!(
+        strategy = engine.name(),
+        optimizer_state_bytes_per_rank = engine.state_bytes_per_rank(&optim, &built.params),
+        "distributed engine ready"
+    );
     let spec_yaml = spec.to_yaml();
     if rank == 0 {
         std::fs::write(dir.join("experiment.yaml"), &spec_yaml)
@@ -578,8 +581,12 @@ pub fn train(
                 step: usize,
                 gstep: u64,
                 optim: &Optim,
+                engine: &Engine,
+                amp: &Amp,
                 names: &[&str]|
      -> Result<(), TrainerError> {
+        // Collective under fsdp (the sharded state is gathered), so every rank gets here.
+        let state = engine.state_tensors(optim, &built.params)?;
         if rank != 0 {
             return Ok(());
         }
@@ -594,7 +601,8 @@ pub fn train(
                     .map(|(n, t)| (n.clone(), t.shallow_clone())),
             )
             .collect();
-        t.extend(optim.state_tensors(&built.params));
+        t.extend(state);
+        t.extend(amp.state_tensors());
         let meta = CheckpointMeta {
             epoch,
             step,
@@ -631,24 +639,44 @@ pub fn train(
             let images = batch.normalized(device);
             let mask = batch.mask.to_device(device);
             let targets = targets_of(&batch, device);
-            let out = built.model.forward(&images, &mask, true);
             // num_boxes averaged over ranks (upstream's all_reduce / world size).
             let mut nb = Tensor::from_slice(&[local_num_boxes(&targets)]);
             comm.all_reduce(&mut nb, ReduceOp::Sum)?;
             let num_boxes = normalizer(nb.double_value(&[0]) / nworld as f64);
-            let losses = criterion.forward(&out, &targets, num_boxes)?;
             for p in &built.params {
                 let mut g = p.tensor.grad();
                 if g.defined() {
                     let _ = g.zero_();
                 }
             }
-            losses.total.backward();
-            ddp.sync_gradients(&tensors)?;
-            if spec.train.clip_grad_norm > 0.0 {
-                ddp.clip_grad_norm(&tensors, spec.train.clip_grad_norm);
+            let scale = amp.loss_scale();
+            let losses = forward_backward(
+                &built.model,
+                &criterion,
+                &images,
+                &mask,
+                &targets,
+                num_boxes,
+                &amp,
+                StepMode {
+                    activation_checkpoint: spec.train.activation_checkpoint,
+                    loss_scale: scale,
+                },
+            )?;
+            let report = engine.step(
+                &mut optim,
+                &built.params,
+                spec.train.clip_grad_norm,
+                1.0 / scale,
+            )?;
+            if report.skipped {
+                tracing::warn!(
+                    step,
+                    scale,
+                    "fp16 gradients overflowed: step skipped, loss scale halved"
+                );
             }
-            optim.step(&built.params);
+            amp.update(report.skipped);
             global_step += 1;
             // Loss terms averaged over ranks, and whether any rank was asked to stop.
             let term = |k: &str| losses.terms.get(k).map_or(0.0, |t| t.double_value(&[]));
@@ -686,7 +714,7 @@ pub fn train(
                 } else {
                     (epoch, step + 1)
                 };
-                save(e, s, global_step, &optim, &[LATEST])?;
+                save(e, s, global_step, &optim, &engine, &amp, &[LATEST])?;
                 if rank == 0 {
                     status(
                         &dir,
@@ -717,7 +745,7 @@ pub fn train(
             names.push(epoch_checkpoint_name(epoch));
         }
         let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
-        save(epoch + 1, 0, global_step, &optim, &names_ref)?;
+        save(epoch + 1, 0, global_step, &optim, &engine, &amp, &names_ref)?;
         let validate = val.is_some()
             && ((spec.train.validation_interval > 0
                 && (epoch + 1) % spec.train.validation_interval == 0)

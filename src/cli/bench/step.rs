@@ -35,6 +35,10 @@ pub struct StepArgs {
     /// Run both sides on CUDA device 0 instead of the CPU.
     #[arg(long)]
     pub cuda: bool,
+    /// Ours with `train.activation_checkpoint` (backbone recomputed in backward); the peak
+    /// resident memory of the step is printed either way, so two runs compare the modes.
+    #[arg(long)]
+    pub activation_checkpoint: bool,
 }
 
 /// Runs the peer and returns its median step seconds.
@@ -84,15 +88,25 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
     } else {
         tch::Device::Cpu
     };
-    let ours = ddetr_trainer::bench::step_bench(args.batch, args.size, args.steps, device)?;
+    let ours = ddetr_trainer::bench::step_bench(
+        args.batch,
+        args.size,
+        args.steps,
+        device,
+        args.activation_checkpoint,
+    )?;
+    let peak = ours.peak_rss.map_or("n/a".to_string(), |b| {
+        format!("{:.0}", b as f64 / (1u64 << 20) as f64)
+    });
     let median = ours.median_s();
     println!(
-        "ddetr: device={} params={} ({:.1}M) batch={} size={} steps={:?} median_step={:.3}s loss={:.3}",
+        "ddetr: device={} params={} ({:.1}M) batch={} size={} activation_checkpoint={} steps={:?} median_step={:.3}s loss={:.3} peak_rss={peak} MiB",
         if args.cuda { "cuda" } else { "cpu" },
         ours.params,
         ours.params as f64 / 1e6,
         args.batch,
         args.size,
+        args.activation_checkpoint,
         ours.step_s
             .iter()
             .map(|s| format!("{s:.2}"))
@@ -109,17 +123,18 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
         Some(p) => {
             println!("peer (transformers): median_step={p:.3}s");
             println!(
-                "step_s={median:.3} peer_step_s={p:.3} ratio={:.3} params={} batch={} size={} threads={}",
+                "step_s={median:.3} peer_step_s={p:.3} ratio={:.3} params={} batch={} size={} threads={} activation_checkpoint={} peak_rss_mb={peak}",
                 median / p,
                 ours.params,
                 args.batch,
                 args.size,
-                args.threads
+                args.threads,
+                args.activation_checkpoint
             );
         }
         None => println!(
-            "step_s={median:.3} params={} batch={} size={} threads={}",
-            ours.params, args.batch, args.size, args.threads
+            "step_s={median:.3} params={} batch={} size={} threads={} activation_checkpoint={} peak_rss_mb={peak}",
+            ours.params, args.batch, args.size, args.threads, args.activation_checkpoint
         ),
     }
     Ok(())

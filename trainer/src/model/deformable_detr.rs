@@ -335,7 +335,23 @@ impl DeformableDetr {
     /// Two-stage, when the feature maps have fewer positions than `num_queries` (upstream's
     /// `topk` fails the same way).
     pub fn forward(&self, images: &Tensor, pixel_mask: &Tensor, train: bool) -> DetrOutput {
-        let features = self.backbone.forward(images, pixel_mask);
+        let features = self.backbone_features(images, pixel_mask);
+        self.forward_from_features(&features, pixel_mask, train)
+    }
+
+    /// The backbone half of [`DeformableDetr::forward`]: the returned stages' feature maps and
+    /// their padding masks.
+    pub fn backbone_features(&self, images: &Tensor, pixel_mask: &Tensor) -> Vec<(Tensor, Tensor)> {
+        self.backbone.forward(images, pixel_mask)
+    }
+
+    /// The rest of [`DeformableDetr::forward`] from [`DeformableDetr::backbone_features`].
+    pub fn forward_from_features(
+        &self,
+        features: &[(Tensor, Tensor)],
+        pixel_mask: &Tensor,
+        train: bool,
+    ) -> DetrOutput {
         let mut srcs = Vec::with_capacity(self.input_proj.len());
         let mut masks = Vec::with_capacity(self.input_proj.len());
         let mut pos = Vec::with_capacity(self.input_proj.len());
