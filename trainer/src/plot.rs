@@ -1,6 +1,6 @@
-//! PNG plots of a training run, redrawn from `status.json` after every epoch: `loss.png` (train
-//! loss and its focal / L1 / GIoU terms per epoch) and `map.png` (val mAP and mAP50 per validated
-//! epoch). plotters' bitmap backend renders into a buffer with its ab_glyph text, using the DejaVu
+//! PNG plots of a training run, redrawn from `status.json` after every epoch: `loss.png` (the
+//! weighted train loss with the auxiliary layers', and the final layer's focal / L1 / GIoU terms,
+//! epoch means) and `map.png` (val mAP and mAP50 per validated epoch). plotters' bitmap backend renders into a buffer with its ab_glyph text, using the DejaVu
 //! Sans shipped inside the `dejavu` crate, so no system font or fontconfig is needed; the `image`
 //! crate writes the PNG.
 
@@ -157,7 +157,7 @@ pub fn training_curves(dir: &Path) -> Result<Vec<PathBuf>, TrainerError> {
             "training loss",
             "loss (epoch mean)",
             &[
-                ("total", RGBColor(0, 0, 0), pick(0)),
+                ("total (weighted, with aux)", RGBColor(0, 0, 0), pick(0)),
                 ("focal (ce)", RGBColor(31, 119, 180), pick(1)),
                 ("L1 (bbox)", RGBColor(255, 127, 14), pick(2)),
                 ("GIoU", RGBColor(44, 160, 44), pick(3)),
