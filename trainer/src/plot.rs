@@ -1,8 +1,8 @@
 //! PNG plots of a training run, redrawn from `status.json` after every epoch: `loss.png` (the
 //! weighted train loss with the auxiliary layers', and the final layer's focal / L1 / GIoU terms,
-//! epoch means) and `map.png` (val mAP and mAP50 per validated epoch). plotters' bitmap backend renders into a buffer with its ab_glyph text, using the DejaVu
-//! Sans shipped inside the `dejavu` crate, so no system font or fontconfig is needed; the `image`
-//! crate writes the PNG.
+//! epoch means) and `map.png` (val mAP and mAP50 per validated epoch). plotters' bitmap backend
+//! renders into a buffer with its ab_glyph text, using the DejaVu Sans shipped inside the `dejavu`
+//! crate, so no system font or fontconfig is needed; the `image` crate writes the PNG.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
