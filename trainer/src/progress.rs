@@ -74,7 +74,7 @@ impl Progress {
         let bar = (display == Display::Bar).then(|| {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stdout());
             b.set_style(
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+                ProgressStyle::with_template("{prefix} [{bar:20}] {pos}/{len} {msg}")
                     .expect("static template")
                     .progress_chars("=> "),
             );
@@ -110,8 +110,8 @@ impl Progress {
         if let Some(line) = self.update(now, epoch, step, s) {
             match &self.bar {
                 Some(b) => {
-                    b.set_position(u64::from(epoch) * self.steps as u64 + step as u64 + 1);
                     b.set_message(line);
+                    b.set_position(u64::from(epoch) * self.steps as u64 + step as u64 + 1);
                 }
                 None => tracing::info!("{line}"),
             }
@@ -159,12 +159,8 @@ impl Progress {
         let left = (self.epochs - epoch - 1) as usize * self.steps + (self.steps - step - 1);
         let eta = left as f64 * self.global_batch as f64 / ips.max(1e-9);
         Some(match self.display {
-            Display::Bar => format!(
-                "loss {:.4} | lr {:.2e} | {ips:.1} img/s | ETA {}",
-                s.loss,
-                s.lr,
-                fmt_secs(eta)
-            ),
+            // Short enough for an 80-column terminal; the lr is in the log lines.
+            Display::Bar => format!("loss {:.4} | {ips:.1} img/s | ETA {}", s.loss, fmt_secs(eta)),
             _ => format!(
                 "epoch {}/{} step {}/{} loss {:.4} (ce {:.4} bbox {:.4} giou {:.4}) lr {:.2e} {ips:.1} img/s ETA {}",
                 epoch + 1,
