@@ -82,12 +82,15 @@ fn draw_err(path: &Path, e: impl std::fmt::Display) -> TrainerError {
     TrainerError::Io(format!("cannot draw {}: {e}", path.display()))
 }
 
-/// One line chart: `series` are (name, colour, points) over epochs (1-based on the axis).
+/// A named, coloured line of (epoch 1-based, value) points.
+type Series<'a> = (&'a str, RGBColor, Vec<(u32, f64)>);
+
+/// One line chart of `series` over epochs.
 fn chart(
     path: &Path,
     title: &str,
     y_label: &str,
-    series: &[(&str, RGBColor, Vec<(u32, f64)>)],
+    series: &[Series<'_>],
     y_range: Option<(f64, f64)>,
 ) -> Result<(), TrainerError> {
     register_font();

@@ -159,7 +159,7 @@ fn run_peer(args: &TrainBenchArgs) -> anyhow::Result<f64> {
     let value = stdout
         .split_whitespace()
         .filter_map(|kv| kv.strip_prefix("median_step="))
-        .last()
+        .next_back()
         .map(|v| v.trim_end_matches('s'))
         .context("peer printed no median_step=")?;
     value
