@@ -11,9 +11,9 @@ use ddetr_collective::{CollectiveError, DType, ReduceOp};
 use tch::{Device, Kind, Tensor};
 
 const DTYPES: [DType; 5] = [DType::F32, DType::F16, DType::BF16, DType::F64, DType::I64];
-/// Element counts: smaller than the world, odd, and (with 4 KiB chunks) many rounds with a
-/// ragged last one.
-const SIZES: [i64; 4] = [1, 5, 1001, 33_333];
+/// Element counts: smaller than the world, odd, (with 4 KiB chunks) many rounds with a ragged
+/// last one, and over 1 MiB in every dtype (shm all-reduces those by cross-memory reads).
+const SIZES: [i64; 5] = [1, 5, 1001, 33_333, 600_001];
 
 fn gen(seed: i64, n: i64, dtype: DType) -> Tensor {
     tch::manual_seed(seed);

@@ -1,17 +1,24 @@
 //! Forward, loss and backward of one batch — plainly, or with activation checkpointing
-//! (`train.activation_checkpoint`) as a staged backward:
+//! (`train.activation_checkpoint`; TAO checkpoints each encoder layer) as a staged backward:
 //!
-//! 1. the backbone runs without recording autograd (its activations are freed at once) and its
-//!    feature maps become leaves that require grad;
-//! 2. the transformer, heads and criterion run from those leaves with autograd, and backward
-//!    fills the transformer's gradients and the leaves' (the gradients of the feature maps);
-//! 3. the backbone runs again with autograd, and backward of Σ⟨features, leaf.grad⟩ — whose
-//!    gradient with respect to the features is exactly the leaves' gradients — fills the
-//!    backbone's gradients (the vector–Jacobian product the one-graph backward computes).
+//! 1. the backbone runs without autograd (its activations are freed at once); its feature maps
+//!    become leaves that require grad; the input projections run with autograd;
+//! 2. each encoder layer runs without autograd, keeping only its input (`[N, S, d]`);
+//! 3. the decoder, heads and criterion run from the encoder output (a leaf) with autograd, and
+//!    backward fills their gradients and the encoder output's;
+//! 4. from the last encoder layer down, the layer is recomputed from its kept input with
+//!    autograd and backward of Σ⟨output, output gradient⟩ — whose gradient with respect to the
+//!    output is exactly that gradient — fills the layer's parameter gradients and its input's
+//!    (the vector–Jacobian product the one-graph backward computes); the position embeddings'
+//!    gradient accumulates over the layers;
+//! 5. the same through the input projections (and level embeddings), then the backbone, which
+//!    is run once more with autograd.
 //!
-//! The backbone's activations (the largest tensors at detection resolutions) and the
-//! transformer's are then never alive together, for one extra backbone forward. The gradients
-//! are the plain path's (tests/activation_checkpoint.rs checks them equal).
+//! So at most one encoder layer's activations are alive at a time (deformable attention's
+//! sampled values are the bulk at detection resolutions), and never together with the
+//! backbone's, for one extra forward of the backbone and the encoder. Dropout in a recomputed
+//! layer draws the masks of its first run (its RNG is seeded per layer). The gradients are the
+//! one-graph path's (tests/activation_checkpoint.rs checks them equal with dropout off).
 
 use tch::{Kind, Tensor};
 
@@ -69,11 +76,62 @@ pub fn forward_backward(
             .map(|(f, m)| (f.detach().set_requires_grad(true), m))
             .collect()
     });
+    // Input projections, with autograd (small next to the encoder's activations).
+    let inputs = amp.autocast(|| model.encoder_inputs(&leaves, mask));
+    // Encoder layers without autograd; each layer's input kept, each layer's dropout seeded so
+    // that its recomputation draws the same masks.
+    let layers = model.transformer.num_encoder_layers();
+    let base_seed =
+        Tensor::randint(1 << 40, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]);
+    let mut xs = vec![inputs.src.detach()];
+    tch::no_grad(|| {
+        for i in 0..layers {
+            tch::manual_seed(base_seed + i as i64);
+            let x = amp.autocast(|| {
+                model
+                    .transformer
+                    .encoder_layer(i, &xs[i], &inputs.pos, &inputs, true)
+            });
+            xs.push(x);
+        }
+    });
+    let memory = xs[layers].detach().set_requires_grad(true);
     let losses = amp.autocast(|| {
-        let out = model.forward_from_features(&leaves, mask, true);
+        let out = model.decode(&memory, &inputs, true);
         criterion.forward(&out, targets, num_boxes)
     })?;
     backward(&losses.total);
+    drop(xs.pop());
+
+    // Encoder layers backwards, one recomputed layer at a time.
+    let pos = inputs.pos.detach().set_requires_grad(true);
+    let mut grad = memory.grad();
+    for i in (0..layers).rev() {
+        if !grad.defined() {
+            break;
+        }
+        let x = xs
+            .pop()
+            .expect("one input per layer")
+            .set_requires_grad(true);
+        tch::manual_seed(base_seed + i as i64);
+        let y = amp.autocast(|| model.transformer.encoder_layer(i, &x, &pos, &inputs, true));
+        (y * &grad).sum(Kind::Float).backward();
+        grad = x.grad();
+    }
+    // Input projections and level embeddings (through src and pos), then the backbone.
+    let mut pre = Vec::new();
+    if grad.defined() {
+        pre.push((&inputs.src * &grad).sum(Kind::Float));
+    }
+    let gpos = pos.grad();
+    if gpos.defined() {
+        pre.push((&inputs.pos * &gpos).sum(Kind::Float));
+    }
+    if let Some(s) = pre.into_iter().reduce(|a, b| a + b) {
+        s.backward();
+    }
+    drop(inputs);
     let again = amp.autocast(|| model.backbone_features(images, mask));
     let mut surrogate: Option<Tensor> = None;
     for ((f, _), (leaf, _)) in again.iter().zip(&leaves) {

@@ -649,6 +649,9 @@ pub fn train(
                     let _ = g.zero_();
                 }
             }
+            // libtorch's RNG (dropout) is a function of (seed, rank, step), so a run resumed from
+            // a mid-epoch checkpoint draws what the uninterrupted run drew.
+            tch::manual_seed(step_seed(seed, rank, global_step));
             let scale = amp.loss_scale();
             let losses = forward_backward(
                 &built.model,
@@ -810,6 +813,17 @@ pub fn train(
         results_dir: dir,
         step_s: progress.step_seconds().to_vec(),
     })
+}
+
+/// The libtorch seed of training step `step` on `rank` (splitmix64 of the three).
+pub fn step_seed(seed: i64, rank: usize, step: u64) -> i64 {
+    let mut z = (seed as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((rank as u64) << 40)
+        .wrapping_add(step);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
 }
 
 /// `H:MM:SS`.

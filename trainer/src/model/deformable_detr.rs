@@ -6,7 +6,9 @@ use tch::nn::{self, Init, Module};
 use tch::{Device, Tensor};
 
 use super::backbone::{resize_mask, Backbone, EXTRA_LEVEL_INDEX};
-use super::deformable_transformer::{DecoderHeads, DeformableTransformer, TransformerConfig};
+use super::deformable_transformer::{
+    DecoderHeads, DeformableTransformer, EncoderInputs, TransformerConfig,
+};
 use super::position_encoding::PositionEmbeddingSine;
 use super::{default_bias, default_weight, inverse_sigmoid, linear, xavier_uniform};
 use crate::spec::ModelConfig;
@@ -352,6 +354,22 @@ impl DeformableDetr {
         pixel_mask: &Tensor,
         train: bool,
     ) -> DetrOutput {
+        let inputs = self.encoder_inputs(features, pixel_mask);
+        let mut memory = inputs.src.shallow_clone();
+        for i in 0..self.transformer.num_encoder_layers() {
+            memory = self
+                .transformer
+                .encoder_layer(i, &memory, &inputs.pos, &inputs, train);
+        }
+        self.decode(&memory, &inputs, train)
+    }
+
+    /// Input projections and position embeddings of every level, flattened for the encoder.
+    pub fn encoder_inputs(
+        &self,
+        features: &[(Tensor, Tensor)],
+        pixel_mask: &Tensor,
+    ) -> EncoderInputs {
         let mut srcs = Vec::with_capacity(self.input_proj.len());
         let mut masks = Vec::with_capacity(self.input_proj.len());
         let mut pos = Vec::with_capacity(self.input_proj.len());
@@ -374,10 +392,14 @@ impl DeformableDetr {
             masks.push(mask);
         }
 
-        let out = self.transformer.forward(
-            &srcs,
-            &masks,
-            &pos,
+        self.transformer.encoder_inputs(&srcs, &masks, &pos)
+    }
+
+    /// The decoder and the detection heads on the encoder's output.
+    pub fn decode(&self, memory: &Tensor, inputs: &EncoderInputs, train: bool) -> DetrOutput {
+        let out = self.transformer.decode(
+            memory,
+            inputs,
             self.query_embed.as_ref(),
             &self.heads,
             train,

@@ -245,6 +245,22 @@ struct TwoStage {
     pos_trans_norm: nn::LayerNorm,
 }
 
+/// The encoder's inputs (also what the decoder needs of them).
+#[derive(Debug)]
+pub struct EncoderInputs {
+    /// Flattened levels `[N, S, d]`.
+    pub src: Tensor,
+    /// Position + level embeddings `[N, S, d]`.
+    pub pos: Tensor,
+    /// Padding `[N, S]` (true = padding).
+    pub mask: Tensor,
+    pub spatial_shapes: Vec<(i64, i64)>,
+    /// `[N, L, 2]`.
+    pub valid_ratios: Tensor,
+    /// `[N, S, L, 2]`.
+    pub reference_points: Tensor,
+}
+
 /// What the transformer returns to the detection heads.
 #[derive(Debug)]
 pub struct TransformerOutput {
@@ -423,6 +439,27 @@ impl DeformableTransformer {
         heads: &dyn DecoderHeads,
         train: bool,
     ) -> TransformerOutput {
+        let inputs = self.encoder_inputs(srcs, masks, pos_embeds);
+        let mut memory = inputs.src.shallow_clone();
+        for i in 0..self.encoder.len() {
+            memory = self.encoder_layer(i, &memory, &inputs.pos, &inputs, train);
+        }
+        self.decode(&memory, &inputs, query_embed, heads, train)
+    }
+
+    /// Number of encoder layers.
+    pub fn num_encoder_layers(&self) -> usize {
+        self.encoder.len()
+    }
+
+    /// The encoder's inputs: levels flattened and concatenated, level embeddings added to the
+    /// position embeddings, reference points and valid ratios.
+    pub fn encoder_inputs(
+        &self,
+        srcs: &[Tensor],
+        masks: &[Tensor],
+        pos_embeds: &[Tensor],
+    ) -> EncoderInputs {
         let mut src_flatten = Vec::with_capacity(srcs.len());
         let mut mask_flatten = Vec::with_capacity(srcs.len());
         let mut pos_flatten = Vec::with_capacity(srcs.len());
@@ -435,33 +472,60 @@ impl DeformableTransformer {
             let pos = pos.flatten(2, 3).transpose(1, 2);
             pos_flatten.push(pos + self.level_embed.get(lvl as i64).view([1, 1, -1]));
         }
-        let src_flatten = Tensor::cat(&src_flatten, 1);
-        let mask_flatten = Tensor::cat(&mask_flatten, 1);
-        let pos_flatten = Tensor::cat(&pos_flatten, 1);
+        let src = Tensor::cat(&src_flatten, 1);
+        let mask = Tensor::cat(&mask_flatten, 1);
+        let pos = Tensor::cat(&pos_flatten, 1);
         let valid_ratios =
             Tensor::stack(&masks.iter().map(Self::valid_ratio).collect::<Vec<_>>(), 1);
-
-        // Encoder.
-        let enc_refs = Self::encoder_reference_points(&spatial_shapes, &valid_ratios)
-            .to_kind(src_flatten.kind());
-        let mut memory = src_flatten;
-        for layer in &self.encoder {
-            memory = layer.forward(
-                &memory,
-                &pos_flatten,
-                &enc_refs,
-                &spatial_shapes,
-                &mask_flatten,
-                train,
-            );
+        let reference_points =
+            Self::encoder_reference_points(&spatial_shapes, &valid_ratios).to_kind(src.kind());
+        EncoderInputs {
+            src,
+            pos,
+            mask,
+            spatial_shapes,
+            valid_ratios,
+            reference_points,
         }
+    }
 
+    /// Encoder layer `i` on `x` with position embeddings `pos` (normally `inputs.pos`).
+    pub fn encoder_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pos: &Tensor,
+        inputs: &EncoderInputs,
+        train: bool,
+    ) -> Tensor {
+        self.encoder[i].forward(
+            x,
+            pos,
+            &inputs.reference_points,
+            &inputs.spatial_shapes,
+            &inputs.mask,
+            train,
+        )
+    }
+
+    /// The decoder (and two-stage proposals) on the encoder's output `memory`.
+    pub fn decode(
+        &self,
+        memory: &Tensor,
+        inputs: &EncoderInputs,
+        query_embed: Option<&Tensor>,
+        heads: &dyn DecoderHeads,
+        train: bool,
+    ) -> TransformerOutput {
+        let mask_flatten = &inputs.mask;
+        let spatial_shapes = &inputs.spatial_shapes;
+        let valid_ratios = &inputs.valid_ratios;
         // Decoder inputs.
         let (n, _, c) = memory.size3().expect("memory is [N, S, d]");
         let (query_pos, tgt, reference_points, enc_outputs) = match (&self.two_stage, query_embed) {
             (Some(ts), _) => {
                 let (out_memory, proposals) =
-                    self.gen_encoder_output_proposals(ts, &memory, &mask_flatten, &spatial_shapes);
+                    self.gen_encoder_output_proposals(ts, memory, mask_flatten, spatial_shapes);
                 let (enc_class, enc_delta) = heads.encoder_heads(&out_memory);
                 let enc_coord_unact = enc_delta + proposals;
                 let topk = self.config.num_queries;
@@ -518,9 +582,9 @@ impl DeformableTransformer {
                 &output,
                 &query_pos,
                 &ref_input,
-                &memory,
-                &spatial_shapes,
-                &mask_flatten,
+                memory,
+                spatial_shapes,
+                mask_flatten,
                 train,
             );
             if let Some(delta) = heads.refine_delta(lid, &output) {
