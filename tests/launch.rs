@@ -91,12 +91,17 @@ impl Agent {
         }
     }
 
+    /// The pid a worker wrote (the file can exist a moment before its content does).
     fn pid(&self, name: &str) -> i32 {
-        std::fs::read_to_string(self.path(name))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+        let t = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(self.path(name)).unwrap_or_default();
+            if let Ok(pid) = text.trim().parse() {
+                return pid;
+            }
+            assert!(t.elapsed() < PATIENCE, "{name} holds no pid: {text:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn signal(&self, sig: &str, pid: i32) {
@@ -197,7 +202,7 @@ fn two_ranks_succeed_with_prefixed_output_env_contract_and_log_files() {
             line,
             format!(
                 "{rank} local={rank} ws=2 lws=2 node=0 addr=127.0.0.1 port={port} \
-                 rdzv=tcp://127.0.0.1:{port} restart=0 omp={omp}"
+                 rdzv=quic://127.0.0.1:{port} restart=0 omp={omp}"
             )
         );
         assert!(
@@ -272,7 +277,7 @@ fn kill_9_of_one_trainer_restarts_the_group_which_then_completes() {
     assert!(out.contains("[rank 1] rank 1 done on restart 1\n"), "{out}");
     assert!(
         a.stderr().contains(
-            "rank 1 was killed by signal 9 (SIGKILL): restarting all 2 trainer(s) (restart 1 of 1)"
+            "rank 1 was killed by signal 9 (SIGKILL) on node 0: restarting every node's trainers (restart 1 of 1)"
         ),
         "{}",
         a.stderr()
@@ -383,7 +388,7 @@ fn dry_run_prints_the_world_resolved_from_slurm() {
         "device=cpu",
         "master_addr=gpu07",
         "master_port=18456",
-        "rdzv=tcp://gpu07:18456",
+        "rdzv=quic://gpu07:18456",
         "job_id=123456",
         "source.nodes=SLURM_NNODES",
         "source.node_rank=SLURM_NODEID",
@@ -409,9 +414,9 @@ type UsageCase = (
 fn usage_errors_exit_2_with_one_line() {
     let cases: [UsageCase; 4] = [
         (
-            &["--nodes", "2", "--node-rank", "0", "--master-addr", "n0"],
+            &["--heartbeat", "0"],
             &[],
-            "error: this is a 2-node job (nodes from --nodes), but launching several nodes needs the rendezvous",
+            "error: --heartbeat 0 is not a number of seconds above 0 and at most 600",
         ),
         (
             &["--nproc-per-node", "2"],
@@ -431,6 +436,19 @@ fn usage_errors_exit_2_with_one_line() {
             assert_eq!(err.lines().count(), 1, "{err}");
         }
     }
+}
+
+/// The agent must start at once: it links no libtorch (its bin uses only the launcher crate).
+#[test]
+fn ddetr_launch_does_not_link_libtorch() {
+    let out = Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_ddetr-launch"))
+        .output()
+        .expect("ldd runs");
+    let libs = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{libs}");
+    assert!(libs.contains("libc.so"), "{libs}");
+    assert!(!libs.contains("torch") && !libs.contains("cuda"), "{libs}");
 }
 
 #[test]

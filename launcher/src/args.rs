@@ -40,6 +40,12 @@ pub struct Args {
     /// How many times the whole group of trainers is restarted after a failure.
     #[arg(long, default_value_t = 0)]
     pub max_restarts: u32,
+    /// Seconds node 0's rendezvous waits for every node to join.
+    #[arg(long, value_name = "S", default_value_t = 300.0)]
+    pub rdzv_timeout: f64,
+    /// Seconds between agent heartbeats; a node silent for 3 heartbeats stops the job.
+    #[arg(long, value_name = "S", default_value_t = 2.0)]
+    pub heartbeat: f64,
     /// Seconds a trainer gets between SIGTERM and SIGKILL of its process group.
     #[arg(long, value_name = "S", default_value_t = 10.0)]
     pub grace: f64,

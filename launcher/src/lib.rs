@@ -2,13 +2,15 @@
 //! flags, DDETR_* env, torchrun env, Slurm and Kubernetes ([`world`], [`hostlist`], [`gpu`]);
 //! spawning one trainer per GPU or CPU slot, each in its own process group with DESIGN.md's env
 //! contract, prefixing and logging their output, restarting the group when one fails and
-//! forwarding SIGTERM/SIGINT/SIGHUP ([`supervise`]). This version runs one node; the QUIC
-//! rendezvous that joins several nodes is not in it yet, and asking for more nodes is an error.
+//! forwarding SIGTERM/SIGINT/SIGHUP ([`supervise`]); the authenticated QUIC rendezvous that joins
+//! the nodes, supervises the job across them and serves the trainers' bootstrap store
+//! ([`rdzv`]). The crate does not link libtorch, so `ddetr-launch` starts in milliseconds.
 
 pub mod args;
 pub mod gpu;
 pub mod hostlist;
 mod launch;
+pub mod rdzv;
 pub mod supervise;
 pub mod world;
 
@@ -17,6 +19,29 @@ pub use launch::{prepare, Launch, Outcome};
 pub use supervise::RankFailure;
 
 use std::path::PathBuf;
+
+/// `ddetr-launch`'s exit codes (the same contract as `ddetr`'s, README "Exit codes").
+pub mod exit {
+    pub const SUCCESS: u8 = 0;
+    /// A trainer failed after its restarts, a node was lost, the rendezvous failed.
+    pub const FAILURE: u8 = 1;
+    /// Usage: bad flags or environment, a node that does not match the job.
+    pub const USAGE: u8 = 2;
+    /// Stopped by signal N after a clean shutdown: 128 + N.
+    pub const SIGNAL_BASE: u8 = 128;
+}
+
+/// Logs to stderr with `RUST_LOG` (else `default`) as the filter; no colours in pipes and files.
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
 
 /// Everything that can go wrong in `ddetr-launch`. [`LaunchError::is_usage`] tells the binary
 /// which ones are the invocation's fault (exit 2) and which are the run's (exit 1).
@@ -102,12 +127,6 @@ pub enum LaunchError {
     #[error("cannot find a free TCP port for MASTER_PORT: {0}; pass --master-port")]
     FreePort(std::io::Error),
     #[error(
-        "this is a {nodes}-node job (nodes from {nodes_source}), but launching several nodes needs \
-         the rendezvous, which is not in this version of ddetr-launch: run one node (--nodes 1), \
-         or check the resolved world with --dry-run"
-    )]
-    MultiNode { nodes: u32, nodes_source: String },
-    #[error(
         "no trainer command: put the ddetr arguments after `--`, e.g. `ddetr-launch \
          --nproc-per-node 2 -- train -e spec.yaml`"
     )]
@@ -144,6 +163,17 @@ pub enum LaunchError {
     Wait { rank: u32, source: std::io::Error },
     #[error("{0}")]
     TrainerFailed(Box<RankFailure>),
+    /// The job stopped elsewhere (another node's failure, a lost node); the reason.
+    #[error("{0}")]
+    JobFailed(String),
+    #[error("--{flag} {value} is not a number of seconds above 0 and at most {max}")]
+    BadSeconds {
+        flag: &'static str,
+        value: f64,
+        max: f64,
+    },
+    #[error(transparent)]
+    Rdzv(#[from] rdzv::RdzvError),
 }
 
 impl LaunchError {
@@ -156,6 +186,14 @@ impl LaunchError {
                 | LaunchError::Spawn { .. }
                 | LaunchError::Wait { .. }
                 | LaunchError::TrainerFailed(_)
+                | LaunchError::JobFailed(_)
+                | LaunchError::Rdzv(
+                    rdzv::RdzvError::Lost { .. }
+                        | rdzv::RdzvError::Full { .. }
+                        | rdzv::RdzvError::Protocol { .. }
+                        | rdzv::RdzvError::Tls(_)
+                        | rdzv::RdzvError::Timeout { .. }
+                )
         )
     }
 }

@@ -6,11 +6,14 @@
 //! `[rank N] ` prefix and into `rank_N.log`; the last [`TAIL_LINES`] stderr lines are kept and
 //! attached to its failure (ripgrep's `CommandReader` habit).
 //!
-//! The agent polls the trainers every [`POLL`]. The first one that exits non-zero stops the
-//! group; the group is started again with `DDETR_RESTART_COUNT` + 1 while restarts remain
-//! (torchrun's gang semantics). A stop request (SIGTERM/SIGINT/SIGHUP to the agent) takes the same
-//! shutdown path. Shutdown has one order and is idempotent: SIGTERM to every group that still has
-//! members → wait up to the grace → SIGKILL the groups left → reap → drain the logs.
+//! The agent polls the trainers every [`POLL`] and asks a [`Coordinator`] what comes next: the
+//! first trainer that exits non-zero stops this node's group, and the coordinator decides whether
+//! the job restarts (every node's group starts again with `DDETR_RESTART_COUNT` = the new
+//! generation), completes, or fails. [`Alone`] decides for a node on its own (torchrun's gang
+//! semantics); `ddetr-launch` uses the rendezvous, which decides for the whole job. A stop request
+//! (SIGTERM/SIGINT/SIGHUP to the agent) takes the same shutdown path. Shutdown has one order and
+//! is idempotent: SIGTERM to every group that still has members → wait up to the grace →
+//! SIGKILL the groups left → reap → drain the logs.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -148,7 +151,7 @@ impl fmt::Display for Exit {
     }
 }
 
-fn signal_name(sig: i32) -> &'static str {
+pub(crate) fn signal_name(sig: i32) -> &'static str {
     match sig {
         libc::SIGHUP => "SIGHUP",
         libc::SIGINT => "SIGINT",
@@ -201,6 +204,63 @@ impl fmt::Display for RankFailure {
     }
 }
 
+/// This node's trainers, as the supervisor last saw them.
+#[derive(Debug)]
+pub enum LocalState {
+    Running,
+    /// The first failure of this generation (the group is already stopped).
+    Failed(RankFailure),
+    /// Every trainer exited 0.
+    Succeeded,
+}
+
+/// What the job does next, as a [`Coordinator`] decides it.
+#[derive(Debug)]
+pub enum Next {
+    Continue,
+    /// Stop the trainers and start them again as this generation (= DDETR_RESTART_COUNT).
+    Restart(u32),
+    /// The job is done: every node's trainers succeeded.
+    Complete,
+    /// The job failed.
+    Abort(LaunchError),
+}
+
+/// Decides restarts and the end of the job: [`Alone`] for a node on its own, the rendezvous
+/// for a job (see `crate::launch`).
+pub trait Coordinator {
+    /// Called every [`POLL`] while the trainers of `generation` run (or have ended).
+    fn poll(&mut self, generation: u32, local: &LocalState) -> Next;
+    /// The agent was told to stop by `signal`; its trainers are being stopped.
+    fn leaving(&mut self, _signal: i32) {}
+}
+
+/// One node deciding alone: restart after a failure while restarts remain (torchrun's gang
+/// semantics), complete when every trainer succeeded.
+pub struct Alone {
+    pub max_restarts: u32,
+}
+
+impl Coordinator for Alone {
+    fn poll(&mut self, generation: u32, local: &LocalState) -> Next {
+        match local {
+            LocalState::Running => Next::Continue,
+            LocalState::Succeeded => Next::Complete,
+            LocalState::Failed(f) if generation < self.max_restarts => {
+                tracing::warn!(
+                    "rank {} {}: restarting all trainer(s) (restart {} of {})",
+                    f.rank,
+                    f.exit,
+                    generation + 1,
+                    self.max_restarts
+                );
+                Next::Restart(generation + 1)
+            }
+            LocalState::Failed(f) => Next::Abort(LaunchError::TrainerFailed(Box::new(f.clone()))),
+        }
+    }
+}
+
 /// Runs the trainers until they all succeed, restarts are spent, or a stop is requested.
 ///
 /// Call it from a thread that lives as long as the trainers (the binary's main thread): each
@@ -210,62 +270,100 @@ pub fn supervise(
     sinks: &Sinks,
     stop: &StopFlag,
 ) -> Result<Outcome, LaunchError> {
+    supervise_with(
+        spec,
+        sinks,
+        stop,
+        &mut Alone {
+            max_restarts: spec.max_restarts,
+        },
+    )
+}
+
+/// [`supervise`] with restarts and the end of the job decided by `coord`.
+pub fn supervise_with(
+    spec: &TrainerSpec,
+    sinks: &Sinks,
+    stop: &StopFlag,
+    coord: &mut dyn Coordinator,
+) -> Result<Outcome, LaunchError> {
     // Without this, a killed grandchild stays a zombie in its group until init reaps it, and
     // shutdown would wait out the grace for it (seen where PID 1 reaps slowly).
     become_subreaper();
-    let mut restarts = 0;
+    let mut generation = 0;
     loop {
         if let Some(sig) = stop.requested() {
+            coord.leaving(sig);
             return Ok(Outcome::Signalled(sig));
         }
         tracing::info!(
             ranks = %format!("{}-{}", spec.first_rank, spec.first_rank + spec.nproc - 1),
-            restart = restarts,
+            restart = generation,
             "starting trainers"
         );
-        let mut group = Group::spawn(spec, restarts, sinks)?;
-        let watched = group.watch(stop);
-        if let Ok(Watch::Stopped(sig)) = &watched {
-            tracing::warn!(
-                "{} received: stopping the trainers (SIGTERM, SIGKILL after {:.1} s)",
-                signal_name(*sig),
-                spec.grace.as_secs_f64()
-            );
+        let mut group = Group::spawn(spec, generation, sinks)?;
+        let mut local = LocalState::Running;
+        loop {
+            if let Some(sig) = stop.requested() {
+                tracing::warn!(
+                    "{} received: stopping the trainers (SIGTERM, SIGKILL after {:.1} s)",
+                    signal_name(sig),
+                    spec.grace.as_secs_f64()
+                );
+                group.shutdown(spec.grace);
+                coord.leaving(sig);
+                return Ok(Outcome::Signalled(sig));
+            }
+            if matches!(local, LocalState::Running) {
+                match group.poll()? {
+                    Some(Watch::Succeeded) => local = LocalState::Succeeded,
+                    Some(Watch::Failed { local: l, exit }) => {
+                        // Stop the siblings at once; the coordinator decides what comes next.
+                        group.shutdown(spec.grace);
+                        local = LocalState::Failed(RankFailure {
+                            node: spec.node_rank,
+                            rank: spec.first_rank + l,
+                            local_rank: l,
+                            exit,
+                            restarts: generation,
+                            max_restarts: spec.max_restarts,
+                            tail: group.tail(l),
+                            log: spec
+                                .log_dir
+                                .as_ref()
+                                .map(|d| log_path(d, spec.first_rank + l)),
+                        });
+                    }
+                    None => {}
+                }
+            }
+            match coord.poll(generation, &local) {
+                Next::Continue => std::thread::sleep(POLL),
+                Next::Restart(g) => {
+                    if matches!(local, LocalState::Running | LocalState::Succeeded) {
+                        tracing::warn!(
+                            "the job restarts (a trainer failed elsewhere): stopping this node's \
+                             trainers for restart {g}"
+                        );
+                    }
+                    group.shutdown(spec.grace);
+                    if let Some(sig) = stop.requested() {
+                        coord.leaving(sig);
+                        return Ok(Outcome::Signalled(sig));
+                    }
+                    generation = g;
+                    break;
+                }
+                Next::Complete => {
+                    group.shutdown(spec.grace);
+                    return Ok(Outcome::Completed);
+                }
+                Next::Abort(e) => {
+                    group.shutdown(spec.grace);
+                    return Err(e);
+                }
+            }
         }
-        group.shutdown(spec.grace);
-        let (local, exit) = match watched {
-            Ok(Watch::Succeeded) => return Ok(Outcome::Completed),
-            Ok(Watch::Stopped(sig)) => return Ok(Outcome::Signalled(sig)),
-            Ok(Watch::Failed { local, exit }) => (local, exit),
-            Err(e) => return Err(e),
-        };
-        let failure = RankFailure {
-            node: spec.node_rank,
-            rank: spec.first_rank + local,
-            local_rank: local,
-            exit,
-            restarts,
-            max_restarts: spec.max_restarts,
-            tail: group.tail(local),
-            log: spec
-                .log_dir
-                .as_ref()
-                .map(|d| log_path(d, spec.first_rank + local)),
-        };
-        if let Some(sig) = stop.requested() {
-            return Ok(Outcome::Signalled(sig));
-        }
-        if restarts >= spec.max_restarts {
-            return Err(LaunchError::TrainerFailed(Box::new(failure)));
-        }
-        restarts += 1;
-        tracing::warn!(
-            "rank {} {}: restarting all {} trainer(s) (restart {restarts} of {})",
-            failure.rank,
-            failure.exit,
-            spec.nproc,
-            spec.max_restarts
-        );
     }
 }
 
@@ -277,7 +375,6 @@ pub fn log_path(dir: &Path, rank: u32) -> PathBuf {
 enum Watch {
     Succeeded,
     Failed { local: u32, exit: Exit },
-    Stopped(i32),
 }
 
 struct Member {
@@ -347,35 +444,31 @@ impl Group {
         Ok(group)
     }
 
-    fn watch(&mut self, stop: &StopFlag) -> Result<Watch, LaunchError> {
-        loop {
-            if let Some(sig) = stop.requested() {
-                return Ok(Watch::Stopped(sig));
+    /// Looks at the trainers once: the first failure, success of all, or None while running.
+    fn poll(&mut self) -> Result<Option<Watch>, LaunchError> {
+        let mut first_failure = None;
+        for m in &mut self.members {
+            if m.status.is_some() {
+                continue;
             }
-            let mut first_failure = None;
-            for m in &mut self.members {
-                if m.status.is_some() {
-                    continue;
-                }
-                m.status = m.child.try_wait().map_err(|source| LaunchError::Wait {
-                    rank: m.local,
-                    source,
-                })?;
-                if let Some(st) = m.status {
-                    tracing::debug!(local_rank = m.local, "trainer ended: {}", Exit::of(st));
-                    if !st.success() && first_failure.is_none() {
-                        first_failure = Some((m.local, Exit::of(st)));
-                    }
+            m.status = m.child.try_wait().map_err(|source| LaunchError::Wait {
+                rank: m.local,
+                source,
+            })?;
+            if let Some(st) = m.status {
+                tracing::debug!(local_rank = m.local, "trainer ended: {}", Exit::of(st));
+                if !st.success() && first_failure.is_none() {
+                    first_failure = Some((m.local, Exit::of(st)));
                 }
             }
-            if let Some((local, exit)) = first_failure {
-                return Ok(Watch::Failed { local, exit });
-            }
-            if self.members.iter().all(|m| m.status.is_some()) {
-                return Ok(Watch::Succeeded);
-            }
-            std::thread::sleep(POLL);
         }
+        if let Some((local, exit)) = first_failure {
+            return Ok(Some(Watch::Failed { local, exit }));
+        }
+        if self.members.iter().all(|m| m.status.is_some()) {
+            return Ok(Some(Watch::Succeeded));
+        }
+        Ok(None)
     }
 
     /// SIGTERM → grace → SIGKILL for every group that still has members; reap; drain the logs.

@@ -67,8 +67,18 @@ impl Host for ThisHost {
 
     fn free_port(&mut self) -> std::io::Result<u16> {
         // Bound and released at once; the small race with other programs is torchrun's too.
-        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        Ok(listener.local_addr()?.port())
+        // The trainers' TCP store (under plain torchrun env) and the QUIC rendezvous (UDP) may
+        // both use it: take one free in both.
+        let mut last = None;
+        for _ in 0..20 {
+            let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+            let port = listener.local_addr()?.port();
+            match std::net::UdpSocket::bind(("0.0.0.0", port)) {
+                Ok(_) => return Ok(port),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried at least once"))
     }
 }
 
@@ -130,13 +140,13 @@ impl World {
         self.node_rank.value * self.nproc_per_node.value + local
     }
 
-    /// `tcp://MASTER_ADDR:MASTER_PORT` (IPv6 addresses bracketed).
+    /// `quic://MASTER_ADDR:MASTER_PORT` (IPv6 addresses bracketed).
     pub fn rdzv(&self) -> String {
         let addr = &self.master_addr.value;
         if addr.contains(':') && !addr.starts_with('[') {
-            format!("tcp://[{addr}]:{}", self.master_port.value)
+            format!("quic://[{addr}]:{}", self.master_port.value)
         } else {
-            format!("tcp://{addr}:{}", self.master_port.value)
+            format!("quic://{addr}:{}", self.master_port.value)
         }
     }
 
@@ -639,7 +649,7 @@ mod tests {
             ["no CUDA GPU (no NVIDIA driver (libcuda.so.1 not found)): running 8 trainer(s) on CPU"]
         );
         assert_eq!(w.world_size(), 8);
-        assert_eq!(w.rdzv(), "tcp://127.0.0.1:41234");
+        assert_eq!(w.rdzv(), "quic://127.0.0.1:41234");
     }
 
     #[test]
@@ -933,7 +943,7 @@ mod tests {
         assert_eq!(w.nodes, sourced(2, "DDETR_NODES"));
         assert_eq!(w.world_size(), 8);
         assert_eq!(w.global_rank(0), 4);
-        assert_eq!(w.rdzv(), "tcp://10.0.0.1:29500");
+        assert_eq!(w.rdzv(), "quic://10.0.0.1:29500");
     }
 
     #[test]
@@ -1184,7 +1194,7 @@ mod tests {
             &[],
             &mut cpu_host(),
         );
-        assert_eq!(w.rdzv(), "tcp://[fe80::1]:5");
+        assert_eq!(w.rdzv(), "quic://[fe80::1]:5");
         let text = w.render();
         for key in [
             "nodes=1\n",
@@ -1197,7 +1207,7 @@ mod tests {
             "cores=8\n",
             "master_addr=fe80::1\n",
             "master_port=5\n",
-            "rdzv=tcp://[fe80::1]:5\n",
+            "rdzv=quic://[fe80::1]:5\n",
             "job_id=none\n",
             "source.nodes=default\n",
             "source.master_port=--master-port\n",

@@ -1,13 +1,15 @@
 //! `ddetr-launch`: the per-node agent (see the launcher crate). Thin: parse, prepare, print the
-//! notices (and the world with `--dry-run`), supervise, map the outcome to `ddetr::exit`'s codes.
+//! notices (and the world with `--dry-run`), supervise, map the outcome to the exit codes.
+//!
+//! It uses nothing of the `ddetr` library, so it does not link libtorch and starts at once
+//! (`ldd ddetr-launch | grep torch` prints nothing; tests/launch.rs checks it).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use ddetr::exit;
 use ddetr_launcher::supervise::Sinks;
 use ddetr_launcher::world::{process_env, ThisHost};
-use ddetr_launcher::{Args, LaunchError, Outcome};
+use ddetr_launcher::{exit, Args, LaunchError, Outcome};
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -21,7 +23,7 @@ fn main() -> ExitCode {
             });
         }
     };
-    ddetr::init_logging("info");
+    ddetr_launcher::init_logging("info");
     let launch = match ddetr_launcher::prepare(args, &process_env(), &mut ThisHost) {
         Ok(launch) => launch,
         Err(err) => return fail(err),

@@ -3,8 +3,9 @@
 //! upstream's parameter groups → MultiStep/StepLR per epoch; checkpoints with checksums and
 //! auto-resume (mid-epoch after a SIGTERM); COCO mAP validation; `status.json` (JSON lines in
 //! TAO's KPI shape) and `experiment.yaml`. A world of one when the launcher's environment is
-//! absent; every rank of a `ddetr-launch` job otherwise (rank 0 hosts the bootstrap store at
-//! MASTER_ADDR:MASTER_PORT).
+//! absent; every rank of a `ddetr-launch` job otherwise, bootstrapping through the launcher's
+//! rendezvous (DDETR_RDZV=quic://…), or under plain torchrun env through a TCP store that rank 0
+//! hosts at MASTER_ADDR:MASTER_PORT.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,9 @@ use std::time::Instant;
 use crate::amp::Amp;
 use crate::engine::Engine;
 use crate::step::{forward_backward, StepMode};
-use ddetr_collective::{CommConfig, Communicator, RankInfo, ReduceOp, TcpStore, TcpStoreServer};
+use ddetr_collective::{
+    CollectiveError, CommConfig, Communicator, RankInfo, ReduceOp, Store, TcpStore, TcpStoreServer,
+};
 use ddetr_dataset::cache::{ensure_split, Split};
 use ddetr_dataset::loader::{Batch, Loader, LoaderMode};
 use ddetr_dataset::Cache;
@@ -50,13 +53,35 @@ pub struct World {
 }
 
 impl World {
-    /// From the launcher's environment (RANK, WORLD_SIZE, … and MASTER_ADDR/MASTER_PORT); a
-    /// world of one without it.
+    /// From the launcher's environment (RANK, WORLD_SIZE, … and DDETR_RDZV with DDETR_JOB_TOKEN,
+    /// or MASTER_ADDR/MASTER_PORT under plain torchrun); a world of one without it.
     pub fn from_env() -> Result<Self, TrainerError> {
         let info = RankInfo::from_env()?;
         if info.world == 1 {
             return Ok(Self {
                 comm: Communicator::single(),
+                _server: None,
+            });
+        }
+        let cfg = CommConfig::from_env()?;
+        let rdzv = std::env::var("DDETR_RDZV").unwrap_or_default();
+        if let Some(addr) = ddetr_launcher::rdzv::parse_url(&rdzv) {
+            let token = std::env::var("DDETR_JOB_TOKEN").map_err(|_| {
+                TrainerError::Config(format!(
+                    "DDETR_RDZV is {rdzv} but DDETR_JOB_TOKEN is not set: run under ddetr-launch, which sets both"
+                ))
+            })?;
+            let client = ddetr_launcher::rdzv::Client::connect(addr, token.as_bytes(), cfg.timeout)
+                .map_err(|e| TrainerError::Config(e.to_string()))?;
+            // Keys of one generation of trainers never meet another's.
+            let restart = std::env::var("DDETR_RESTART_COUNT").unwrap_or_else(|_| "0".into());
+            let store = RdzvStore {
+                client,
+                prefix: format!("g{restart}/"),
+            };
+            let comm = Communicator::cpu(&store, info, &cfg)?;
+            return Ok(Self {
+                comm,
                 _server: None,
             });
         }
@@ -70,7 +95,6 @@ impl World {
                     info.world
                 ))
             })?;
-        let cfg = CommConfig::from_env()?;
         let server = if info.rank == 0 {
             Some(TcpStoreServer::bind(("0.0.0.0", port))?)
         } else {
@@ -88,6 +112,53 @@ impl World {
         Self {
             comm: Communicator::single(),
             _server: None,
+        }
+    }
+}
+
+/// The launcher's rendezvous as the collective layer's bootstrap [`Store`], with every key under
+/// this generation's prefix.
+struct RdzvStore {
+    client: ddetr_launcher::rdzv::Client,
+    prefix: String,
+}
+
+impl RdzvStore {
+    fn err(e: ddetr_launcher::rdzv::RdzvError) -> CollectiveError {
+        CollectiveError::Store {
+            what: e.to_string(),
+        }
+    }
+}
+
+impl Store for RdzvStore {
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), CollectiveError> {
+        self.client
+            .set(&format!("{}{key}", self.prefix), value)
+            .map_err(Self::err)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CollectiveError> {
+        self.client
+            .get(&format!("{}{key}", self.prefix))
+            .map_err(Self::err)
+    }
+
+    fn wait(&self, keys: &[&str], timeout: Duration) -> Result<(), CollectiveError> {
+        let full: Vec<String> = keys.iter().map(|k| format!("{}{k}", self.prefix)).collect();
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        match self.client.wait(&refs, timeout) {
+            Ok(()) => Ok(()),
+            Err(ddetr_launcher::rdzv::RdzvError::Timeout { missing, timeout }) => {
+                Err(CollectiveError::StoreTimeout {
+                    key: missing
+                        .strip_prefix(&self.prefix)
+                        .unwrap_or(&missing)
+                        .to_string(),
+                    timeout,
+                })
+            }
+            Err(e) => Err(Self::err(e)),
         }
     }
 }

@@ -1,8 +1,10 @@
 //! `ddetr bench <name>`: each benchmark prints ours against its peer in one run and ends with one
 //! `key=value` line that a script can read.
 
+mod barrier;
 mod collective;
 mod data;
+mod launch;
 mod step;
 mod train;
 
@@ -25,6 +27,10 @@ pub enum BenchCommand {
     /// Collective bandwidth (nccl-tests' time/algbw/busbw) against torch.distributed's gloo on the
     /// same world and sizes; spawns the ranks itself.
     Collective(collective::CollectiveArgs),
+    /// Worker of `bench launch`: join via DDETR_RDZV, build the CPU communicator, one barrier.
+    Barrier(barrier::BarrierArgs),
+    /// Launch + rendezvous + one barrier: ddetr-launch vs torchrun, wall time.
+    Launch(launch::LaunchArgs),
 }
 
 pub fn run(cmd: &BenchCommand) -> anyhow::Result<()> {
@@ -33,6 +39,8 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Train(args) => train::run(args),
         BenchCommand::Data(args) => data::data(args),
         BenchCommand::Collective(args) => collective::run(args.clone()),
+        BenchCommand::Barrier(args) => barrier::run(args),
+        BenchCommand::Launch(args) => launch::run(args),
     }
 }
 
