@@ -37,7 +37,16 @@ echo "== train: $nproc ranks, $spec"
 "$bin/ddetr-launch" --nodes 1 --nproc-per-node "$nproc" -- train -e "$spec"
 echo "== evaluate: the last checkpoint on the val set"
 "$bin/ddetr" evaluate -e "$spec" evaluate.checkpoint=results/shapes_tiny/train/dd_model_latest.safetensors
+infer_n="${DEMO_INFER_IMAGES:-8}"
+echo "== inference: the last checkpoint on $infer_n val images (data/shapes/infer/)"
+rm -rf data/shapes/infer && mkdir -p data/shapes/infer
+val_files=(data/shapes/val/images/*)
+cp "${val_files[@]:0:$infer_n}" data/shapes/infer/
+"$bin/ddetr" inference -e "$spec" inference.checkpoint=results/shapes_tiny/train/dd_model_latest.safetensors \
+  "dataset.infer_data_sources={image_dir: [data/shapes/infer], classmap: data/shapes/val/label_map.txt}"
 t1=$(date +%s)
 echo "demo: done in $(( (t1 - t0) / 60 )) min $(( (t1 - t0) % 60 )) s"
 echo "demo: training results (checkpoints, status.json, experiment.yaml) in $root/results/shapes_tiny/train"
 echo "demo: evaluation (metrics.json, results.json) in $root/results/shapes_tiny/evaluate"
+echo "demo: training curves (loss.png, map.png) in $root/results/shapes_tiny/train"
+echo "demo: inference (images_annotated/, labels/ in KITTI format) in $root/results/shapes_tiny/inference"

@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod dataset;
 mod export;
+mod inference;
 mod spec;
 mod train;
 
@@ -41,6 +42,8 @@ pub enum Command {
     Train(SpecArgs),
     /// COCO bbox evaluation of `evaluate.checkpoint` on `dataset.test_data_sources`.
     Evaluate(SpecArgs),
+    /// Annotated images and KITTI labels for `dataset.infer_data_sources` with `inference.checkpoint`.
+    Inference(SpecArgs),
     /// Export a checkpoint to ONNX (TAO's export task: export.checkpoint, export.onnx_file, …).
     Export(SpecArgs),
     /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
@@ -78,6 +81,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(&cmd),
         Command::Train(args) => train::train(&args),
         Command::Evaluate(args) => train::evaluate(&args),
+        Command::Inference(args) => inference::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Doctor => {

@@ -11,7 +11,7 @@ use super::SpecArgs;
 use crate::exit::{UsageError, SIGNAL_BASE};
 
 /// A spec/input problem exits 2, anything else 1.
-fn classify(e: TrainerError) -> anyhow::Error {
+pub(super) fn classify(e: TrainerError) -> anyhow::Error {
     match e {
         TrainerError::Config(m) => UsageError(m).into(),
         TrainerError::Dataset(ddetr_dataset::DatasetError::InvalidArgument(m)) => {

@@ -3,7 +3,8 @@
 //! Hungarian matcher ([`matcher`], with an exact port of scipy's assignment solver in [`lsa`]),
 //! the criterion ([`criterion`]), post-processing ([`post_process`]), weight loading/saving
 //! under official keys with the transformers key map ([`weights`], reading `torch.save` archives
-//! through [`torch_pickle`]), and the training-step benchmark ([`mod@bench`]).
+//! through [`torch_pickle`]), the tasks ([`train`], [`inference`]) with their progress display
+//! ([`progress`]) and PNG curves ([`plot`]), and the training-step benchmark ([`mod@bench`]).
 //!
 //! Numerics are pinned by golden fixtures: `tests/golden/make_model_fixtures.py` (transformers'
 //! Deformable DETR set to the official semantics, plus the official criterion and scipy's
@@ -17,11 +18,14 @@ pub mod coco_eval;
 pub mod criterion;
 pub mod engine;
 pub mod export;
+pub mod inference;
 pub mod lsa;
 pub mod matcher;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod post_process;
+pub mod progress;
 pub mod spec;
 pub mod step;
 pub mod torch_pickle;

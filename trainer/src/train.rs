@@ -33,6 +33,7 @@ use crate::model::deformable_detr::DetrConfig;
 use crate::model::DeformableDetr;
 use crate::optim::{Optim, Param};
 use crate::post_process::post_process;
+use crate::progress::{Display, Progress, StepStats};
 use crate::spec::{ExperimentSpec, Precision, Task};
 use crate::TrainerError;
 
@@ -170,6 +171,8 @@ pub struct TrainOutcome {
     /// The last validation's (mAP, mAP50), if any ran.
     pub last_map: Option<(f64, f64)>,
     pub results_dir: PathBuf,
+    /// Wall seconds of each step this rank ran (see [`crate::progress`]).
+    pub step_s: Vec<f64>,
 }
 
 /// Wall-clock date and time (UTC) as TAO's status logger writes them.
@@ -687,14 +690,20 @@ pub fn train(
 
     let mut last_map = None;
     let run_start = Instant::now();
-    let mut images_done = 0u64;
+    let mut progress = Progress::new(
+        Display::auto(rank),
+        epochs,
+        steps,
+        global_batch,
+        (start_epoch, start_step),
+    );
     for epoch in start_epoch..epochs {
         optim.set_epoch(&spec.train.optim, epoch);
         let t_epoch = Instant::now();
         let mut sums = [0.0f64; 4];
         let mut counted = 0usize;
-        let mut last_log = Instant::now();
         let first = if epoch == start_epoch { start_step } else { 0 };
+        progress.start_epoch(epoch);
         for batch in loader.epoch(u64::from(epoch), first) {
             let batch = batch?;
             let step = batch.step;
@@ -759,23 +768,20 @@ pub fn train(
                 sums[k] += agg[k] / nworld as f64;
             }
             counted += 1;
-            images_done += global_batch as u64;
-            if rank == 0
-                && (last_log.elapsed() >= Duration::from_secs(10)
-                    || step + 1 == steps
-                    || step == first)
-            {
-                let el = run_start.elapsed().as_secs_f64();
-                let ips = images_done as f64 / el.max(1e-9);
-                let left_steps = (epochs - epoch - 1) as usize * steps + (steps - step - 1);
-                let eta = left_steps as f64 * global_batch as f64 / ips.max(1e-9);
-                tracing::info!(
-                    "epoch {}/{} step {}/{} loss {:.4} (ce {:.4} bbox {:.4} giou {:.4}) lr {:.2e} {:.1} img/s ETA {}",
-                    epoch + 1, epochs, step + 1, steps, agg[0] / nworld as f64, agg[1] / nworld as f64,
-                    agg[2] / nworld as f64, agg[3] / nworld as f64, optim.lr(0), ips, fmt_secs(eta)
-                );
-                last_log = Instant::now();
-            }
+            let m = |k: usize| agg[k] / nworld as f64;
+            let (loss, loss_ce, loss_bbox, loss_giou) = (m(0), m(1), m(2), m(3));
+            let lr = optim.lr(0);
+            progress.step(
+                epoch,
+                step,
+                StepStats {
+                    loss,
+                    loss_ce,
+                    loss_bbox,
+                    loss_giou,
+                    lr,
+                },
+            );
             if agg[4] > 0.0 {
                 let (e, s) = if step + 1 == steps {
                     (epoch + 1, 0)
@@ -803,6 +809,7 @@ pub fn train(
                     stopped_at: Some((epoch, step + 1)),
                     last_map,
                     results_dir: dir,
+                    step_s: progress.step_seconds().to_vec(),
                 });
             }
         }
@@ -861,16 +868,21 @@ pub fn train(
                 kpi["val_mAP50"] = serde_json::json!(m50);
             }
             status(&dir, "RUNNING", "Training loop in progress", Some(kpi))?;
+            if let Err(e) = crate::plot::training_curves(&dir) {
+                tracing::warn!("training plots not written: {e}");
+            }
         }
     }
     if rank == 0 {
         status(&dir, "SUCCESS", "Train finished successfully.", None)?;
     }
     comm.barrier()?;
+    progress.finish();
     Ok(TrainOutcome {
         stopped_at: None,
         last_map,
         results_dir: dir,
+        step_s: progress.step_seconds().to_vec(),
     })
 }
 

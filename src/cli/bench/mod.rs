@@ -6,6 +6,7 @@ mod collective;
 mod data;
 mod launch;
 mod step;
+mod train;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,6 +19,9 @@ pub enum BenchCommand {
     /// One training step (forward, loss, backward, AdamW) of the TAO default model on CPU vs
     /// transformers' Deformable DETR.
     Step(step::StepArgs),
+    /// The real training path (loader + DDP world of 1 + TAO default model + criterion + AdamW) on
+    /// CPU vs transformers' Deformable DETR; `--curve status.json`: mAP50 against minutes.
+    Train(train::TrainBenchArgs),
     /// Data path: transform img/s on one core, cache build/open/RSS on COCO-sized annotations.
     Data(data::DataBenchArgs),
     /// Collective bandwidth (nccl-tests' time/algbw/busbw) against torch.distributed's gloo on the
@@ -32,6 +36,7 @@ pub enum BenchCommand {
 pub fn run(cmd: &BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Step(args) => step::step(args),
+        BenchCommand::Train(args) => train::run(args),
         BenchCommand::Data(args) => data::data(args),
         BenchCommand::Collective(args) => collective::run(args.clone()),
         BenchCommand::Barrier(args) => barrier::run(args),
