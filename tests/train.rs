@@ -409,12 +409,8 @@ fn kill_9_of_a_trainer_under_the_launcher_restarts_and_ends_where_an_uninterrupt
     let st = p.wait();
     let err = p.stderr();
     assert!(st.success(), "run with a restart failed ({st}):\n{err}");
-    assert!(
-        err.contains(
-            "was killed by signal 9 (SIGKILL): restarting all 2 trainer(s) (restart 1 of 1)"
-        ),
-        "{err}"
-    );
+    assert!(err.contains("was killed by signal 9 (SIGKILL)"), "{err}");
+    assert!(err.contains("(restart 1 of 1)"), "{err}");
     assert!(err.contains("resuming"), "{err}");
     let diff = max_diff(
         &model_tensors(&d.join("ref/train/dd_model_latest.safetensors")),

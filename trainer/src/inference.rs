@@ -354,11 +354,7 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
             let bytes = std::fs::read(path)
                 .map_err(|e| TrainerError::Io(format!("cannot read {}: {e}", path.display())))?;
             let rgb = decode_rgb8(&bytes, &path.display().to_string())?;
-            let mut s = Sample {
-                image: rgb.clone(),
-                boxes: Vec::new(),
-                labels: Vec::new(),
-            };
+            let mut s = Sample::new(rgb.clone(), Vec::new(), Vec::new());
             transforms::eval(&mut s, aug, &mut resizer);
             let meta = Meta {
                 index: step * batch + k,
