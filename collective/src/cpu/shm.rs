@@ -716,6 +716,15 @@ impl ShmTransport {
             .collect();
         let read = |j: usize, elem: usize, dst: *mut u8, n: usize| -> Result<()> {
             cma_read(pids[j], addrs[j] + elem * es, dst, n * es).map_err(|e| {
+                // A peer that failed first may have unwound its buffer (EFAULT) or exited
+                // (ESRCH): report the failure that started it, once its abort is visible.
+                let t = std::time::Instant::now();
+                while t.elapsed() < Duration::from_millis(200) {
+                    if let Some(cause) = self.abort_error(OP) {
+                        return cause;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
                 if pid_alive(pids[j]) {
                     self.fail(CollectiveError::Shm {
                         path: format!("process_vm_readv from rank {j} (pid {})", pids[j]),
