@@ -309,6 +309,8 @@ fn shm_ops_equal_reference_for_worlds_2_3_4() {
         (3, "default"),
         (4, "default"),
         (3, "split"),
+        (2, "cma"),
+        (3, "cma"),
         (5, "default"),
     ] {
         let mut env = env("shm", "20");
