@@ -358,15 +358,7 @@ fn sigterm_writes_a_mid_epoch_checkpoint_and_the_rerun_ends_where_an_uninterrupt
     assert!(status.contains("Stopped by a signal"), "{status}");
 
     let err = ok(d, &a);
-    assert!(err.contains("resuming"), "{err}");
-    let diff = max_diff(
-        &model_tensors(&d.join("ref/train/dd_model_latest.safetensors")),
-        &model_tensors(&d.join("cut/train/dd_model_latest.safetensors")),
-    );
-    assert!(
-        diff < 1e-6,
-        "resumed run ends {diff} away from the uninterrupted one"
-    );
+    assert_resumed_like_ref(d, &err);
 }
 
 #[test]
@@ -411,6 +403,12 @@ fn kill_9_of_a_trainer_under_the_launcher_restarts_and_ends_where_an_uninterrupt
     assert!(st.success(), "run with a restart failed ({st}):\n{err}");
     assert!(err.contains("was killed by signal 9 (SIGKILL)"), "{err}");
     assert!(err.contains("(restart 1 of 1)"), "{err}");
+    assert_resumed_like_ref(d, &err);
+}
+
+/// The `cut` run (stderr `err`) resumed from a checkpoint and ended with the uninterrupted `ref`
+/// run's weights.
+fn assert_resumed_like_ref(d: &Path, err: &str) {
     assert!(err.contains("resuming"), "{err}");
     let diff = max_diff(
         &model_tensors(&d.join("ref/train/dd_model_latest.safetensors")),
@@ -418,7 +416,7 @@ fn kill_9_of_a_trainer_under_the_launcher_restarts_and_ends_where_an_uninterrupt
     );
     assert!(
         diff < 1e-6,
-        "restarted run ends {diff} away from the uninterrupted one"
+        "resumed run ends {diff} away from the uninterrupted one"
     );
 }
 

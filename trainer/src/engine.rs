@@ -383,34 +383,23 @@ impl<'c> Sharded<'c> {
         params: &[Param],
         saved: &BTreeMap<String, Tensor>,
     ) -> Result<(), TrainerError> {
-        optim.steps = saved
-            .get("optim.steps")
-            .map(|t| t.int64_value(&[0]) as u64)
-            .unwrap_or(0);
-        let (a, b) = optim.state_names();
+        optim.load_steps(saved);
+        let has_second = optim.state_names().1.is_some();
         for (k, pc) in self.pieces.iter().enumerate() {
             let p = &params[pc.param];
-            let Some(x) = saved.get(&format!("optim.{}.{a}", p.name)) else {
+            let Some((x, y)) = optim.saved_state(p, saved)? else {
                 self.slots[k] = None;
                 continue;
             };
-            if x.size() != p.tensor.size() {
-                return Err(TrainerError::BadModel(format!(
-                    "checkpoint optimizer state optim.{}.{a} has shape {:?} but the parameter has {:?}: the checkpoint is from another model shape",
-                    p.name,
-                    x.size(),
-                    p.tensor.size()
-                )));
-            }
             let piece = |t: &Tensor| {
                 t.reshape([-1])
                     .narrow(0, pc.param_off, pc.len)
                     .to_device(self.device)
                     .copy()
             };
-            let y = match b.and_then(|b| saved.get(&format!("optim.{}.{b}", p.name))) {
+            let y = match y {
                 Some(y) => piece(y),
-                None if b.is_some() => Tensor::zeros([pc.len], (Kind::Float, self.device)),
+                None if has_second => Tensor::zeros([pc.len], (Kind::Float, self.device)),
                 None => Tensor::zeros([0], (Kind::Float, self.device)),
             };
             self.slots[k] = Some((piece(x), y));

@@ -182,35 +182,53 @@ impl Optim {
         params: &[Param],
         saved: &BTreeMap<String, Tensor>,
     ) -> Result<(), TrainerError> {
-        self.steps = saved
-            .get("optim.steps")
-            .map(|t| t.int64_value(&[0]) as u64)
-            .unwrap_or(0);
-        let (a, b) = match self.kind {
-            Optimizer::AdamW => ("exp_avg", "exp_avg_sq"),
-            Optimizer::SGD => ("momentum_buffer", ""),
-        };
+        self.load_steps(saved);
         for (i, p) in params.iter().enumerate() {
-            let Some(x) = saved.get(&format!("optim.{}.{a}", p.name)) else {
+            let Some((x, y)) = self.saved_state(p, saved)? else {
                 self.state[i] = None;
                 continue;
             };
-            if x.size() != p.tensor.size() {
-                return Err(TrainerError::BadModel(format!(
-                    "checkpoint optimizer state optim.{}.{a} has shape {:?} but the parameter has {:?}: the checkpoint is from another model shape",
-                    p.name,
-                    x.size(),
-                    p.tensor.size()
-                )));
-            }
             let dev = p.tensor.device();
-            let y = match saved.get(&format!("optim.{}.{b}", p.name)) {
+            let y = match y {
                 Some(y) => y.to_device(dev),
                 None => p.tensor.zeros_like(),
             };
             self.state[i] = Some((x.to_device(dev), y));
         }
         Ok(())
+    }
+
+    /// The step count a checkpoint saved (0 without one).
+    pub fn load_steps(&mut self, saved: &BTreeMap<String, Tensor>) {
+        self.steps = saved
+            .get("optim.steps")
+            .map(|t| t.int64_value(&[0]) as u64)
+            .unwrap_or(0);
+    }
+
+    /// The saved state of `p` (first tensor, second if saved), checked against its shape; None
+    /// when the checkpoint has none.
+    pub fn saved_state<'s>(
+        &self,
+        p: &Param,
+        saved: &'s BTreeMap<String, Tensor>,
+    ) -> Result<Option<(&'s Tensor, Option<&'s Tensor>)>, TrainerError> {
+        let (a, b) = self.state_names();
+        let Some(x) = saved.get(&format!("optim.{}.{a}", p.name)) else {
+            return Ok(None);
+        };
+        if x.size() != p.tensor.size() {
+            return Err(TrainerError::BadModel(format!(
+                "checkpoint optimizer state optim.{}.{a} has shape {:?} but the parameter has {:?}: the checkpoint is from another model shape",
+                p.name,
+                x.size(),
+                p.tensor.size()
+            )));
+        }
+        Ok(Some((
+            x,
+            b.and_then(|b| saved.get(&format!("optim.{}.{b}", p.name))),
+        )))
     }
 }
 
