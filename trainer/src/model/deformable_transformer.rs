@@ -6,6 +6,7 @@
 use tch::nn::{self, Init, Module};
 use tch::{Kind, Tensor};
 
+use super::dropout;
 use super::ms_deform_attn::MSDeformAttn;
 use super::position_encoding::{interleave_sin_cos, sine_dim_t, SCALE};
 use super::{inverse_sigmoid, linear, xavier_linear, xavier_uniform};
@@ -51,9 +52,9 @@ impl Ffn {
             linear2: xavier_linear(p / "linear2", d_ffn, d),
         }
     }
-    fn forward(&self, x: &Tensor, dropout: f64, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, p: f64, train: bool) -> Tensor {
         self.linear2
-            .forward(&self.linear1.forward(x).relu().dropout(dropout, train))
+            .forward(&dropout::dropout(&self.linear1.forward(x).relu(), p, train))
     }
 }
 
@@ -103,10 +104,10 @@ impl EncoderLayer {
         );
         let src = self
             .norm1
-            .forward(&(src + src2.dropout(self.dropout, train)));
+            .forward(&(src + dropout::dropout(&src2, self.dropout, train)));
         let src2 = self.ffn.forward(&src, self.dropout, train);
         self.norm2
-            .forward(&(src + src2.dropout(self.dropout, train)))
+            .forward(&(src + dropout::dropout(&src2, self.dropout, train)))
     }
 }
 
@@ -157,17 +158,18 @@ impl MultiheadAttention {
             .transpose(1, 2)
         };
         let (q, k, v) = (proj(q, 0, lq), proj(k, 1, lk), proj(v, 2, lk));
-        let dropout = if train { self.dropout } else { 0.0 };
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            dropout,
-            false,
-            None,
-            false,
-        );
+        let p = if train { self.dropout } else { 0.0 };
+        let out = if p > 0.0 && q.device() == tch::Device::Cpu {
+            // libtorch's CPU attention with dropout is this math path with its serial
+            // `bernoulli_`; the same math with the parallel mask (see [`dropout`]).
+            let w = q
+                .matmul(&k.transpose(-2, -1))
+                .g_mul_scalar(1.0 / (hd as f64).sqrt())
+                .softmax(-1, q.kind());
+            dropout::dropout(&w, p, train).matmul(&v)
+        } else {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, p, false, None, false)
+        };
         self.out_proj
             .forward(&out.transpose(1, 2).reshape([n, lq, d]))
     }
@@ -219,7 +221,7 @@ impl DecoderLayer {
         let tgt2 = self.self_attn.forward(&q, &q, tgt, train);
         let tgt = self
             .norm2
-            .forward(&(tgt + tgt2.dropout(self.dropout, train)));
+            .forward(&(tgt + dropout::dropout(&tgt2, self.dropout, train)));
         let tgt2 = self.cross_attn.forward(
             &(&tgt + query_pos),
             reference_points,
@@ -229,10 +231,10 @@ impl DecoderLayer {
         );
         let tgt = self
             .norm1
-            .forward(&(tgt + tgt2.dropout(self.dropout, train)));
+            .forward(&(tgt + dropout::dropout(&tgt2, self.dropout, train)));
         let tgt2 = self.ffn.forward(&tgt, self.dropout, train);
         self.norm3
-            .forward(&(tgt + tgt2.dropout(self.dropout, train)))
+            .forward(&(tgt + dropout::dropout(&tgt2, self.dropout, train)))
     }
 }
 

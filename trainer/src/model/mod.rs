@@ -10,6 +10,7 @@ pub mod backbone;
 pub mod box_ops;
 pub mod deformable_detr;
 pub mod deformable_transformer;
+pub mod dropout;
 pub mod ms_deform_attn;
 pub mod position_encoding;
 
