@@ -9,8 +9,9 @@
 #   2. A Python virtualenv holding torch==2.11.0 (+ its nvidia-nccl-cu13), kept in a cache outside
 #      the clone ($DDETR_CACHE, default ~/.cache/ddetr) and reused while its torch version matches.
 #      Also onnx and onnxruntime (the ONNX export tests run the exported models with them).
-#   3. `cargo build --release` of `ddetr` and `ddetr-launch`; the binaries carry an rpath to the
-#      venv's torch/lib, so they run without LD_LIBRARY_PATH.
+#   3. `cargo build --release` of `ddetr` (the front), `ddetr-torch` (the full CLI it execs) and
+#      `ddetr-launch`; the binaries carry an rpath to the venv's torch/lib, so they run without
+#      LD_LIBRARY_PATH.
 # Knobs: DDETR_CACHE, DDETR_VENV (an existing venv to use), CARGO_TARGET_DIR, DDETR_SKIP_BUILD=1.
 set -euo pipefail
 
@@ -106,5 +107,5 @@ if [ "${DDETR_SKIP_BUILD:-0}" != 1 ]; then
   (cd "$root" && cargo build --release --locked --bins -q) || die "cargo build failed: see the errors above"
   bin_dir="${CARGO_TARGET_DIR:-$root/target}/release"
   "$bin_dir/ddetr" --version >/dev/null || die "$bin_dir/ddetr does not run: rpath to $DDETR_TORCH_LIB missing?"
-  say "ready: $bin_dir/ddetr, $bin_dir/ddetr-launch"
+  say "ready: $bin_dir/ddetr (execs $bin_dir/ddetr-torch), $bin_dir/ddetr-launch"
 fi

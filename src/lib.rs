@@ -1,6 +1,8 @@
-//! The `ddetr` package: the two thin binaries (`ddetr`, `ddetr-launch`), their command lines, the
-//! exit-code contract they share, and `ddetr doctor`. Everything else lives in the crates:
-//! `launcher`, `collective`, `dataset`, `trainer`.
+//! The `ddetr` package: the thin binaries (`ddetr`, the tch-free front; `ddetr-torch`, the full
+//! CLI it execs; `ddetr-launch`), the full command line, the exit-code contract, and
+//! `ddetr doctor`. This library is the full CLI's: the front and `ddetr-launch` do not use it (it
+//! links libtorch). Everything else lives in the crates: `launcher`, `collective-core`,
+//! `collective`, `dataset`, `trainer`.
 
 pub mod cli;
 pub mod doctor;

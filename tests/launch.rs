@@ -451,6 +451,26 @@ fn ddetr_launch_does_not_link_libtorch() {
     assert!(!libs.contains("torch") && !libs.contains("cuda"), "{libs}");
 }
 
+/// `ddetr` is the tch-free front (its bin uses only the launcher crate and, through it,
+/// collective-core), so `bench barrier` workers start at once; the full CLI it execs,
+/// `ddetr-torch`, is the one that links libtorch.
+#[test]
+fn ddetr_front_does_not_link_libtorch_but_the_full_cli_does() {
+    let ldd = |bin: &str| {
+        let out = Command::new("ldd").arg(bin).output().expect("ldd runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let front = ldd(env!("CARGO_BIN_EXE_ddetr"));
+    assert!(front.contains("libc.so"), "{front}");
+    assert!(
+        !front.contains("torch") && !front.contains("cuda"),
+        "{front}"
+    );
+    let full = ldd(env!("CARGO_BIN_EXE_ddetr-torch"));
+    assert!(full.contains("libtorch"), "{full}");
+}
+
 #[test]
 fn device_cuda_without_a_gpu_is_one_line_and_exit_2() {
     // CUDA_VISIBLE_DEVICES=-1 hides every GPU, so this holds on GPU machines too.

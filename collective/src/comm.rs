@@ -5,193 +5,16 @@
 //! the same shapes; a mismatch, a dead peer or a peer that stops answering is an error naming the
 //! rank, raised within the communicator's timeout.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use tch::{Device, Tensor};
 
-use crate::cpu::shm::ShmTransport;
-use crate::cpu::tcp::TcpTransport;
-use crate::cpu::Transport as CpuTransport;
+pub use ddetr_collective_core::group::{
+    default_chunk_bytes, CommConfig, RankInfo, Transport, DEFAULT_ROUND_BYTES, DEFAULT_TIMEOUT,
+};
+
 use crate::store::Store;
-use crate::{CollectiveError, DType, ReduceOp, Result};
-
-/// Default bound on any one collective: long enough for a slow first step, short enough that a
-/// dead job does not sit for the 30 minutes gloo would.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-/// Default bytes of one shared-memory round (all ranks' pieces together): few enough rounds that
-/// a rank descheduled by other load costs little, small enough that the segment (6 buffers ×
-/// world × round) stays in a server's L3 for the worlds one node runs.
-pub const DEFAULT_ROUND_BYTES: usize = 1 << 20;
-
-/// The per-rank piece for `world` ranks when none is configured.
-pub fn default_chunk_bytes(world: usize) -> usize {
-    (DEFAULT_ROUND_BYTES / world.max(1))
-        .next_multiple_of(4096)
-        .max(64 << 10)
-}
-
-/// Which CPU transport to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// Shared memory when every rank is on this node, else TCP.
-    Auto,
-    Shm,
-    Tcp,
-}
-
-impl std::str::FromStr for Transport {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Transport::Auto),
-            "shm" => Ok(Transport::Shm),
-            "tcp" => Ok(Transport::Tcp),
-            other => Err(format!(
-                "unknown CPU transport {other:?}: use auto, shm or tcp"
-            )),
-        }
-    }
-}
-
-/// How a communicator is built.
-#[derive(Debug, Clone)]
-pub struct CommConfig {
-    /// Bound on every collective and on bootstrap waits.
-    pub timeout: Duration,
-    /// Store key prefix; communicators built over one store need distinct prefixes.
-    pub prefix: String,
-    pub transport: Transport,
-    /// Shared-memory round piece per rank, bytes (None: [`default_chunk_bytes`]).
-    pub chunk_bytes: Option<usize>,
-    /// Address the TCP transport publishes for this rank (default: DDETR_CPU_ADDR, else the
-    /// address that routes to MASTER_ADDR, else 127.0.0.1).
-    pub advertise_addr: Option<IpAddr>,
-}
-
-impl Default for CommConfig {
-    fn default() -> Self {
-        Self {
-            timeout: DEFAULT_TIMEOUT,
-            prefix: "ddetr/collective".into(),
-            transport: Transport::Auto,
-            chunk_bytes: None,
-            advertise_addr: None,
-        }
-    }
-}
-
-impl CommConfig {
-    /// Defaults overridden by DDETR_COLLECTIVE_TIMEOUT_S, DDETR_CPU_TRANSPORT, DDETR_SHM_CHUNK_KB.
-    pub fn from_env() -> Result<Self> {
-        let mut c = Self::default();
-        let bad = |k: &str, v: &str, want: &str| CollectiveError::InvalidArgument {
-            op: "config",
-            what: format!("{k}={v:?} is not {want}"),
-        };
-        if let Ok(v) = std::env::var("DDETR_COLLECTIVE_TIMEOUT_S") {
-            c.timeout = Duration::from_secs_f64(
-                v.parse::<f64>().ok().filter(|s| *s > 0.0).ok_or_else(|| {
-                    bad(
-                        "DDETR_COLLECTIVE_TIMEOUT_S",
-                        &v,
-                        "a positive number of seconds",
-                    )
-                })?,
-            );
-        }
-        if let Ok(v) = std::env::var("DDETR_CPU_TRANSPORT") {
-            c.transport = v
-                .parse()
-                .map_err(|e: String| CollectiveError::InvalidArgument {
-                    op: "config",
-                    what: e,
-                })?;
-        }
-        if let Ok(v) = std::env::var("DDETR_SHM_CHUNK_KB") {
-            c.chunk_bytes = Some(
-                v.parse::<usize>()
-                    .ok()
-                    .filter(|k| *k > 0)
-                    .ok_or_else(|| bad("DDETR_SHM_CHUNK_KB", &v, "a positive integer"))?
-                    << 10,
-            );
-        }
-        if let Ok(v) = std::env::var("DDETR_CPU_ADDR") {
-            c.advertise_addr = Some(
-                v.parse()
-                    .map_err(|_| bad("DDETR_CPU_ADDR", &v, "an IP address"))?,
-            );
-        }
-        Ok(c)
-    }
-}
-
-/// Where this process sits in the job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RankInfo {
-    pub rank: usize,
-    pub world: usize,
-    pub local_rank: usize,
-    pub local_world: usize,
-}
-
-impl RankInfo {
-    pub fn single() -> Self {
-        Self {
-            rank: 0,
-            world: 1,
-            local_rank: 0,
-            local_world: 1,
-        }
-    }
-
-    /// From the launcher's (and torchrun's) RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE;
-    /// a world of one when none is set.
-    pub fn from_env() -> Result<Self> {
-        let var = |k: &str| -> Result<Option<usize>> {
-            match std::env::var(k) {
-                Err(_) => Ok(None),
-                Ok(v) => v
-                    .trim()
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| CollectiveError::InvalidArgument {
-                        op: "rank info",
-                        what: format!("{k}={v:?} is not a non-negative integer"),
-                    }),
-            }
-        };
-        let world = var("WORLD_SIZE")?.unwrap_or(1);
-        let rank = var("RANK")?.unwrap_or(0);
-        let local_rank = var("LOCAL_RANK")?.unwrap_or(rank);
-        let local_world = var("LOCAL_WORLD_SIZE")?.unwrap_or(world);
-        let info = Self {
-            rank,
-            world,
-            local_rank,
-            local_world,
-        };
-        info.validate()?;
-        Ok(info)
-    }
-
-    fn validate(&self) -> Result<()> {
-        if self.world == 0
-            || self.rank >= self.world
-            || self.local_rank >= self.local_world.max(1)
-            || self.local_world > self.world
-        {
-            return Err(CollectiveError::InvalidArgument {
-                op: "rank info",
-                what: format!(
-                    "inconsistent {self:?}: need rank < world, local_rank < local_world <= world"
-                ),
-            });
-        }
-        Ok(())
-    }
-}
+use crate::{CollectiveError, CpuGroup, DType, DTypeKind, ReduceOp, Result};
 
 /// A backend's view of the collectives, on validated tensors.
 pub(crate) trait Backend: Send + Sync {
@@ -222,16 +45,14 @@ fn bytes_of(t: &Tensor) -> usize {
     t.numel() * t.kind().elt_size_in_bytes()
 }
 
-/// The CPU backend: a transport over contiguous CPU tensors' memory.
+/// The CPU backend: a [`CpuGroup`] over contiguous CPU tensors' memory.
 struct CpuBackend {
-    transport: Box<dyn CpuTransport>,
-    name: &'static str,
-    world: usize,
+    group: CpuGroup,
 }
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
-        self.name
+        self.group.backend_name()
     }
     fn device(&self) -> Device {
         Device::Cpu
@@ -239,18 +60,18 @@ impl Backend for CpuBackend {
     fn all_reduce(&self, t: &mut Tensor, dtype: DType, op: ReduceOp) -> Result<()> {
         // SAFETY: a contiguous CPU tensor owns numel × elt bytes at data_ptr.
         let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, bytes_of(t)) };
-        self.transport.all_reduce(buf, dtype, op)
+        self.group.all_reduce_bytes(buf, dtype, op)
     }
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
         // SAFETY: as above.
         let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, bytes_of(t)) };
-        self.transport.broadcast(buf, root)
+        self.group.broadcast_bytes(buf, root)
     }
     fn all_gather(&self, input: Option<&Tensor>, output: &mut Tensor) -> Result<()> {
-        let bytes = bytes_of(output) / self.world;
+        let bytes = bytes_of(output) / self.group.world();
         // SAFETY: validated sizes; aliasing checked by the caller.
         unsafe {
-            self.transport.all_gather(
+            self.group.all_gather_raw(
                 input.map(|i| i.data_ptr() as *const u8),
                 output.data_ptr() as *mut u8,
                 bytes,
@@ -266,7 +87,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         // SAFETY: validated sizes; aliasing checked by the caller.
         unsafe {
-            self.transport.reduce_scatter(
+            self.group.reduce_scatter_raw(
                 input.data_ptr() as *const u8,
                 output.data_ptr() as *mut u8,
                 output.numel(),
@@ -276,10 +97,10 @@ impl Backend for CpuBackend {
         }
     }
     fn barrier(&self) -> Result<()> {
-        self.transport.barrier()
+        self.group.barrier()
     }
     fn abort(&self) {
-        self.transport.abort()
+        self.group.abort()
     }
 }
 
@@ -300,42 +121,6 @@ impl std::fmt::Debug for Communicator {
     }
 }
 
-/// Identifies the machine: ranks with equal keys can share /dev/shm.
-fn node_key() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    format!("{}/{}", host.trim(), boot.trim())
-}
-
-fn default_advertise() -> IpAddr {
-    if let Ok(master) = std::env::var("MASTER_ADDR") {
-        let port = std::env::var("MASTER_PORT")
-            .ok()
-            .and_then(|p| p.parse::<u16>().ok())
-            .unwrap_or(29500);
-        if let Ok(Some(addr)) =
-            std::net::ToSocketAddrs::to_socket_addrs(&(master.as_str(), port)).map(|mut a| a.next())
-        {
-            if addr.ip().is_loopback() {
-                return addr.ip();
-            }
-            let bind = if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            };
-            if let Ok(sock) = std::net::UdpSocket::bind(bind) {
-                if sock.connect(addr).is_ok() {
-                    if let Ok(local) = sock.local_addr() {
-                        return local.ip();
-                    }
-                }
-            }
-        }
-    }
-    IpAddr::from([127, 0, 0, 1])
-}
-
 impl Communicator {
     /// A world of one: every collective is the identity (or a copy).
     pub fn single() -> Self {
@@ -346,71 +131,14 @@ impl Communicator {
         }
     }
 
-    /// Builds the CPU backend: shared memory when every rank is on this node (unless
-    /// `cfg.transport` says TCP), else a TCP ring.
+    /// Builds the CPU backend (a [`CpuGroup`]): shared memory when every rank is on this node
+    /// (unless `cfg.transport` says TCP), else a TCP ring.
     pub fn cpu(store: &dyn Store, info: RankInfo, cfg: &CommConfig) -> Result<Self> {
-        info.validate()?;
-        if info.world == 1 {
-            return Ok(Self {
-                info,
-                backend: None,
-                timeout: cfg.timeout,
-            });
-        }
-        let key = &cfg.prefix;
-        let transport = match cfg.transport {
-            Transport::Auto => {
-                store.set(&format!("{key}/node/{}", info.rank), node_key().as_bytes())?;
-                let mine = node_key();
-                let mut same = true;
-                for r in 0..info.world {
-                    same &=
-                        store.get_wait(&format!("{key}/node/{r}"), cfg.timeout)? == mine.as_bytes();
-                }
-                if same {
-                    Transport::Shm
-                } else {
-                    Transport::Tcp
-                }
-            }
-            t => t,
-        };
-        let backend = match transport {
-            Transport::Shm => CpuBackend {
-                transport: Box::new(ShmTransport::new(
-                    store,
-                    key,
-                    info.rank,
-                    info.world,
-                    cfg.chunk_bytes
-                        .unwrap_or_else(|| default_chunk_bytes(info.world)),
-                    cfg.timeout,
-                )?),
-                name: "cpu-shm",
-                world: info.world,
-            },
-            _ => CpuBackend {
-                transport: Box::new(TcpTransport::new(
-                    store,
-                    key,
-                    info.rank,
-                    info.world,
-                    cfg.advertise_addr.unwrap_or_else(default_advertise),
-                    cfg.timeout,
-                )?),
-                name: "cpu-tcp",
-                world: info.world,
-            },
-        };
-        tracing::info!(
-            rank = info.rank,
-            world = info.world,
-            backend = backend.name,
-            "communicator ready"
-        );
+        let group = CpuGroup::new(store, info, cfg)?;
         Ok(Self {
             info,
-            backend: Some(Box::new(backend)),
+            backend: (group.world() > 1)
+                .then(|| Box::new(CpuBackend { group }) as Box<dyn Backend>),
             timeout: cfg.timeout,
         })
     }

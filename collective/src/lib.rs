@@ -8,8 +8,12 @@
 //! that, every operation of a [`Communicator`] has a deadline, so a dead peer is an error that
 //! names its rank, never a hang.
 //!
-//! Modules: [`store`] (bootstrap stores), [`comm`] (the communicator over tch tensors), [`cpu`]
-//! (shared-memory and TCP transports, reduction kernels), [`nccl`] (runtime-loaded NCCL),
+//! The tensor-free half (stores, CPU transports and reduction kernels, [`CpuGroup`], the error
+//! type, [`DType`], [`ReduceOp`], [`RankInfo`], [`CommConfig`]) lives in `ddetr-collective-core`,
+//! which links no libtorch; this crate re-exports it under the same paths.
+//!
+//! Modules: [`store`] (bootstrap stores, from the core), [`comm`] (the communicator over tch
+//! tensors, its CPU backend a [`CpuGroup`]), [`nccl`] (runtime-loaded NCCL),
 //! [`ddp`] (bucketed gradient averaging), [`zero`] (ZeRO-2 sharded AdamW), [`bench`]
 //! (nccl-tests-style bandwidth measurement).
 //!
@@ -21,51 +25,28 @@
 
 pub mod bench;
 pub mod comm;
-pub mod cpu;
 pub mod ddp;
 pub mod nccl;
-pub mod store;
 pub mod zero;
 
-use std::time::Duration;
+pub use ddetr_collective_core::store;
+pub use ddetr_collective_core::{
+    CollectiveError, CpuGroup, DType, Element, InProcessStore, ReduceOp, Result, Store, TcpStore,
+    TcpStoreServer,
+};
 
 pub use comm::{CommConfig, Communicator, RankInfo, Transport};
-pub use store::{InProcessStore, Store, TcpStore, TcpStoreServer};
 
-/// How an all-reduce or reduce-scatter combines the ranks' values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReduceOp {
-    Sum,
-    /// Sum divided by the world size (floating-point dtypes only).
-    Avg,
-    Max,
-}
-
-/// The element types the collectives move and reduce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    BF16,
-    F64,
-    I64,
-}
-
-impl DType {
-    pub fn size(self) -> usize {
-        match self {
-            DType::F16 | DType::BF16 => 2,
-            DType::F32 => 4,
-            DType::F64 | DType::I64 => 8,
-        }
-    }
-
-    pub fn is_float(self) -> bool {
-        !matches!(self, DType::I64)
-    }
-
+/// [`DType`] ↔ `tch::Kind`: which tensor kinds the collectives take.
+pub trait DTypeKind: Sized {
     /// The dtype of a tch tensor kind, if the collectives support it.
-    pub fn from_kind(kind: tch::Kind) -> Result<Self, CollectiveError> {
+    fn from_kind(kind: tch::Kind) -> Result<Self>;
+    /// The tch kind of this dtype.
+    fn kind(self) -> tch::Kind;
+}
+
+impl DTypeKind for DType {
+    fn from_kind(kind: tch::Kind) -> Result<Self> {
         Ok(match kind {
             tch::Kind::Float => DType::F32,
             tch::Kind::Half => DType::F16,
@@ -76,7 +57,7 @@ impl DType {
         })
     }
 
-    pub fn kind(self) -> tch::Kind {
+    fn kind(self) -> tch::Kind {
         match self {
             DType::F32 => tch::Kind::Float,
             DType::F16 => tch::Kind::Half,
@@ -86,61 +67,3 @@ impl DType {
         }
     }
 }
-
-/// Every failure of the collective layer. Messages are one line: what went wrong, which rank, and
-/// what to do about it.
-#[derive(Debug, thiserror::Error)]
-pub enum CollectiveError {
-    #[error("bootstrap store: {what}")]
-    Store { what: String },
-    #[error("bootstrap store: key {key} was not set within {timeout:?}: a rank did not start or crashed during setup; check every rank's log")]
-    StoreTimeout { key: String, timeout: Duration },
-    #[error("{op} timed out after {timeout:?} waiting for rank {ranks:?}: that rank is stuck or dead; check its log, or raise the collective timeout if it is just slow")]
-    Timeout {
-        op: &'static str,
-        ranks: Vec<usize>,
-        timeout: Duration,
-    },
-    #[error("{op} failed: rank {rank} (pid {pid}) died; check that rank's log for the cause")]
-    PeerDied {
-        op: &'static str,
-        rank: usize,
-        pid: u32,
-    },
-    #[error("{op} failed: connection to rank {rank} broke ({reason}); that rank died or aborted, check its log")]
-    PeerLost {
-        op: &'static str,
-        rank: usize,
-        reason: String,
-    },
-    #[error("{op} aborted: rank {rank} aborted the communicator after an error of its own; check that rank's log")]
-    Aborted { op: &'static str, rank: usize },
-    #[error("{op} on rank {rank}: rank {peer} called {peer_call} but this rank called {call}: every rank must issue the same collectives in the same order with the same sizes")]
-    Mismatch {
-        op: &'static str,
-        rank: usize,
-        peer: usize,
-        call: String,
-        peer_call: String,
-    },
-    #[error("{op}: {what}")]
-    InvalidArgument { op: &'static str, what: String },
-    #[error("unsupported dtype {0}: collectives take f32, f16, bf16, f64 or i64 tensors")]
-    UnsupportedDtype(String),
-    #[error("shared memory {path}: {reason}; check that /dev/shm is mounted and has room")]
-    Shm { path: String, reason: String },
-    #[error("tcp transport: {what}")]
-    Tcp { what: String },
-    #[error(transparent)]
-    NcclLoad(#[from] nccl::NcclLoadError),
-    #[error("{call} failed: {reason}")]
-    Nccl { call: &'static str, reason: String },
-    #[error("the NCCL backend needs one CUDA GPU per local rank, but {what}: use the cpu backend on this machine, or check CUDA_VISIBLE_DEVICES")]
-    NoGpu { what: String },
-    #[error("{op} did not complete on the GPU within {timeout:?}: a peer rank is dead or stuck (NCCL cannot tell which); the communicator was aborted, check the other ranks' logs")]
-    NcclTimeout { op: &'static str, timeout: Duration },
-    #[error("the communicator was aborted on this rank; build a new one")]
-    AbortedLocally,
-}
-
-pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;

@@ -26,7 +26,7 @@ use tch::{Device, Tensor};
 
 use crate::comm::{Backend, CommConfig, RankInfo};
 use crate::store::Store;
-use crate::{CollectiveError, Communicator, DType, ReduceOp, Result};
+use crate::{CollectiveError, Communicator, DType, DTypeKind, ReduceOp, Result};
 
 /// bindgen's output for nccl.h (allowlisted functions, types and constants only).
 #[allow(
@@ -40,20 +40,9 @@ pub mod sys {
     include!(concat!(env!("OUT_DIR"), "/nccl_bindings.rs"));
 }
 
-/// The error every NCCL entry point returns when the library cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum NcclLoadError {
-    #[error("cannot open NCCL ({tried}): {reason}; install nvidia-nccl-cu13 or set DDETR_NCCL_LIB to libnccl.so.2")]
-    Open { tried: String, reason: String },
-    #[error("NCCL at {path} lacks {symbol}: {reason}")]
-    Symbol {
-        path: String,
-        symbol: &'static str,
-        reason: String,
-    },
-    #[error("ncclGetVersion failed with code {0}")]
-    Call(i32),
-}
+/// The error every NCCL entry point returns when the library cannot be used (defined in the
+/// core crate so that [`crate::CollectiveError`] can carry it).
+pub use ddetr_collective_core::NcclLoadError;
 
 /// Candidate locations of libnccl, in the order they are tried.
 pub fn candidates() -> Vec<PathBuf> {

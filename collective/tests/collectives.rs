@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{assert_all_ok, child_comm, launch, leftover_segments, SCENARIO};
-use ddetr_collective::{CollectiveError, DType, ReduceOp};
+use ddetr_collective::{CollectiveError, DType, DTypeKind, ReduceOp};
 use tch::{Device, Kind, Tensor};
 
 const DTYPES: [DType; 5] = [DType::F32, DType::F16, DType::BF16, DType::F64, DType::I64];

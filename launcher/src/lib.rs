@@ -4,9 +4,13 @@
 //! contract, prefixing and logging their output, restarting the group when one fails and
 //! forwarding SIGTERM/SIGINT/SIGHUP ([`supervise`]); the authenticated QUIC rendezvous that joins
 //! the nodes, supervises the job across them and serves the trainers' bootstrap store
-//! ([`rdzv`]). The crate does not link libtorch, so `ddetr-launch` starts in milliseconds.
+//! ([`rdzv`]); and the trainer side of that contract, joining a job from its environment
+//! ([`bootstrap`]). The crate does not link libtorch (its collective dependency is the tensor-free
+//! `ddetr-collective-core`), so `ddetr-launch`, and `ddetr` for a worker that needs no tensors,
+//! start in milliseconds.
 
 pub mod args;
+pub mod bootstrap;
 pub mod gpu;
 pub mod hostlist;
 mod launch;

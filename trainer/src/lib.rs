@@ -71,3 +71,14 @@ pub enum TrainerError {
     #[error("{0}")]
     Collective(#[from] ddetr_collective::CollectiveError),
 }
+
+/// Joining the job: a missing token or port, or a refused rendezvous, is the invocation's fault
+/// ([`TrainerError::Config`]); a store or transport failure stays a collective error.
+impl From<ddetr_launcher::bootstrap::BootstrapError> for TrainerError {
+    fn from(e: ddetr_launcher::bootstrap::BootstrapError) -> Self {
+        match e {
+            ddetr_launcher::bootstrap::BootstrapError::Collective(e) => TrainerError::Collective(e),
+            other => TrainerError::Config(other.to_string()),
+        }
+    }
+}

@@ -11,17 +11,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::amp::Amp;
 use crate::engine::Engine;
 use crate::step::{forward_backward, StepMode};
-use ddetr_collective::{
-    CollectiveError, CommConfig, Communicator, RankInfo, ReduceOp, Store, TcpStore, TcpStoreServer,
-};
+use ddetr_collective::{Communicator, ReduceOp, TcpStoreServer};
 use ddetr_dataset::cache::{ensure_split, Split};
 use ddetr_dataset::loader::{Batch, Loader, LoaderMode};
 use ddetr_dataset::Cache;
+use ddetr_launcher::bootstrap::Bootstrap;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -54,57 +53,18 @@ pub struct World {
 
 impl World {
     /// From the launcher's environment (RANK, WORLD_SIZE, … and DDETR_RDZV with DDETR_JOB_TOKEN,
-    /// or MASTER_ADDR/MASTER_PORT under plain torchrun); a world of one without it.
+    /// or MASTER_ADDR/MASTER_PORT under plain torchrun; [`ddetr_launcher::bootstrap`]); a world
+    /// of one without it.
     pub fn from_env() -> Result<Self, TrainerError> {
-        let info = RankInfo::from_env()?;
-        if info.world == 1 {
-            return Ok(Self {
-                comm: Communicator::single(),
-                _server: None,
-            });
-        }
-        let cfg = CommConfig::from_env()?;
-        let rdzv = std::env::var("DDETR_RDZV").unwrap_or_default();
-        if let Some(addr) = ddetr_launcher::rdzv::parse_url(&rdzv) {
-            let token = std::env::var("DDETR_JOB_TOKEN").map_err(|_| {
-                TrainerError::Config(format!(
-                    "DDETR_RDZV is {rdzv} but DDETR_JOB_TOKEN is not set: run under ddetr-launch, which sets both"
-                ))
-            })?;
-            let client = ddetr_launcher::rdzv::Client::connect(addr, token.as_bytes(), cfg.timeout)
-                .map_err(|e| TrainerError::Config(e.to_string()))?;
-            // Keys of one generation of trainers never meet another's.
-            let restart = std::env::var("DDETR_RESTART_COUNT").unwrap_or_else(|_| "0".into());
-            let store = RdzvStore {
-                client,
-                prefix: format!("g{restart}/"),
-            };
-            let comm = Communicator::cpu(&store, info, &cfg)?;
-            return Ok(Self {
-                comm,
-                _server: None,
-            });
-        }
-        let addr = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
-        let port: u16 = std::env::var("MASTER_PORT")
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| {
-                TrainerError::Config(format!(
-                    "WORLD_SIZE is {} but MASTER_PORT is not a port number: run under ddetr-launch or set MASTER_ADDR and MASTER_PORT",
-                    info.world
-                ))
-            })?;
-        let server = if info.rank == 0 {
-            Some(TcpStoreServer::bind(("0.0.0.0", port))?)
-        } else {
-            None
+        let boot = Bootstrap::from_env()?;
+        let comm = match &boot.store {
+            None => Communicator::single(),
+            Some(store) => Communicator::cpu(store.as_ref(), boot.info, &boot.cfg)?,
         };
-        let store = TcpStore::connect((addr.as_str(), port), cfg.timeout)?;
-        let comm = Communicator::cpu(&store, info, &cfg)?;
+        // The bootstrap store (a rendezvous connection) is dropped here; a TCP store server stays.
         Ok(Self {
             comm,
-            _server: server,
+            _server: boot.server,
         })
     }
 
@@ -112,53 +72,6 @@ impl World {
         Self {
             comm: Communicator::single(),
             _server: None,
-        }
-    }
-}
-
-/// The launcher's rendezvous as the collective layer's bootstrap [`Store`], with every key under
-/// this generation's prefix.
-struct RdzvStore {
-    client: ddetr_launcher::rdzv::Client,
-    prefix: String,
-}
-
-impl RdzvStore {
-    fn err(e: ddetr_launcher::rdzv::RdzvError) -> CollectiveError {
-        CollectiveError::Store {
-            what: e.to_string(),
-        }
-    }
-}
-
-impl Store for RdzvStore {
-    fn set(&self, key: &str, value: &[u8]) -> Result<(), CollectiveError> {
-        self.client
-            .set(&format!("{}{key}", self.prefix), value)
-            .map_err(Self::err)
-    }
-
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CollectiveError> {
-        self.client
-            .get(&format!("{}{key}", self.prefix))
-            .map_err(Self::err)
-    }
-
-    fn wait(&self, keys: &[&str], timeout: Duration) -> Result<(), CollectiveError> {
-        let full: Vec<String> = keys.iter().map(|k| format!("{}{k}", self.prefix)).collect();
-        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        match self.client.wait(&refs, timeout) {
-            Ok(()) => Ok(()),
-            Err(ddetr_launcher::rdzv::RdzvError::Timeout { missing, timeout }) => {
-                Err(CollectiveError::StoreTimeout {
-                    key: missing
-                        .strip_prefix(&self.prefix)
-                        .unwrap_or(&missing)
-                        .to_string(),
-                    timeout,
-                })
-            }
-            Err(e) => Err(Self::err(e)),
         }
     }
 }

@@ -1,12 +1,13 @@
 //! `ddetr bench barrier`: the worker side of `ddetr bench launch`. Joins the job through
-//! DDETR_RDZV (the launcher's rendezvous), builds the CPU communicator, passes one barrier and
+//! DDETR_RDZV (the launcher's rendezvous), builds the CPU collectives, passes one barrier and
 //! exits. With `--all-reduce` it also sums rank + 1 over the world and checks the total (the
 //! multi-node tests use that).
+//!
+//! The `ddetr` front binary runs these command lines itself, without libtorch
+//! (src/bin/ddetr.rs); this path serves `ddetr-torch` run directly. Both call
+//! [`ddetr_launcher::bootstrap::barrier_check`] and print the same line.
 
-use anyhow::{bail, Context};
 use clap::Args;
-use ddetr_collective::ReduceOp;
-use ddetr_trainer::train::World;
 
 #[derive(Debug, Clone, Args)]
 pub struct BarrierArgs {
@@ -16,29 +17,7 @@ pub struct BarrierArgs {
 }
 
 pub fn run(args: &BarrierArgs) -> anyhow::Result<()> {
-    let world = World::from_env().context("joining the job")?;
-    let comm = &world.comm;
-    comm.barrier().context("barrier")?;
-    if args.all_reduce {
-        let mut t = tch::Tensor::from_slice(&[comm.rank() as f64 + 1.0]);
-        comm.all_reduce(&mut t, ReduceOp::Sum)
-            .context("all_reduce")?;
-        let (got, n) = (t.double_value(&[0]), comm.world() as f64);
-        let want = n * (n + 1.0) / 2.0;
-        if got != want {
-            bail!(
-                "all_reduce on rank {} gave {got}, expected {want}",
-                comm.rank()
-            );
-        }
-        println!(
-            "rank {} of {}: barrier passed, all_reduce sum={got} ({})",
-            comm.rank(),
-            comm.world(),
-            comm.backend_name()
-        );
-    } else {
-        println!("rank {} of {}: barrier passed", comm.rank(), comm.world());
-    }
+    let report = ddetr_launcher::bootstrap::barrier_check(args.all_reduce)?;
+    println!("{report}");
     Ok(())
 }

@@ -4,7 +4,10 @@
 //! alternating, in the same run. Prints each run and the medians; the last line is
 //! `nproc=… runs=… ours_s=… peer_s=… ratio=… agent_only_s=…` (ratio = peer / ours: above 1 means
 //! we are faster; agent_only_s is the same launch with `/bin/true` as the worker, i.e. the
-//! launcher and rendezvous alone, without libtorch's load and the communicator).
+//! launcher and rendezvous alone, without the workers' join and communicator).
+//!
+//! The workers are the `ddetr` front binary next to this one (what `ddetr-launch` runs by
+//! default), which passes the barrier without loading libtorch (src/bin/ddetr.rs).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -67,11 +70,15 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe().context("locating this binary")?;
     let launcher = exe.with_file_name("ddetr-launch");
-    if !launcher.exists() {
-        bail!(
-            "{} does not exist: build both binaries (`cargo build --release --bins`)",
-            launcher.display()
-        );
+    // This runs in `ddetr-torch` (the front execs it); the workers are the front itself.
+    let worker = exe.with_file_name("ddetr");
+    for bin in [&launcher, &worker] {
+        if !bin.exists() {
+            bail!(
+                "{} does not exist: build the binaries (`cargo build --release --bins`)",
+                bin.display()
+            );
+        }
     }
     let torchrun = if args.no_peer {
         None
@@ -114,7 +121,7 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<()> {
                     "cpu",
                 ])
                 .arg("--trainer-bin")
-                .arg(&exe)
+                .arg(&worker)
                 .args(["--", "bench", "barrier"])
                 .env_remove("DDETR_JOB_TOKEN")
                 .env("RUST_LOG", "warn"),

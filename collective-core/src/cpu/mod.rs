@@ -1,6 +1,7 @@
 //! The CPU backend: shared memory between the ranks of one node ([`shm`]), a TCP ring between
 //! nodes ([`tcp`]), and the reduction kernels both use ([`reduce`]). Transports work on raw byte
-//! buffers; [`crate::comm`] adapts contiguous CPU tensors to them.
+//! buffers; [`crate::CpuGroup`] picks one and runs the collectives on it (`ddetr-collective`'s
+//! communicator hands it contiguous CPU tensors' memory).
 
 pub(crate) mod reduce;
 pub(crate) mod shm;
