@@ -1,6 +1,7 @@
 //! `ddetr bench step`: our training step vs the peer (transformers' Deformable DETR,
-//! `/work/shared/peers/hf_ddetr_step.py`) in one run; the last line is `key=value` figures with
-//! `step_s=` our median.
+//! `/work/shared/peers/hf_ddetr_step.py`) in one run, alternating the two `--rounds` times; the
+//! last line is `key=value` figures with `step_s=` our median and `ratio=` the median of the
+//! rounds' ours/peer.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -39,6 +40,11 @@ pub struct StepArgs {
     /// resident memory of the step is printed either way, so two runs compare the modes.
     #[arg(long)]
     pub activation_checkpoint: bool,
+    /// Alternate ours and the peer this many times (ours, peer, ours, peer, …); the ratio is the
+    /// median of each round's ours/peer, so a machine whose speed drifts over minutes (shared
+    /// hosts drift ±30% here) compares the two at the same moments.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
 }
 
 /// Runs the peer and returns its median step seconds.
@@ -88,54 +94,73 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
     } else {
         tch::Device::Cpu
     };
-    let ours = ddetr_trainer::bench::step_bench(
-        args.batch,
-        args.size,
-        args.steps,
-        device,
-        args.activation_checkpoint,
-    )?;
-    let peak = ours.peak_rss.map_or("n/a".to_string(), |b| {
-        format!("{:.0}", b as f64 / (1u64 << 20) as f64)
-    });
-    let median = ours.median_s();
-    println!(
-        "ddetr: device={} params={} ({:.1}M) batch={} size={} activation_checkpoint={} steps={:?} median_step={:.3}s loss={:.3} peak_rss={peak} MiB",
-        if args.cuda { "cuda" } else { "cpu" },
-        ours.params,
-        ours.params as f64 / 1e6,
-        args.batch,
-        args.size,
-        args.activation_checkpoint,
-        ours.step_s
-            .iter()
-            .map(|s| format!("{s:.2}"))
-            .collect::<Vec<_>>(),
-        median,
-        ours.final_loss
-    );
-    let peer = if args.no_peer {
-        None
-    } else {
-        Some(run_peer(args)?)
-    };
-    match peer {
-        Some(p) => {
-            println!("peer (transformers): median_step={p:.3}s");
+    if args.rounds == 0 {
+        bail!("--rounds 0 measures nothing: give at least 1");
+    }
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        let ours = ddetr_trainer::bench::step_bench(
+            args.batch,
+            args.size,
+            args.steps,
+            device,
+            args.activation_checkpoint,
+        )?;
+        let peak = ours.peak_rss.map_or("n/a".to_string(), |b| {
+            format!("{:.0}", b as f64 / (1u64 << 20) as f64)
+        });
+        println!(
+            "round {}: ddetr: device={} params={} ({:.1}M) batch={} size={} activation_checkpoint={} steps={:?} median_step={:.3}s loss={:.3} peak_rss={peak} MiB",
+            round + 1,
+            if args.cuda { "cuda" } else { "cpu" },
+            ours.params,
+            ours.params as f64 / 1e6,
+            args.batch,
+            args.size,
+            args.activation_checkpoint,
+            ours.step_s
+                .iter()
+                .map(|s| format!("{s:.2}"))
+                .collect::<Vec<_>>(),
+            ours.median_s(),
+            ours.final_loss
+        );
+        let peer = if args.no_peer {
+            None
+        } else {
+            let p = run_peer(args)?;
             println!(
-                "step_s={median:.3} peer_step_s={p:.3} ratio={:.3} params={} batch={} size={} threads={} activation_checkpoint={} peak_rss_mb={peak}",
-                median / p,
-                ours.params,
-                args.batch,
-                args.size,
-                args.threads,
-                args.activation_checkpoint
+                "round {}: peer (transformers): median_step={p:.3}s  ratio={:.3}",
+                round + 1,
+                ours.median_s() / p
             );
-        }
-        None => println!(
-            "step_s={median:.3} params={} batch={} size={} threads={} activation_checkpoint={} peak_rss_mb={peak}",
-            ours.params, args.batch, args.size, args.threads, args.activation_checkpoint
-        ),
+            Some(p)
+        };
+        rounds.push((ours, peer, peak));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        // The mean of the middle two for an even count.
+        (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
+    };
+    let ours_s = median(rounds.iter().map(|(o, _, _)| o.median_s()).collect());
+    let (params, peak) = (rounds[0].0.params, rounds[0].2.clone());
+    let head = format!("step_s={ours_s:.3}");
+    let tail = format!(
+        "params={params} batch={} size={} threads={} activation_checkpoint={} rounds={} peak_rss_mb={peak}",
+        args.batch, args.size, args.threads, args.activation_checkpoint, args.rounds
+    );
+    if args.no_peer {
+        println!("{head} {tail}");
+    } else {
+        let peer_s = median(rounds.iter().filter_map(|(_, p, _)| *p).collect());
+        let ratio = median(
+            rounds
+                .iter()
+                .filter_map(|(o, p, _)| p.map(|p| o.median_s() / p))
+                .collect(),
+        );
+        println!("{head} peer_step_s={peer_s:.3} ratio={ratio:.3} {tail}");
     }
     Ok(())
 }

@@ -1,0 +1,65 @@
+//! `ddetr bench step` end to end on a tiny input, with a stand-in peer (a shell script that
+//! reports a different median each call) so the round pairing and the ratio are checked without
+//! Python.
+
+use std::process::Command;
+
+fn kv<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+#[test]
+fn rounds_alternate_ours_and_the_peer_and_the_ratio_is_their_median() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = dir.path().join("peer.sh");
+    let count = dir.path().join("calls");
+    // 1st call: 1.5 s, 2nd: 3.0 s; the args are batch size steps, as hf_ddetr_step.py takes.
+    std::fs::write(
+        &peer,
+        format!(
+            "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}\n\
+             [ \"$1 $2 $3\" = \"1 64 1\" ] || {{ echo \"bad args $*\" >&2; exit 3; }}\n\
+             if [ $n = 1 ]; then m=1.5; else m=3.0; fi\n\
+             echo \"hf-ddetr device=$DEVICE median_step=${{m}}s\"\n",
+            c = count.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ddetr"))
+        .args(["bench", "step", "--batch", "1", "--size", "64", "--steps", "1"])
+        .args(["--rounds", "2", "--python", "/bin/sh", "--peer"])
+        .arg(&peer)
+        .output()
+        .expect("ddetr runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    let ours: Vec<f64> = lines
+        .iter()
+        .filter(|l| l.contains(": ddetr: "))
+        .map(|l| kv(l, "median_step=").trim_end_matches('s').parse().unwrap())
+        .collect();
+    assert_eq!(ours.len(), 2, "{stdout}");
+    assert!(lines[1].starts_with("round 1: peer") && lines[3].starts_with("round 2: peer"));
+    let last = lines.last().unwrap();
+    let ratio: f64 = kv(last, "ratio=").parse().unwrap();
+    let want = (ours[0] / 1.5 + ours[1] / 3.0) / 2.0;
+    assert!((ratio - want).abs() < 2e-3, "ratio {ratio} vs {want}: {stdout}");
+    assert_eq!(kv(last, "peer_step_s="), "2.250");
+    assert_eq!(kv(last, "rounds="), "2");
+    assert!(kv(last, "step_s=").parse::<f64>().unwrap() > 0.0);
+
+    let zero = Command::new(env!("CARGO_BIN_EXE_ddetr"))
+        .args(["bench", "step", "--no-peer", "--rounds", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(zero.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&zero.stderr);
+    assert!(err.contains("--rounds 0"), "{err}");
+}
