@@ -758,7 +758,8 @@ mod tests {
             mirrored > 30 && windowed > 30,
             "{mirrored} mirrored, {windowed} windowed"
         );
-        // Measured: 0.7% of values differ, 53 of 4.4 M by two.
+        // Measured: 0.4% of values differ, none by two (fast_image_resize alone, before the
+        // two-tap horizontal pass: 0.7%, 53 of 4.4 M by two).
         assert!(off * 50 < total, "{off} of {total} values differ");
         assert!(
             two * 10_000 < total,
