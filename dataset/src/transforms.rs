@@ -8,8 +8,9 @@
 //! size replaces the resize/crop. Val/test: `RandomResize([test_random_resize], 1333)`.
 //! Boxes follow every step (pixel xyxy); boxes cropped to nothing are dropped. Resizing is
 //! PIL's `BILINEAR` (antialiased when shrinking): fast_image_resize's convolution, except that a
-//! horizontal stretch (the common case: the TAO scales upsample most sources) runs its two-tap
-//! horizontal pass in [`crate::upsample`] and only the vertical pass in fast_image_resize.
+//! horizontal stretch (the common case: the TAO scales upsample most sources) on a CPU with AVX2
+//! runs its two-tap horizontal pass in `upsample.rs` and only the vertical pass in
+//! fast_image_resize.
 
 /// The SIMD resizer the transforms take (it keeps scratch buffers; reuse one per thread).
 pub use fast_image_resize::Resizer;
@@ -298,10 +299,10 @@ fn crop_pixels(img: &Rgb8, left: u32, top: u32, width: u32, height: u32) -> Rgb8
 /// Resamples the window (`left`, `top`, `width`, `height`) of `img`, in source pixels, to
 /// `out_w` × `out_h` with PIL's bilinear convolution (antialiased when shrinking). The filter
 /// reads source pixels outside the window as the full-image resize would, so the result is
-/// that window of the full resize. Stretching horizontally takes the two-tap fast path of
-/// [`upsample`](crate::upsample) (within one level of [`resample_convolution`]).
+/// that window of the full resize. Stretching horizontally on a CPU with AVX2 takes the two-tap
+/// fast path of [`upsample`](crate::upsample) (within one level of [`resample_convolution`]).
 fn resample(img: &Rgb8, window: [f64; 4], out_w: u32, out_h: u32, resizer: &mut Resizer) -> Rgb8 {
-    if window[2] <= out_w as f64 {
+    if window[2] <= out_w as f64 && upsample::available() {
         upsample::resample(img, window, out_w, out_h, resizer)
     } else {
         resample_convolution(img, window, out_w, out_h, resizer)
