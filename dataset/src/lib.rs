@@ -17,6 +17,7 @@ pub mod rng;
 pub mod sampler;
 pub mod synth;
 pub mod transforms;
+mod upsample;
 
 pub use cache::{Cache, CacheOptions};
 pub use config::{AugmentationConfig, ConvertConfig, DataSource, DatasetConfig};
