@@ -1,7 +1,8 @@
 //! `ddetr bench data`: the data path against its peers, in one run.
 //!
-//! 1. Train transform throughput on one core: decode (zune-jpeg) → flip/resize/crop
-//!    (fast_image_resize) → u8 batch → normalized float tensor, over 640×480 JPEGs from
+//! 1. Train transform throughput on one core: decode (zune-jpeg) → flip/resize/crop (the
+//!    two-tap AVX2 horizontal pass of `ddetr_dataset::upsample` when stretching, else
+//!    fast_image_resize) → u8 batch → normalized float tensor, over 640×480 JPEGs from
 //!    `shared/peers/make_shapes_jpegs.py` (ddetr's synth when the peers' Python is missing), with
 //!    and without the normalize and stage by stage; the peer is
 //!    `shared/peers/torchvision_pipeline.py` (PIL + torchvision) on the same files. Then the
