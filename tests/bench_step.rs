@@ -28,7 +28,9 @@ fn rounds_alternate_ours_and_the_peer_and_the_ratio_is_their_median() {
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ddetr"))
-        .args(["bench", "step", "--batch", "1", "--size", "64", "--steps", "1"])
+        .args([
+            "bench", "step", "--batch", "1", "--size", "64", "--steps", "1",
+        ])
         .args(["--rounds", "2", "--python", "/bin/sh", "--peer"])
         .arg(&peer)
         .output()
@@ -50,7 +52,10 @@ fn rounds_alternate_ours_and_the_peer_and_the_ratio_is_their_median() {
     let last = lines.last().unwrap();
     let ratio: f64 = kv(last, "ratio=").parse().unwrap();
     let want = (ours[0] / 1.5 + ours[1] / 3.0) / 2.0;
-    assert!((ratio - want).abs() < 2e-3, "ratio {ratio} vs {want}: {stdout}");
+    assert!(
+        (ratio - want).abs() < 2e-3,
+        "ratio {ratio} vs {want}: {stdout}"
+    );
     assert_eq!(kv(last, "peer_step_s="), "2.250");
     assert_eq!(kv(last, "rounds="), "2");
     assert!(kv(last, "step_s=").parse::<f64>().unwrap() > 0.0);
