@@ -2,14 +2,20 @@
 //! (`MSDeformAttn`) and `models/ops/functions/ms_deform_attn_func.py`
 //! (`ms_deform_attn_core_pytorch`); Deformable DETR paper §4.1, Eq. 3.
 //!
-//! Sampling is bilinear `grid_sample` with zero padding and `align_corners = false` (the CUDA
-//! kernel's convention: sample at `loc·size − 0.5`), on any device libtorch supports. Under
-//! fp16/bf16 the sampling runs in f32 and casts back, as TAO and DINO do.
+//! Sampling is bilinear with zero padding and `align_corners = false` (the CUDA kernel's
+//! convention: sample at `loc·size − 0.5`). On CPU in f32/f64 it runs the fused kernels of
+//! `trainer/csrc` (one pass over value per query, the head's channels contiguous, and a backward
+//! that owns each (image, head) slice of the value gradient); elsewhere it is upstream's
+//! `grid_sample` formulation, on any device libtorch supports. Under fp16/bf16 the sampling runs
+//! in f32 and casts back, as TAO and DINO do.
 
 use std::f64::consts::PI;
 
+use std::ffi::{c_char, CStr};
+
 use tch::nn::{self, Init, Module};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
 
 use super::{linear, xavier_uniform};
 
@@ -167,9 +173,116 @@ impl MSDeformAttn {
     }
 }
 
+extern "C" {
+    /// trainer/csrc/msda.cpp: the fused CPU op as an autograd function.
+    fn ddetr_ms_deform_attn_cpu(
+        value: *const C_tensor,
+        loc: *const C_tensor,
+        attn: *const C_tensor,
+        shapes: *const i64,
+        n_levels: i64,
+        out: *mut *mut C_tensor,
+    ) -> *const c_char;
+    fn ddetr_ms_deform_attn_cpu_avx2() -> i32;
+}
+
+/// Whether the fused CPU kernels run with AVX2 + FMA here (else the baseline build of the same
+/// code).
+pub fn fused_cpu_uses_avx2() -> bool {
+    // SAFETY: reads a CPU feature flag.
+    unsafe { ddetr_ms_deform_attn_cpu_avx2() == 1 }
+}
+
+/// The largest head width (d_model / n_heads) the fused kernels take (csrc/msda_kernels.h).
+const FUSED_MAX_CHANNELS: i64 = 1024;
+
+/// Whether [`ms_deform_attn_core`] takes the fused CPU path for this value tensor.
+pub fn uses_fused_cpu(value: &Tensor) -> bool {
+    value.device() == Device::Cpu
+        && matches!(
+            value.kind(),
+            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+        )
+        && value.size()[3] <= FUSED_MAX_CHANNELS
+}
+
+/// The fused CPU op: same contract as [`ms_deform_attn_core_grid_sample`] for CPU f32/f64
+/// tensors, differentiable in value, locations and weights.
+pub fn ms_deform_attn_core_fused_cpu(
+    value: &Tensor,
+    spatial_shapes: &[(i64, i64)],
+    sampling_locations: &Tensor,
+    attention_weights: &Tensor,
+) -> Tensor {
+    let shapes: Vec<i64> = spatial_shapes.iter().flat_map(|&(h, w)| [h, w]).collect();
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: the three handles are live tch tensors (`at::Tensor*`), `shapes` holds
+    // 2·len pairs, and on success `out` receives a new `at::Tensor*` that the returned Tensor
+    // owns (tch frees it with `delete`).
+    let err = unsafe {
+        ddetr_ms_deform_attn_cpu(
+            value.as_ptr(),
+            sampling_locations.as_ptr(),
+            attention_weights.as_ptr(),
+            shapes.as_ptr(),
+            spatial_shapes.len() as i64,
+            &mut out,
+        )
+    };
+    if !err.is_null() {
+        // SAFETY: a NUL-terminated message owned by the calling thread until its next call.
+        let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy();
+        panic!("multi-scale deformable attention: {msg}");
+    }
+    // SAFETY: see above; `out` is a fresh heap tensor handle.
+    unsafe { Tensor::from_ptr(out) }
+}
+
 /// `ms_deform_attn_core_pytorch`: `value` `[N, S, M, D]`, `sampling_locations`
 /// `[N, Lq, M, L, P, 2]`, `attention_weights` `[N, Lq, M, L, P]` → `[N, Lq, M·D]`.
+/// The fused kernels on CPU, upstream's `grid_sample` formulation elsewhere.
 pub fn ms_deform_attn_core(
+    value: &Tensor,
+    spatial_shapes: &[(i64, i64)],
+    sampling_locations: &Tensor,
+    attention_weights: &Tensor,
+) -> Tensor {
+    if !uses_fused_cpu(value) {
+        return ms_deform_attn_core_grid_sample(
+            value,
+            spatial_shapes,
+            sampling_locations,
+            attention_weights,
+        );
+    }
+    let out_kind = value.kind();
+    if matches!(out_kind, Kind::Half | Kind::BFloat16) {
+        let f = |t: &Tensor| t.to_kind(Kind::Float);
+        return ms_deform_attn_core_fused_cpu(
+            &f(value),
+            spatial_shapes,
+            &f(sampling_locations),
+            &f(attention_weights),
+        )
+        .to_kind(out_kind);
+    }
+    let same = |t: &Tensor| {
+        if t.kind() == out_kind {
+            t.shallow_clone()
+        } else {
+            t.to_kind(out_kind)
+        }
+    };
+    ms_deform_attn_core_fused_cpu(
+        value,
+        spatial_shapes,
+        &same(sampling_locations),
+        &same(attention_weights),
+    )
+}
+
+/// Upstream's `ms_deform_attn_core_pytorch` as written: per level `grid_sample`, weighted sum.
+pub fn ms_deform_attn_core_grid_sample(
     value: &Tensor,
     spatial_shapes: &[(i64, i64)],
     sampling_locations: &Tensor,

@@ -1,0 +1,156 @@
+//! The fused CPU multi-scale deformable attention (trainer/csrc) against upstream's
+//! `grid_sample` formulation: values and the gradients of value, sampling locations and
+//! attention weights, in f64 (to rounding) and f32, with samples inside, across and outside each
+//! level's border, for the specialised 32-channel heads and the generic width.
+
+use ddetr_trainer::model::ms_deform_attn::{
+    ms_deform_attn_core, ms_deform_attn_core_fused_cpu, ms_deform_attn_core_grid_sample,
+    uses_fused_cpu,
+};
+use tch::{Device, Kind, Tensor};
+
+const SHAPES: [(i64, i64); 3] = [(5, 7), (3, 4), (1, 2)];
+
+struct Case {
+    value: Tensor,
+    loc: Tensor,
+    attn: Tensor,
+    grad_out: Tensor,
+}
+
+fn case(kind: Kind, heads: i64, channels: i64, seed: i64) -> Case {
+    tch::manual_seed(seed);
+    let (b, q, l, p) = (2, 11, SHAPES.len() as i64, 3);
+    let s: i64 = SHAPES.iter().map(|&(h, w)| h * w).sum();
+    let opts = (kind, Device::Cpu);
+    let value = Tensor::randn([b, s, heads, channels], opts);
+    // Locations in [−0.3, 1.3]: some samples fully outside, some straddling the border.
+    let loc = Tensor::rand([b, q, heads, l, p, 2], opts) * 1.6 - 0.3;
+    let attn = Tensor::rand([b, q, heads, l, p], opts) + 0.1;
+    let grad_out = Tensor::randn([b, q, heads * channels], opts);
+    Case {
+        value,
+        loc,
+        attn,
+        grad_out,
+    }
+}
+
+/// Output and (value, loc, attn) gradients of one implementation.
+fn run(
+    c: &Case,
+    f: fn(&Tensor, &[(i64, i64)], &Tensor, &Tensor) -> Tensor,
+) -> (Tensor, Tensor, Tensor, Tensor) {
+    let v = c.value.detach().set_requires_grad(true);
+    let l = c.loc.detach().set_requires_grad(true);
+    let a = c.attn.detach().set_requires_grad(true);
+    let out = f(&v, &SHAPES, &l, &a);
+    backward(&out, &c.grad_out);
+    (out.detach(), v.grad(), l.grad(), a.grad())
+}
+
+/// Backward from `out` with the output gradient `grad_out`.
+fn backward(out: &Tensor, grad_out: &Tensor) {
+    assert_eq!(out.size(), grad_out.size());
+    (out * grad_out).sum(Kind::Double).backward();
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+fn compare(kind: Kind, heads: i64, channels: i64, tol: f64) {
+    for seed in [1, 2, 3] {
+        let c = case(kind, heads, channels, seed);
+        let (o1, gv1, gl1, ga1) = run(&c, ms_deform_attn_core_fused_cpu);
+        let (o2, gv2, gl2, ga2) = run(&c, ms_deform_attn_core_grid_sample);
+        // Scale-aware: the gradients of locations are multiplied by the level sizes.
+        for (name, a, b) in [
+            ("output", &o1, &o2),
+            ("grad value", &gv1, &gv2),
+            ("grad locations", &gl1, &gl2),
+            ("grad weights", &ga1, &ga2),
+        ] {
+            let scale = b.abs().max().double_value(&[]).max(1.0);
+            let d = max_diff(a, b);
+            assert!(
+                d <= tol * scale,
+                "{kind:?} D={channels} seed {seed}: {name} differs by {d} (scale {scale})"
+            );
+        }
+        // Samples fully outside contribute nothing, and some must exist for the test to mean it.
+        let outside = c.loc.lt(-0.25).logical_or(&c.loc.gt(1.25));
+        assert!(outside.any().int64_value(&[]) == 1);
+    }
+}
+
+#[test]
+fn fused_matches_grid_sample_in_f64_for_32_channel_heads() {
+    compare(Kind::Double, 4, 32, 1e-12);
+}
+
+#[test]
+fn fused_matches_grid_sample_in_f64_for_other_head_widths() {
+    compare(Kind::Double, 3, 5, 1e-12);
+    compare(Kind::Double, 2, 40, 1e-12);
+}
+
+#[test]
+fn fused_matches_grid_sample_in_f32() {
+    compare(Kind::Float, 8, 32, 2e-5);
+    compare(Kind::Float, 3, 12, 2e-5);
+}
+
+#[test]
+fn the_core_takes_the_fused_path_on_cpu_and_casts_half_precision() {
+    let c = case(Kind::Float, 2, 32, 7);
+    assert!(uses_fused_cpu(&c.value));
+    let want = ms_deform_attn_core_grid_sample(&c.value, &SHAPES, &c.loc, &c.attn);
+    let got = ms_deform_attn_core(&c.value, &SHAPES, &c.loc, &c.attn);
+    assert!(max_diff(&got, &want) < 1e-5);
+    let half = ms_deform_attn_core(
+        &c.value.to_kind(Kind::BFloat16),
+        &SHAPES,
+        &c.loc.to_kind(Kind::BFloat16),
+        &c.attn.to_kind(Kind::BFloat16),
+    );
+    assert_eq!(half.kind(), Kind::BFloat16);
+    assert!(max_diff(&half.to_kind(Kind::Float), &want) < 0.1);
+}
+
+#[test]
+fn only_the_inputs_that_need_gradients_get_them() {
+    let c = case(Kind::Float, 2, 32, 9);
+    let v = c.value.detach().set_requires_grad(true);
+    let out = ms_deform_attn_core_fused_cpu(&v, &SHAPES, &c.loc, &c.attn);
+    backward(&out, &c.grad_out);
+    let v2 = c.value.detach().set_requires_grad(true);
+    let out2 = ms_deform_attn_core_grid_sample(&v2, &SHAPES, &c.loc, &c.attn);
+    backward(&out2, &c.grad_out);
+    assert!(max_diff(&v.grad(), &v2.grad()) < 1e-5);
+    assert!(!c.loc.grad().defined() && !c.attn.grad().defined());
+}
+
+#[test]
+fn the_backward_is_deterministic() {
+    let c = case(Kind::Float, 8, 32, 11);
+    let (_, gv1, gl1, ga1) = run(&c, ms_deform_attn_core_fused_cpu);
+    let (_, gv2, gl2, ga2) = run(&c, ms_deform_attn_core_fused_cpu);
+    assert!(gv1.equal(&gv2) && gl1.equal(&gl2) && ga1.equal(&ga2));
+}
+
+#[test]
+fn inconsistent_shapes_fail_with_one_line() {
+    let c = case(Kind::Float, 2, 32, 13);
+    let wrong = [(5, 7), (3, 4), (2, 2)]; // 35 + 12 + 4 = 51 rows, value has 49
+    let err = std::panic::catch_unwind(|| {
+        ms_deform_attn_core_fused_cpu(&c.value, &wrong, &c.loc, &c.attn)
+    })
+    .expect_err("mismatched level sizes must fail");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.contains("sum to 51 but value has 49 rows") && !msg.contains('\n'),
+        "{msg}"
+    );
+}
