@@ -46,7 +46,6 @@ cp "${val_files[@]:0:$infer_n}" data/shapes/infer/
   "dataset.infer_data_sources={image_dir: [data/shapes/infer], classmap: data/shapes/val/label_map.txt}"
 t1=$(date +%s)
 echo "demo: done in $(( (t1 - t0) / 60 )) min $(( (t1 - t0) % 60 )) s"
-echo "demo: training results (checkpoints, status.json, experiment.yaml) in $root/results/shapes_tiny/train"
+echo "demo: training results (checkpoints, status.json, experiment.yaml, loss.png, map.png) in $root/results/shapes_tiny/train"
 echo "demo: evaluation (metrics.json, results.json) in $root/results/shapes_tiny/evaluate"
-echo "demo: training curves (loss.png, map.png) in $root/results/shapes_tiny/train"
 echo "demo: inference (images_annotated/, labels/ in KITTI format) in $root/results/shapes_tiny/inference"

@@ -57,6 +57,16 @@ fn rounds_alternate_ours_and_the_peer_and_the_ratio_is_their_median() {
         "ratio {ratio} vs {want}: {stdout}"
     );
     assert_eq!(kv(last, "peer_step_s="), "2.250");
+    // Images per second are batch / median step on both sides.
+    let ours_ips: f64 = kv(last, "imgs_per_s=").parse().unwrap();
+    let ours_s: f64 = kv(last, "step_s=").parse().unwrap();
+    assert!(
+        (ours_ips - 1.0 / ours_s).abs() < 0.01 * ours_ips + 0.01,
+        "{last}"
+    );
+    assert_eq!(kv(last, "peer_imgs_per_s="), "0.44");
+    assert_eq!(kv(last, "precision="), "fp32");
+    assert_eq!(kv(last, "device="), "cpu");
     assert_eq!(kv(last, "rounds="), "2");
     assert!(kv(last, "step_s=").parse::<f64>().unwrap() > 0.0);
 
@@ -67,4 +77,44 @@ fn rounds_alternate_ours_and_the_peer_and_the_ratio_is_their_median() {
     assert_eq!(zero.status.code(), Some(1));
     let err = String::from_utf8_lossy(&zero.stderr);
     assert!(err.contains("--rounds 0"), "{err}");
+}
+
+#[test]
+fn non_square_sizes_run_ours_alone_and_bad_flags_fail_with_one_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ddetr"))
+        .args([
+            "bench", "step", "--batch", "1", "--size", "64x96", "--steps", "1",
+        ])
+        .args(["--rounds", "1", "--no-peer"])
+        .output()
+        .expect("ddetr runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    assert_eq!(kv(last, "size="), "64x96");
+    assert!(
+        !last.contains("peer_") && !last.contains("peak_gpu"),
+        "{last}"
+    );
+
+    for (args, code, want) in [
+        (&["--size", "64x96"][..], 1, "square sizes only"),
+        (&["--precision", "bf16", "--no-peer"][..], 1, "add --cuda"),
+        (&["--size", "8"][..], 2, "at least 32 pixels"),
+        (&["--size", "64by64"][..], 2, "give N (square) or HxW"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ddetr"))
+            .args(["bench", "step"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?} ran something");
+    }
 }

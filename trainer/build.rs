@@ -1,5 +1,5 @@
-//! The workspace's libtorch rpath (build/rpath.rs), plus the trainer's C++: the fused CPU
-//! multi-scale deformable attention (trainer/csrc), compiled against the headers of the libtorch
+//! The workspace's libtorch rpath (build/rpath.rs), plus the trainer's C++ (trainer/csrc): the
+//! fused CPU multi-scale deformable attention and the device-memory statistics, compiled against the headers of the libtorch
 //! torch-sys linked, with the same C++ ABI flag torch-sys uses.
 use std::path::PathBuf;
 
@@ -18,6 +18,7 @@ fn main() {
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     for f in [
         "msda.cpp",
+        "device_memory.cpp",
         "msda_kernels.h",
         "msda_kernels.inc",
         "msda_kernels_base.cpp",
@@ -39,6 +40,7 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/msda.cpp")
+        .file("csrc/device_memory.cpp")
         .file("csrc/msda_kernels_base.cpp");
     if x86_64 {
         build.file("csrc/msda_kernels_avx2.cpp");

@@ -24,6 +24,21 @@ const BOXES_PER_IMAGE: i64 = 5;
 /// Global gradient-norm clip (TAO's `train.clip_grad_norm`).
 const CLIP_GRAD_NORM: f64 = 0.1;
 
+/// What one benchmark run does.
+#[derive(Debug, Clone, Copy)]
+pub struct StepBenchConfig {
+    pub batch: i64,
+    pub height: i64,
+    pub width: i64,
+    /// Timed steps, after one warm-up step.
+    pub steps: usize,
+    pub device: Device,
+    /// Backbone and encoder recomputed in backward (`train.activation_checkpoint`).
+    pub activation_checkpoint: bool,
+    /// fp16/bf16 autocast (CUDA only; fp16 with the dynamic loss scaler, as training does).
+    pub precision: Precision,
+}
+
 /// What one benchmark run measured.
 #[derive(Debug, Clone)]
 pub struct StepBench {
@@ -35,6 +50,11 @@ pub struct StepBench {
     /// Highest resident set size during the timed steps, bytes (Linux: VmHWM after resetting
     /// it with /proc/self/clear_refs); None where the kernel does not tell.
     pub peak_rss: Option<u64>,
+    /// On CUDA: the peak bytes libtorch's caching allocator held for tensors during the timed
+    /// steps (`torch.cuda.max_memory_allocated()` after a reset).
+    pub peak_device: Option<u64>,
+    /// fp16 steps skipped because the scaled gradients overflowed.
+    pub skipped_steps: usize,
 }
 
 /// Resets the kernel's resident-set high-water mark of this process (Linux ≥ 4.0).
@@ -59,15 +79,28 @@ impl StepBench {
     }
 }
 
-/// Runs `steps` timed training steps (after one warm-up step) at `batch` × 3 × `size` × `size`,
-/// with the backbone recomputed in backward when `activation_checkpoint`.
-pub fn step_bench(
-    batch: i64,
-    size: i64,
-    steps: usize,
-    device: Device,
-    activation_checkpoint: bool,
-) -> Result<StepBench, TrainerError> {
+/// Runs `cfg.steps` timed training steps (after one warm-up step) at
+/// `batch` × 3 × `height` × `width`.
+pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
+    let StepBenchConfig {
+        batch,
+        height,
+        width,
+        steps,
+        device,
+        activation_checkpoint,
+        precision,
+    } = cfg;
+    if device == Device::Cpu && precision != Precision::Fp32 {
+        let name = if precision == Precision::Fp16 {
+            "fp16"
+        } else {
+            "bf16"
+        };
+        return Err(TrainerError::Config(format!(
+            "precision {name} runs under CUDA autocast only: use fp32 on the CPU"
+        )));
+    }
     tch::manual_seed(0);
     let cfg = ModelConfig::default();
     let vs = VarStore::new(device);
@@ -88,8 +121,8 @@ pub fn step_bench(
         .map(|(_, t)| t.numel() as i64)
         .sum();
 
-    let images = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
-    let mask = Tensor::zeros([batch, size, size], (Kind::Bool, device));
+    let images = Tensor::randn([batch, 3, height, width], (Kind::Float, device));
+    let mask = Tensor::zeros([batch, height, width], (Kind::Bool, device));
     let targets: Vec<Target> = (0..batch)
         .map(|_| Target {
             labels: Tensor::randint(
@@ -103,37 +136,82 @@ pub fn step_bench(
     let num_boxes = normalizer(local_num_boxes(&targets));
     let mut step_s = Vec::with_capacity(steps);
     let mut final_loss = f64::NAN;
-    let amp = Amp::new(Precision::Fp32, device);
-    let mode = StepMode {
-        activation_checkpoint,
-        loss_scale: 1.0,
+    let mut amp = Amp::new(precision, device);
+    let cuda_index = match device {
+        Device::Cuda(i) => Some(i),
+        _ => None,
     };
     let mut rss_ok = false;
+    let mut skipped_steps = 0;
     for i in 0..=steps {
         if i == 1 {
             rss_ok = reset_peak_rss();
+            if let Some(index) = cuda_index {
+                tch::Cuda::synchronize(index as i64);
+                crate::device_memory::cuda_reset_peak(index).map_err(TrainerError::Config)?;
+            }
         }
         let t0 = Instant::now();
         opt.zero_grad();
+        let scale = amp.loss_scale();
+        let mode = StepMode {
+            activation_checkpoint,
+            loss_scale: scale,
+        };
         let losses = forward_backward(
             &model, &criterion, &images, &mask, &targets, num_boxes, &amp, mode,
         )?;
-        opt.clip_grad_norm(CLIP_GRAD_NORM);
-        opt.step();
+        // fp16: unscale, and skip the update when the gradients overflowed (GradScaler's rule).
+        let skipped = scale != 1.0 && !unscale_finite(&vs, 1.0 / scale);
+        if !skipped {
+            opt.clip_grad_norm(CLIP_GRAD_NORM);
+            opt.step();
+        }
+        amp.update(skipped);
         final_loss = losses.total.double_value(&[]);
-        if let Device::Cuda(index) = device {
+        if let Some(index) = cuda_index {
             tch::Cuda::synchronize(index as i64);
         }
         let dt = t0.elapsed().as_secs_f64();
-        tracing::info!(step = i, loss = final_loss, seconds = dt, "bench step");
+        tracing::info!(
+            step = i,
+            loss = final_loss,
+            seconds = dt,
+            skipped,
+            "bench step"
+        );
         if i > 0 {
             step_s.push(dt);
+            skipped_steps += usize::from(skipped);
         }
     }
+    let peak_device = match cuda_index {
+        Some(index) => {
+            Some(crate::device_memory::cuda_peak_allocated(index).map_err(TrainerError::Config)?)
+        }
+        None => None,
+    };
     Ok(StepBench {
         step_s,
         params,
         final_loss,
         peak_rss: if rss_ok { peak_rss() } else { None },
+        peak_device,
+        skipped_steps,
     })
+}
+
+/// Multiplies every trainable gradient by `factor`; false when any is not finite.
+fn unscale_finite(vs: &VarStore, factor: f64) -> bool {
+    let mut finite = true;
+    tch::no_grad(|| {
+        for var in vs.trainable_variables() {
+            let mut g = var.grad();
+            if g.defined() {
+                let _ = g.g_mul_scalar_(factor);
+                finite &= g.isfinite().all().int64_value(&[]) == 1;
+            }
+        }
+    });
+    finite
 }

@@ -7,7 +7,54 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
+use ddetr_trainer::bench::StepBenchConfig;
+use ddetr_trainer::spec::Precision;
+
+/// `--precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchPrecision {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl BenchPrecision {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Fp16 => "fp16",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    fn spec(self) -> Precision {
+        match self {
+            Self::Fp32 => Precision::Fp32,
+            Self::Fp16 => Precision::Fp16,
+            Self::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+/// `--size`: `N` (square) or `HxW`.
+fn parse_size(s: &str) -> Result<(i64, i64), String> {
+    let bad = || format!("--size '{s}': give N (square) or HxW, e.g. 320 or 800x1333");
+    let parse = |v: &str| match v.trim().parse::<i64>() {
+        Ok(n) if n >= 32 => Ok(n),
+        Ok(_) => Err(format!(
+            "--size '{s}': each side must be at least 32 pixels"
+        )),
+        Err(_) => Err(bad()),
+    };
+    match s.split_once(['x', 'X']) {
+        Some((h, w)) => Ok((parse(h)?, parse(w)?)),
+        None => {
+            let n = parse(s)?;
+            Ok((n, n))
+        }
+    }
+}
 
 /// Flags of `ddetr bench step`.
 #[derive(Debug, Args)]
@@ -15,9 +62,10 @@ pub struct StepArgs {
     /// Images per step.
     #[arg(long, default_value_t = 2)]
     pub batch: i64,
-    /// Square image side in pixels.
-    #[arg(long, default_value_t = 320)]
-    pub size: i64,
+    /// Image size in pixels: N for N×N or HxW (e.g. 800x1333, ours only: the peer script takes
+    /// square sizes, so give 1024 to compare at about 800×1333's pixel count).
+    #[arg(long, default_value = "320", value_parser = parse_size)]
+    pub size: (i64, i64),
     /// Timed steps (after one warm-up step); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
@@ -33,9 +81,13 @@ pub struct StepArgs {
     /// Measure ours only.
     #[arg(long)]
     pub no_peer: bool,
-    /// Run both sides on CUDA device 0 instead of the CPU.
+    /// Run both sides on CUDA device 0 instead of the CPU; adds the peak GPU memory of a step
+    /// (`torch.cuda.max_memory_allocated` on both sides).
     #[arg(long)]
     pub cuda: bool,
+    /// fp16 or bf16 autocast on both sides (with --cuda; fp16 with dynamic loss scaling).
+    #[arg(long, value_enum, default_value_t = BenchPrecision::Fp32)]
+    pub precision: BenchPrecision,
     /// Ours with `train.activation_checkpoint` (backbone recomputed in backward); the peak
     /// resident memory of the step is printed either way, so two runs compare the modes.
     #[arg(long)]
@@ -47,15 +99,26 @@ pub struct StepArgs {
     pub rounds: usize,
 }
 
+/// What the peer printed: median step seconds and, on CUDA, its peak memory in GiB.
+struct PeerRun {
+    step_s: f64,
+    peak_gib: Option<f64>,
+}
+
 /// Runs the peer and returns its median step seconds.
-fn run_peer(args: &StepArgs) -> anyhow::Result<f64> {
+fn run_peer(args: &StepArgs) -> anyhow::Result<PeerRun> {
     let python = super::peers_python(args.python.as_deref(), &args.peer.with_file_name("venv.sh"))?;
+    let amp = match args.precision {
+        BenchPrecision::Fp32 => "",
+        p => p.name(),
+    };
     let out = Command::new(&python)
         .env("DEVICE", if args.cuda { "cuda" } else { "cpu" })
+        .env("AMP", amp)
         .arg(&args.peer)
         .args([
             args.batch.to_string(),
-            args.size.to_string(),
+            args.size.0.to_string(),
             args.steps.to_string(),
         ])
         .output()
@@ -74,14 +137,26 @@ fn run_peer(args: &StepArgs) -> anyhow::Result<f64> {
         .rev()
         .find(|l| l.contains("median_step="))
         .context("peer printed no median_step=")?;
-    let value = line
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("median_step="))
-        .map(|v| v.trim_end_matches('s'))
-        .context("peer printed no median_step=")?;
-    value
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .map(|v| v.trim_end_matches('s'))
+    };
+    let value = field("median_step=").context("peer printed no median_step=")?;
+    let step_s = value
         .parse::<f64>()
-        .with_context(|| format!("peer median_step '{value}' is not a number"))
+        .with_context(|| format!("peer median_step '{value}' is not a number"))?;
+    let peak_gib = if args.cuda {
+        field("peak_gib=").and_then(|v| v.parse::<f64>().ok())
+    } else {
+        None
+    };
+    Ok(PeerRun { step_s, peak_gib })
+}
+
+/// Bytes as GiB.
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 pub fn step(args: &StepArgs) -> anyhow::Result<()> {
@@ -97,42 +172,76 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
     if args.rounds == 0 {
         bail!("--rounds 0 measures nothing: give at least 1");
     }
+    let (height, width) = args.size;
+    if height != width && !args.no_peer {
+        bail!(
+            "--size {height}x{width}: the peer script takes square sizes only; add --no-peer, or give one side (1024 has about 800x1333's pixel count)"
+        );
+    }
+    if args.precision != BenchPrecision::Fp32 && !args.cuda {
+        bail!(
+            "--precision {} is CUDA autocast: add --cuda on a GPU machine, or drop it for fp32 on the CPU",
+            args.precision.name()
+        );
+    }
+    let cfg = StepBenchConfig {
+        batch: args.batch,
+        height,
+        width,
+        steps: args.steps,
+        device,
+        activation_checkpoint: args.activation_checkpoint,
+        precision: args.precision.spec(),
+    };
+    let size = if height == width {
+        height.to_string()
+    } else {
+        format!("{height}x{width}")
+    };
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
-        let ours = ddetr_trainer::bench::step_bench(
-            args.batch,
-            args.size,
-            args.steps,
-            device,
-            args.activation_checkpoint,
-        )?;
+        let ours = ddetr_trainer::bench::step_bench(cfg)?;
         let peak = ours.peak_rss.map_or("n/a".to_string(), |b| {
             format!("{:.0}", b as f64 / (1u64 << 20) as f64)
         });
+        let gpu = ours
+            .peak_device
+            .map_or(String::new(), |b| format!(" peak_gpu={:.2} GiB", gib(b)));
+        let skipped = if ours.skipped_steps > 0 {
+            format!(" fp16_skipped_steps={}", ours.skipped_steps)
+        } else {
+            String::new()
+        };
         println!(
-            "round {}: ddetr: device={} params={} ({:.1}M) batch={} size={} activation_checkpoint={} steps={:?} median_step={:.3}s loss={:.3} peak_rss={peak} MiB",
+            "round {}: ddetr: device={} precision={} params={} ({:.1}M) batch={} size={size} activation_checkpoint={} steps={:?} median_step={:.3}s imgs_per_s={:.2} loss={:.3} peak_rss={peak} MiB{gpu}{skipped}",
             round + 1,
             if args.cuda { "cuda" } else { "cpu" },
+            args.precision.name(),
             ours.params,
             ours.params as f64 / 1e6,
             args.batch,
-            args.size,
             args.activation_checkpoint,
             ours.step_s
                 .iter()
                 .map(|s| format!("{s:.2}"))
                 .collect::<Vec<_>>(),
             ours.median_s(),
+            args.batch as f64 / ours.median_s(),
             ours.final_loss
         );
         let peer = if args.no_peer {
             None
         } else {
             let p = run_peer(args)?;
+            let gpu = p
+                .peak_gib
+                .map_or(String::new(), |g| format!(" peak_gpu={g:.2} GiB"));
             println!(
-                "round {}: peer (transformers): median_step={p:.3}s  ratio={:.3}",
+                "round {}: peer (transformers): median_step={:.3}s imgs_per_s={:.2}{gpu}  ratio={:.3}",
                 round + 1,
-                ours.median_s() / p
+                p.step_s,
+                args.batch as f64 / p.step_s,
+                ours.median_s() / p.step_s
             );
             Some(p)
         };
@@ -145,22 +254,55 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
     };
     let ours_s = median(rounds.iter().map(|(o, _, _)| o.median_s()).collect());
     let (params, peak) = (rounds[0].0.params, rounds[0].2.clone());
-    let head = format!("step_s={ours_s:.3}");
-    let tail = format!(
-        "params={params} batch={} size={} threads={} activation_checkpoint={} rounds={} peak_rss_mb={peak}",
-        args.batch, args.size, args.threads, args.activation_checkpoint, args.rounds
+    let mut head = format!(
+        "step_s={ours_s:.3} imgs_per_s={:.2}",
+        args.batch as f64 / ours_s
     );
-    if args.no_peer {
-        println!("{head} {tail}");
-    } else {
-        let peer_s = median(rounds.iter().filter_map(|(_, p, _)| *p).collect());
+    let mut tail = format!(
+        "params={params} batch={} size={size} precision={} device={} threads={} activation_checkpoint={} rounds={} peak_rss_mb={peak}",
+        args.batch,
+        args.precision.name(),
+        if args.cuda { "cuda" } else { "cpu" },
+        args.threads,
+        args.activation_checkpoint,
+        args.rounds
+    );
+    let ours_gpu = rounds
+        .iter()
+        .filter_map(|(o, _, _)| o.peak_device)
+        .max()
+        .map(gib);
+    if let Some(g) = ours_gpu {
+        tail.push_str(&format!(" peak_gpu_gib={g:.3}"));
+    }
+    if !args.no_peer {
+        let peer_s = median(
+            rounds
+                .iter()
+                .filter_map(|(_, p, _)| p.as_ref().map(|p| p.step_s))
+                .collect(),
+        );
         let ratio = median(
             rounds
                 .iter()
-                .filter_map(|(o, p, _)| p.map(|p| o.median_s() / p))
+                .filter_map(|(o, p, _)| p.as_ref().map(|p| o.median_s() / p.step_s))
                 .collect(),
         );
-        println!("{head} peer_step_s={peer_s:.3} ratio={ratio:.3} {tail}");
+        head.push_str(&format!(
+            " peer_step_s={peer_s:.3} peer_imgs_per_s={:.2} ratio={ratio:.3}",
+            args.batch as f64 / peer_s
+        ));
+        let peer_gpu = rounds
+            .iter()
+            .filter_map(|(_, p, _)| p.as_ref().and_then(|p| p.peak_gib))
+            .reduce(f64::max);
+        if let (Some(ours), Some(peer)) = (ours_gpu, peer_gpu) {
+            tail.push_str(&format!(
+                " peer_peak_gpu_gib={peer:.3} gpu_mem_ratio={:.3}",
+                ours / peer
+            ));
+        }
     }
+    println!("{head} {tail}");
     Ok(())
 }

@@ -1,0 +1,37 @@
+//! Peak GPU memory as libtorch's caching allocator counts it — the figure
+//! `torch.cuda.max_memory_allocated()` reports, so ours and a PyTorch peer compare like for like
+//! (trainer/csrc/device_memory.cpp reads it through c10's generic device allocator).
+
+use std::ffi::{c_char, CStr};
+
+extern "C" {
+    fn ddetr_cuda_reset_peak_memory(index: i8) -> *const c_char;
+    fn ddetr_cuda_peak_memory(index: i8, out: *mut u64) -> *const c_char;
+}
+
+fn check(err: *const c_char) -> Result<(), String> {
+    if err.is_null() {
+        Ok(())
+    } else {
+        // SAFETY: a NUL-terminated message owned by the calling thread until its next call.
+        Err(unsafe { CStr::from_ptr(err) }
+            .to_string_lossy()
+            .into_owned())
+    }
+}
+
+/// Starts a new peak window on CUDA device `index` (`torch.cuda.reset_peak_memory_stats`).
+pub fn cuda_reset_peak(index: usize) -> Result<(), String> {
+    let index = i8::try_from(index).map_err(|_| format!("CUDA device index {index} too large"))?;
+    // SAFETY: plain call; errors come back as a message.
+    check(unsafe { ddetr_cuda_reset_peak_memory(index) })
+}
+
+/// Peak bytes allocated on CUDA device `index` since the last reset.
+pub fn cuda_peak_allocated(index: usize) -> Result<u64, String> {
+    let index = i8::try_from(index).map_err(|_| format!("CUDA device index {index} too large"))?;
+    let mut out = 0u64;
+    // SAFETY: `out` is a valid u64 for the call to write.
+    check(unsafe { ddetr_cuda_peak_memory(index, &mut out) })?;
+    Ok(out)
+}
