@@ -2,6 +2,7 @@
 // forward and backward run the kernels of msda_kernels.inc over libtorch's intra-op thread pool,
 // exported with a C ABI for the Rust side (trainer/src/model/ms_deform_attn.rs). Tensors cross
 // as tch's handles, which are `at::Tensor*`.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -41,8 +42,10 @@ ddetr_msda::Dims dims_of(const at::Tensor& value, const at::Tensor& loc,
 }
 
 void check_inputs(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& attn,
-                  const std::vector<int64_t>& shapes) {
-  TORCH_CHECK(value.device().is_cpu() && loc.device().is_cpu() && attn.device().is_cpu(),
+                  const std::vector<int64_t>& shapes, bool cpu_only) {
+  TORCH_CHECK(value.device() == loc.device() && value.device() == attn.device(),
+              "value, sampling locations and attention weights must be on one device");
+  TORCH_CHECK(!cpu_only || value.device().is_cpu(),
               "the fused deformable attention runs on CPU tensors only");
   TORCH_CHECK(value.scalar_type() == loc.scalar_type() && value.scalar_type() == attn.scalar_type(),
               "value, sampling locations and attention weights must share one dtype");
@@ -158,7 +161,118 @@ struct MsDeformAttnFunction : public torch::autograd::Function<MsDeformAttnFunct
   }
 };
 
+// ---- Any device: upstream's grid_sample formulation, recomputed in backward ----------------
+//
+// The same ATen ops as `ms_deform_attn_core_pytorch`, but as one autograd node that keeps only
+// value, locations and weights: the per-level [N·M, D, Lq, P] samples (16× the output, summed
+// over levels, for 4 levels × 4 points) and the per-level value copies are rebuilt level by level
+// in backward instead of being held from forward to backward. For devices without the fused
+// kernels (CUDA).
+
+struct GridLevel {
+  at::Tensor value;  // [N·M, D, H, W]
+  at::Tensor grid;   // [N·M, Lq, P, 2] in [−1, 1]
+};
+
+GridLevel grid_level(const at::Tensor& value, const at::Tensor& loc,
+                     const std::vector<int64_t>& shapes, int64_t start, int64_t l) {
+  const int64_t N = value.size(0), M = value.size(2), D = value.size(3);
+  const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+  GridLevel g;
+  g.value = value.narrow(1, start, H * W).flatten(2, 3).transpose(1, 2).reshape({N * M, D, H, W});
+  g.grid = (loc.select(3, l) * 2 - 1).transpose(1, 2).flatten(0, 1);
+  return g;
+}
+
+at::Tensor recompute_forward_impl(const at::Tensor& value, const at::Tensor& loc,
+                                  const at::Tensor& attn, const std::vector<int64_t>& shapes) {
+  const int64_t N = value.size(0), M = value.size(2), D = value.size(3);
+  const int64_t Lq = loc.size(1), L = loc.size(3), P = loc.size(4);
+  const auto weights = attn.transpose(1, 2).reshape({N * M, 1, Lq, L, P});
+  const auto starts = starts_of(shapes);
+  at::Tensor out;
+  for (int64_t l = 0; l < L; ++l) {
+    const auto g = grid_level(value, loc, shapes, starts[l], l);
+    const auto sampled = at::grid_sampler_2d(g.value, g.grid, 0, 0, false);  // [N·M, D, Lq, P]
+    auto contrib = (sampled * weights.select(3, l)).sum(-1);
+    out = out.defined() ? out.add_(contrib) : contrib;
+  }
+  return out.view({N, M * D, Lq}).transpose(1, 2).contiguous();
+}
+
+struct MsDeformAttnRecompute : public torch::autograd::Function<MsDeformAttnRecompute> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& value, const at::Tensor& loc,
+                            const at::Tensor& attn, std::vector<int64_t> shapes) {
+    ctx->save_for_backward({value, loc, attn});
+    ctx->saved_data["shapes"] = shapes;
+    return recompute_forward_impl(value, loc, attn, shapes);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &value = saved[0], &loc = saved[1], &attn = saved[2];
+    const auto shapes = ctx->saved_data["shapes"].toIntVector();
+    const auto starts = starts_of(shapes);
+    const int64_t N = value.size(0), M = value.size(2), D = value.size(3);
+    const int64_t Lq = loc.size(1), L = loc.size(3), P = loc.size(4);
+    const bool need_v = ctx->needs_input_grad(0), need_l = ctx->needs_input_grad(1),
+               need_a = ctx->needs_input_grad(2);
+    // [N, Lq, M·D] → [N·M, D, Lq, 1]
+    const auto g = grads[0].transpose(1, 2).reshape({N * M, D, Lq}).unsqueeze(-1);
+    const auto weights = attn.transpose(1, 2).reshape({N * M, 1, Lq, L, P});
+    at::Tensor gv, gl, ga;
+    if (need_v) gv = at::zeros_like(value);
+    if (need_l) gl = at::empty_like(loc);
+    if (need_a) ga = at::empty_like(attn);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+      const auto lv = grid_level(value, loc, shapes, starts[l], l);
+      if (need_a) {
+        const auto sampled = at::grid_sampler_2d(lv.value, lv.grid, 0, 0, false);
+        // Σ_D sampled·g → [N·M, Lq, P] → [N, Lq, M, P]
+        const auto gw = (sampled * g).sum(1).view({N, M, Lq, P}).transpose(1, 2);
+        ga.select(3, l).copy_(gw);
+      }
+      if (need_v || need_l) {
+        const auto grad_sampled = g * weights.select(3, l);  // [N·M, D, Lq, P]
+        auto r = at::grid_sampler_2d_backward(grad_sampled, lv.value, lv.grid, 0, 0, false,
+                                              {need_v, need_l});
+        if (need_v) {
+          // [N·M, D, H, W] → [N, M, D, H·W] → [N, H·W, M, D]
+          const auto gvl = std::get<0>(r).view({N, M, D, H * W}).permute({0, 3, 1, 2});
+          gv.narrow(1, starts[l], H * W).copy_(gvl);
+        }
+        if (need_l) {
+          // d grid / d loc = 2; [N·M, Lq, P, 2] → [N, Lq, M, P, 2]
+          const auto ggl = (std::get<1>(r) * 2).view({N, M, Lq, P, 2}).transpose(1, 2);
+          gl.select(3, l).copy_(ggl);
+        }
+      }
+    }
+    return {gv, gl, ga, at::Tensor()};
+  }
+};
+
 thread_local std::string last_error;
+
+// Checks the inputs, applies the autograd function Op and hands back a new tensor handle; any
+// error comes back as its message (valid until the thread's next call).
+template <typename Op>
+const char* apply_op(const at::Tensor* value, const at::Tensor* loc, const at::Tensor* attn,
+                     const int64_t* shapes, int64_t n_levels, bool cpu_only, at::Tensor** out) {
+  try {
+    std::vector<int64_t> sh(shapes, shapes + 2 * n_levels);
+    const at::Tensor v = value->contiguous(), l = loc->contiguous(), a = attn->contiguous();
+    check_inputs(v, l, a, sh, cpu_only);
+    *out = new at::Tensor(Op::apply(v, l, a, sh));
+    return nullptr;
+  } catch (const c10::Error& e) {
+    last_error = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  }
+  return last_error.c_str();
+}
 
 }  // namespace
 
@@ -168,19 +282,17 @@ thread_local std::string last_error;
 extern "C" const char* ddetr_ms_deform_attn_cpu(const at::Tensor* value, const at::Tensor* loc,
                                                  const at::Tensor* attn, const int64_t* shapes,
                                                  int64_t n_levels, at::Tensor** out) {
-  try {
-    std::vector<int64_t> sh(shapes, shapes + 2 * n_levels);
-    const at::Tensor v = value->contiguous(), l = loc->contiguous(), a = attn->contiguous();
-    check_inputs(v, l, a, sh);
-    *out = new at::Tensor(MsDeformAttnFunction::apply(v, l, a, sh));
-    return nullptr;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-    return last_error.c_str();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return last_error.c_str();
-  }
+  return apply_op<MsDeformAttnFunction>(value, loc, attn, shapes, n_levels, true, out);
+}
+
+// The same contract on any device (CUDA included): grid_sample per level, one autograd node
+// that recomputes the samples in backward (see MsDeformAttnRecompute).
+extern "C" const char* ddetr_ms_deform_attn_recompute(const at::Tensor* value,
+                                                       const at::Tensor* loc,
+                                                       const at::Tensor* attn,
+                                                       const int64_t* shapes, int64_t n_levels,
+                                                       at::Tensor** out) {
+  return apply_op<MsDeformAttnRecompute>(value, loc, attn, shapes, n_levels, false, out);
 }
 
 // 1 when the kernels run with AVX2 + FMA on this CPU.

@@ -1,11 +1,12 @@
-//! The fused CPU multi-scale deformable attention (trainer/csrc) against upstream's
-//! `grid_sample` formulation: values and the gradients of value, sampling locations and
-//! attention weights, in f64 (to rounding) and f32, with samples inside, across and outside each
-//! level's border, for the specialised 32-channel heads and the generic width.
+//! The C++ multi-scale deformable attention ops (trainer/csrc) against upstream's `grid_sample`
+//! formulation as plain tch ops: the fused CPU kernels and the recompute-in-backward node CUDA
+//! runs (tested here on the CPU: the same ATen ops), values and the gradients of value, sampling
+//! locations and attention weights, in f64 (to rounding) and f32, with samples inside, across and
+//! outside each level's border, for the specialised 32-channel heads and the generic width.
 
 use ddetr_trainer::model::ms_deform_attn::{
     ms_deform_attn_core, ms_deform_attn_core_fused_cpu, ms_deform_attn_core_grid_sample,
-    uses_fused_cpu,
+    ms_deform_attn_core_recompute, uses_fused_cpu,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -37,10 +38,7 @@ fn case(kind: Kind, heads: i64, channels: i64, seed: i64) -> Case {
 }
 
 /// Output and (value, loc, attn) gradients of one implementation.
-fn run(
-    c: &Case,
-    f: fn(&Tensor, &[(i64, i64)], &Tensor, &Tensor) -> Tensor,
-) -> (Tensor, Tensor, Tensor, Tensor) {
+fn run(c: &Case, f: Core) -> (Tensor, Tensor, Tensor, Tensor) {
     let v = c.value.detach().set_requires_grad(true);
     let l = c.loc.detach().set_requires_grad(true);
     let a = c.attn.detach().set_requires_grad(true);
@@ -60,10 +58,16 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
+type Core = fn(&Tensor, &[(i64, i64)], &Tensor, &Tensor) -> Tensor;
+
 fn compare(kind: Kind, heads: i64, channels: i64, tol: f64) {
+    compare_op(ms_deform_attn_core_fused_cpu, kind, heads, channels, tol);
+}
+
+fn compare_op(op: Core, kind: Kind, heads: i64, channels: i64, tol: f64) {
     for seed in [1, 2, 3] {
         let c = case(kind, heads, channels, seed);
-        let (o1, gv1, gl1, ga1) = run(&c, ms_deform_attn_core_fused_cpu);
+        let (o1, gv1, gl1, ga1) = run(&c, op);
         let (o2, gv2, gl2, ga2) = run(&c, ms_deform_attn_core_grid_sample);
         // Scale-aware: the gradients of locations are multiplied by the level sizes.
         for (name, a, b) in [
@@ -100,6 +104,26 @@ fn fused_matches_grid_sample_in_f64_for_other_head_widths() {
 fn fused_matches_grid_sample_in_f32() {
     compare(Kind::Float, 8, 32, 2e-5);
     compare(Kind::Float, 3, 12, 2e-5);
+}
+
+#[test]
+fn recompute_in_backward_matches_grid_sample() {
+    compare_op(ms_deform_attn_core_recompute, Kind::Double, 4, 32, 1e-12);
+    compare_op(ms_deform_attn_core_recompute, Kind::Double, 3, 5, 1e-12);
+    compare_op(ms_deform_attn_core_recompute, Kind::Float, 8, 32, 2e-5);
+}
+
+#[test]
+fn recompute_gives_only_the_gradients_asked_for() {
+    let c = case(Kind::Double, 2, 8, 5);
+    let l = c.loc.detach().set_requires_grad(true);
+    let out = ms_deform_attn_core_recompute(&c.value, &SHAPES, &l, &c.attn);
+    backward(&out, &c.grad_out);
+    let l2 = c.loc.detach().set_requires_grad(true);
+    let out2 = ms_deform_attn_core_grid_sample(&c.value, &SHAPES, &l2, &c.attn);
+    backward(&out2, &c.grad_out);
+    assert!(max_diff(&l.grad(), &l2.grad()) < 1e-10);
+    assert!(!c.value.grad().defined() && !c.attn.grad().defined());
 }
 
 #[test]

@@ -5,9 +5,11 @@
 //! Sampling is bilinear with zero padding and `align_corners = false` (the CUDA kernel's
 //! convention: sample at `loc·size − 0.5`). On CPU in f32/f64 it runs the fused kernels of
 //! `trainer/csrc` (one pass over value per query, the head's channels contiguous, and a backward
-//! that owns each (image, head) slice of the value gradient); elsewhere it is upstream's
-//! `grid_sample` formulation, on any device libtorch supports. Under fp16/bf16 the sampling runs
-//! in f32 and casts back, as TAO and DINO do.
+//! that owns each (image, head) slice of the value gradient); elsewhere (CUDA) it is upstream's
+//! `grid_sample` formulation as one autograd node that keeps only value, locations and weights
+//! and rebuilds the per-level samples in backward — the official CUDA kernel's memory footprint
+//! without a compiled kernel. Under fp16/bf16 the sampling runs in f32 and casts back, as TAO and
+//! DINO do.
 
 use std::f64::consts::PI;
 
@@ -183,6 +185,15 @@ extern "C" {
         n_levels: i64,
         out: *mut *mut C_tensor,
     ) -> *const c_char;
+    /// The same contract on any device: grid_sample per level, recomputed in backward.
+    fn ddetr_ms_deform_attn_recompute(
+        value: *const C_tensor,
+        loc: *const C_tensor,
+        attn: *const C_tensor,
+        shapes: *const i64,
+        n_levels: i64,
+        out: *mut *mut C_tensor,
+    ) -> *const c_char;
     fn ddetr_ms_deform_attn_cpu_avx2() -> i32;
 }
 
@@ -206,9 +217,18 @@ pub fn uses_fused_cpu(value: &Tensor) -> bool {
         && value.size()[3] <= FUSED_MAX_CHANNELS
 }
 
-/// The fused CPU op: same contract as [`ms_deform_attn_core_grid_sample`] for CPU f32/f64
-/// tensors, differentiable in value, locations and weights.
-pub fn ms_deform_attn_core_fused_cpu(
+/// Signature of the C++ entry points (trainer/csrc/msda.cpp).
+type CoreOp = unsafe extern "C" fn(
+    *const C_tensor,
+    *const C_tensor,
+    *const C_tensor,
+    *const i64,
+    i64,
+    *mut *mut C_tensor,
+) -> *const c_char;
+
+fn call_core(
+    op: CoreOp,
     value: &Tensor,
     spatial_shapes: &[(i64, i64)],
     sampling_locations: &Tensor,
@@ -217,10 +237,10 @@ pub fn ms_deform_attn_core_fused_cpu(
     let shapes: Vec<i64> = spatial_shapes.iter().flat_map(|&(h, w)| [h, w]).collect();
     let mut out: *mut C_tensor = std::ptr::null_mut();
     // SAFETY: the three handles are live tch tensors (`at::Tensor*`), `shapes` holds
-    // 2·len pairs, and on success `out` receives a new `at::Tensor*` that the returned Tensor
+    // 2·len values, and on success `out` receives a new `at::Tensor*` that the returned Tensor
     // owns (tch frees it with `delete`).
     let err = unsafe {
-        ddetr_ms_deform_attn_cpu(
+        op(
             value.as_ptr(),
             sampling_locations.as_ptr(),
             attention_weights.as_ptr(),
@@ -238,47 +258,79 @@ pub fn ms_deform_attn_core_fused_cpu(
     unsafe { Tensor::from_ptr(out) }
 }
 
+/// The fused CPU op: same contract as [`ms_deform_attn_core_grid_sample`] for CPU f32/f64
+/// tensors, differentiable in value, locations and weights.
+pub fn ms_deform_attn_core_fused_cpu(
+    value: &Tensor,
+    spatial_shapes: &[(i64, i64)],
+    sampling_locations: &Tensor,
+    attention_weights: &Tensor,
+) -> Tensor {
+    call_core(
+        ddetr_ms_deform_attn_cpu,
+        value,
+        spatial_shapes,
+        sampling_locations,
+        attention_weights,
+    )
+}
+
+/// Upstream's `grid_sample` formulation on any device as one autograd node that keeps only its
+/// three inputs and recomputes the per-level samples in backward (f32/f64): what CUDA runs.
+pub fn ms_deform_attn_core_recompute(
+    value: &Tensor,
+    spatial_shapes: &[(i64, i64)],
+    sampling_locations: &Tensor,
+    attention_weights: &Tensor,
+) -> Tensor {
+    call_core(
+        ddetr_ms_deform_attn_recompute,
+        value,
+        spatial_shapes,
+        sampling_locations,
+        attention_weights,
+    )
+}
+
 /// `ms_deform_attn_core_pytorch`: `value` `[N, S, M, D]`, `sampling_locations`
 /// `[N, Lq, M, L, P, 2]`, `attention_weights` `[N, Lq, M, L, P]` → `[N, Lq, M·D]`.
-/// The fused kernels on CPU, upstream's `grid_sample` formulation elsewhere.
+/// The fused kernels on CPU, upstream's `grid_sample` formulation recomputed in backward
+/// elsewhere.
 pub fn ms_deform_attn_core(
     value: &Tensor,
     spatial_shapes: &[(i64, i64)],
     sampling_locations: &Tensor,
     attention_weights: &Tensor,
 ) -> Tensor {
-    if !uses_fused_cpu(value) {
-        return ms_deform_attn_core_grid_sample(
-            value,
-            spatial_shapes,
-            sampling_locations,
-            attention_weights,
-        );
-    }
+    let op = if uses_fused_cpu(value) {
+        ms_deform_attn_core_fused_cpu
+    } else {
+        ms_deform_attn_core_recompute
+    };
+    // The sampling runs in f32 under fp16/bf16 (as TAO and DINO do), else in value's dtype.
     let out_kind = value.kind();
-    if matches!(out_kind, Kind::Half | Kind::BFloat16) {
-        let f = |t: &Tensor| t.to_kind(Kind::Float);
-        return ms_deform_attn_core_fused_cpu(
-            &f(value),
-            spatial_shapes,
-            &f(sampling_locations),
-            &f(attention_weights),
-        )
-        .to_kind(out_kind);
-    }
-    let same = |t: &Tensor| {
-        if t.kind() == out_kind {
+    let work_kind = match out_kind {
+        Kind::Half | Kind::BFloat16 => Kind::Float,
+        k => k,
+    };
+    let as_work = |t: &Tensor| {
+        if t.kind() == work_kind {
             t.shallow_clone()
         } else {
-            t.to_kind(out_kind)
+            t.to_kind(work_kind)
         }
     };
-    ms_deform_attn_core_fused_cpu(
-        value,
+    let out = op(
+        &as_work(value),
         spatial_shapes,
-        &same(sampling_locations),
-        &same(attention_weights),
-    )
+        &as_work(sampling_locations),
+        &as_work(attention_weights),
+    );
+    if out_kind == work_kind {
+        out
+    } else {
+        out.to_kind(out_kind)
+    }
 }
 
 /// Upstream's `ms_deform_attn_core_pytorch` as written: per level `grid_sample`, weighted sum.
