@@ -201,17 +201,47 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
     })
 }
 
-/// Multiplies every trainable gradient by `factor`; false when any is not finite.
+/// Multiplies every trainable gradient by `factor`; false when any is not finite (one device
+/// sync: the norms are summed on the device, where a NaN or inf carries through).
 fn unscale_finite(vs: &VarStore, factor: f64) -> bool {
-    let mut finite = true;
     tch::no_grad(|| {
-        for var in vs.trainable_variables() {
-            let mut g = var.grad();
-            if g.defined() {
-                let _ = g.g_mul_scalar_(factor);
-                finite &= g.isfinite().all().int64_value(&[]) == 1;
-            }
-        }
-    });
-    finite
+        let norms: Vec<Tensor> = vs
+            .trainable_variables()
+            .iter()
+            .filter_map(|var| {
+                let mut g = var.grad();
+                g.defined().then(|| {
+                    let _ = g.g_mul_scalar_(factor);
+                    g.norm()
+                })
+            })
+            .collect();
+        norms.is_empty()
+            || Tensor::stack(&norms, 0)
+                .sum(Kind::Float)
+                .double_value(&[])
+                .is_finite()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unscale_divides_the_gradients_and_flags_overflow() {
+        let vs = VarStore::new(Device::Cpu);
+        let w = vs.root().var("w", &[2], nn::Init::Const(1.0));
+        (&w * Tensor::from_slice(&[4.0f32, 8.0]))
+            .sum(Kind::Float)
+            .backward();
+        assert!(unscale_finite(&vs, 0.5));
+        assert_eq!(Vec::<f32>::try_from(&w.grad()).unwrap(), [2.0, 4.0]);
+        (&w * Tensor::from_slice(&[f32::INFINITY, 1.0]))
+            .sum(Kind::Float)
+            .backward();
+        assert!(!unscale_finite(&vs, 0.5));
+        let empty = VarStore::new(Device::Cpu);
+        assert!(unscale_finite(&empty, 0.5));
+    }
 }
