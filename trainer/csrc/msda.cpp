@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <atomic>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -17,10 +18,13 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Set to run the baseline kernels even where the CPU has AVX2 (tests of that build).
+std::atomic<bool> force_baseline{false};
+
 bool has_avx2() {
 #if defined(__x86_64__)
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+  return yes && !force_baseline.load(std::memory_order_relaxed);
 #else
   return false;
 #endif
@@ -297,3 +301,6 @@ extern "C" const char* ddetr_ms_deform_attn_recompute(const at::Tensor* value,
 
 // 1 when the kernels run with AVX2 + FMA on this CPU.
 extern "C" int ddetr_ms_deform_attn_cpu_avx2() { return has_avx2() ? 1 : 0; }
+
+// Nonzero: run the baseline-ISA kernels from now on, in the whole process (for tests).
+extern "C" void ddetr_ms_deform_attn_cpu_force_baseline(int yes) { force_baseline.store(yes != 0); }

@@ -195,6 +195,7 @@ extern "C" {
         out: *mut *mut C_tensor,
     ) -> *const c_char;
     fn ddetr_ms_deform_attn_cpu_avx2() -> i32;
+    fn ddetr_ms_deform_attn_cpu_force_baseline(yes: i32);
 }
 
 /// Whether the fused CPU kernels run with AVX2 + FMA here (else the baseline build of the same
@@ -202,6 +203,13 @@ extern "C" {
 pub fn fused_cpu_uses_avx2() -> bool {
     // SAFETY: reads a CPU feature flag.
     unsafe { ddetr_ms_deform_attn_cpu_avx2() == 1 }
+}
+
+/// From now on, in this whole process, run the fused kernels built for the baseline instruction
+/// set even where the CPU has AVX2 + FMA (tests of that build, or ruling the AVX2 code out).
+pub fn force_baseline_kernels(yes: bool) {
+    // SAFETY: sets an atomic flag.
+    unsafe { ddetr_ms_deform_attn_cpu_force_baseline(i32::from(yes)) }
 }
 
 /// The largest head width (d_model / n_heads) the fused kernels take (csrc/msda_kernels.h).
