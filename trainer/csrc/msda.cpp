@@ -140,8 +140,8 @@ struct MsDeformAttnFunction : public torch::autograd::Function<MsDeformAttnFunct
       float* gvp = gv.defined() ? gv.data_ptr<float>() : nullptr;
       float* glp = gl.defined() ? gl.data_ptr<float>() : nullptr;
       float* gap = ga.defined() ? ga.data_ptr<float>() : nullptr;
-      // One task per (image, head): it owns grad_value[b, :, m, :].
-      at::parallel_for(0, dm.B * dm.M, 1, [&](int64_t b, int64_t e) {
+      // One task per (image, head, level): it owns that level's rows of grad_value[b, :, m, :].
+      at::parallel_for(0, dm.B * dm.M * dm.L, 1, [&](int64_t b, int64_t e) {
 #if defined(__x86_64__)
         if (avx2) return ddetr_msda_avx2::backward_f32(dm, v, lp, ap, go, gvp, glp, gap, b, e);
 #endif
@@ -153,7 +153,7 @@ struct MsDeformAttnFunction : public torch::autograd::Function<MsDeformAttnFunct
       double* gvp = gv.defined() ? gv.data_ptr<double>() : nullptr;
       double* glp = gl.defined() ? gl.data_ptr<double>() : nullptr;
       double* gap = ga.defined() ? ga.data_ptr<double>() : nullptr;
-      at::parallel_for(0, dm.B * dm.M, 1, [&](int64_t b, int64_t e) {
+      at::parallel_for(0, dm.B * dm.M * dm.L, 1, [&](int64_t b, int64_t e) {
 #if defined(__x86_64__)
         if (avx2) return ddetr_msda_avx2::backward_f64(dm, v, lp, ap, go, gvp, glp, gap, b, e);
 #endif
