@@ -70,6 +70,9 @@ pub fn render(checks: &[Check]) -> String {
 }
 
 fn cuda_line() -> String {
+    if let Err(e) = ddetr_trainer::cuda_runtime::ensure_loaded() {
+        return e;
+    }
     let n = tch::Cuda::device_count();
     if n > 0 {
         let names: Vec<String> = (0..n).map(|i| format!("cuda:{i}")).collect();

@@ -88,9 +88,9 @@ fn doctor_runs_on_this_machine_and_is_honest() {
         );
     }
     assert!(report.contains("libtorch  2.11.0"), "{report}");
-    // CUDA line agrees with what libtorch sees.
+    // CUDA line agrees with what libtorch sees (with its CUDA half loaded, as the binary does).
     let cuda_line = report.lines().find(|l| l.starts_with("cuda")).unwrap();
-    if tch::Cuda::device_count() == 0 {
+    if !ddetr_trainer::cuda_runtime::cuda_available() {
         assert!(
             cuda_line.contains("none") || cuda_line.contains("no CUDA device"),
             "{cuda_line}"
@@ -98,4 +98,49 @@ fn doctor_runs_on_this_machine_and_is_honest() {
     } else {
         assert!(cuda_line.contains("device(s)"), "{cuda_line}");
     }
+}
+
+/// The binaries link no libtorch_cuda (the linker drops it), so `ddetr-torch` opens it at start
+/// where the NVIDIA driver is present, and only there. A stand-in `libcuda.so.1` (an empty
+/// library) makes this machine look like it has a driver; `LD_DEBUG=files` shows what the loader
+/// opened.
+#[test]
+fn libtorch_cuda_is_opened_where_a_driver_is_present_and_only_there() {
+    if ddetr_trainer::cuda_runtime::driver_present() {
+        return; // a real GPU machine: the doctor test covers it
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("fake.cc");
+    std::fs::write(&src, "extern \"C\" { int ddetr_fake_cuda_driver = 0; }\n").unwrap();
+    let lib = dir.path().join("libcuda.so.1");
+    let built = Command::new("c++")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .status()
+        .expect("c++ runs (scripts/setup.sh installs g++)");
+    assert!(built.success());
+    let run = |fake_driver: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddetr"));
+        cmd.arg("doctor").env("LD_DEBUG", "files");
+        if fake_driver {
+            cmd.env("LD_LIBRARY_PATH", dir.path());
+        }
+        cmd.output().unwrap()
+    };
+    let opened = |out: &Output| {
+        text(&out.stderr)
+            .lines()
+            .any(|l| l.contains("libtorch_cuda.so") && l.contains("dynamically loaded"))
+    };
+    let with = run(true);
+    assert!(opened(&with), "{}", text(&with.stderr));
+    let report = text(&with.stdout);
+    assert!(
+        report.contains("the driver loads, but reports no device"),
+        "{report}"
+    );
+    let without = run(false);
+    assert!(!opened(&without));
+    assert!(text(&without.stdout).contains("no NVIDIA driver"));
 }

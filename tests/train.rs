@@ -517,7 +517,7 @@ fn each_bad_input_is_one_line_before_the_first_step() {
         2,
         "needs a CUDA GPU",
     );
-    if !tch::Cuda::is_available() {
+    if !ddetr_trainer::cuda_runtime::cuda_available() {
         fails_with(
             d,
             &args("train", "x5", &[]),

@@ -25,6 +25,7 @@
 
 pub mod bench;
 pub mod comm;
+pub mod cuda_runtime;
 pub mod ddp;
 pub mod nccl;
 pub mod zero;

@@ -499,6 +499,7 @@ impl Communicator {
     /// missing.
     pub fn nccl(store: &dyn Store, info: RankInfo, cfg: &CommConfig) -> Result<Self> {
         let lib = Arc::new(NcclLibrary::open()?);
+        crate::cuda_runtime::ensure_loaded().map_err(|what| CollectiveError::NoGpu { what })?;
         let gpus = tch::Cuda::device_count() as usize;
         if gpus == 0 {
             return Err(CollectiveError::NoGpu {

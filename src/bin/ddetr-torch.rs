@@ -22,6 +22,9 @@ fn keep_freed_memory() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    // Before anything asks libtorch about CUDA (it caches the answer); a failure is reported
+    // where a device is chosen.
+    let _ = ddetr_trainer::cuda_runtime::ensure_loaded();
     let cli = match ddetr::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {

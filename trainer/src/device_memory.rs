@@ -35,3 +35,24 @@ pub fn cuda_peak_allocated(index: usize) -> Result<u64, String> {
     check(unsafe { ddetr_cuda_peak_memory(index, &mut out) })?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_read_on_a_gpu_and_fail_with_a_message_without_one() {
+        if crate::cuda_runtime::cuda_available() {
+            cuda_reset_peak(0).unwrap();
+            let t = tch::Tensor::zeros([1 << 20], (tch::Kind::Float, tch::Device::Cuda(0)));
+            assert!(cuda_peak_allocated(0).unwrap() >= 4 << 20);
+            drop(t);
+        } else {
+            let err = cuda_reset_peak(0).unwrap_err();
+            assert!(!err.is_empty() && !err.contains('\n'), "{err}");
+            let err = cuda_peak_allocated(0).unwrap_err();
+            assert!(!err.is_empty() && !err.contains('\n'), "{err}");
+        }
+        assert!(cuda_peak_allocated(1000).is_err());
+    }
+}

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod coco_eval;
 pub mod criterion;
+pub use ddetr_collective::cuda_runtime;
 pub mod device_memory;
 pub mod engine;
 pub mod export;

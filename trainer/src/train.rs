@@ -351,7 +351,7 @@ fn gather_rows(comm: &Communicator, rows: Vec<f64>) -> Result<Vec<f64>, TrainerE
 /// `--device`), by default the rank's local GPU when CUDA is available, else the CPU.
 pub fn pick_device(local_rank: usize) -> Result<Device, TrainerError> {
     let want = std::env::var("DDETR_DEVICE").unwrap_or_else(|_| "auto".into());
-    let cuda = tch::Cuda::is_available();
+    let cuda = crate::cuda_runtime::cuda_available();
     let gpu = || Device::Cuda(local_rank % tch::Cuda::device_count().max(1) as usize);
     match want.as_str() {
         "cpu" => Ok(Device::Cpu),

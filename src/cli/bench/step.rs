@@ -162,7 +162,7 @@ fn gib(bytes: u64) -> f64 {
 pub fn step(args: &StepArgs) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads);
     let device = if args.cuda {
-        if !tch::Cuda::is_available() {
+        if !ddetr_trainer::cuda_runtime::cuda_available() {
             bail!("--cuda asked for a GPU but libtorch sees no CUDA device: drop --cuda or run on a GPU machine");
         }
         tch::Device::Cuda(0)
