@@ -19,6 +19,7 @@ fn main() {
     for f in [
         "msda.cpp",
         "device_memory.cpp",
+        "c_api.h",
         "msda_kernels.h",
         "msda_kernels.inc",
         "msda_kernels_base.cpp",

@@ -4,36 +4,23 @@
 #include <c10/core/CachingDeviceAllocator.h>
 
 #include <cstdint>
-#include <string>
+
+#include "c_api.h"
 
 namespace {
-thread_local std::string last_error;
-
 c10::DeviceAllocator* cuda_allocator() {
   return c10::getDeviceAllocator(c10::DeviceType::CUDA);
-}
-
-template <typename F> const char* guarded(F f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  }
-  return last_error.c_str();
 }
 }  // namespace
 
 // Resets the peak statistics of CUDA device `index`.
 extern "C" const char* ddetr_cuda_reset_peak_memory(int8_t index) {
-  return guarded([&] { cuda_allocator()->resetPeakStats(index); });
+  return ddetr_c_api::guarded([&] { cuda_allocator()->resetPeakStats(index); });
 }
 
 // The peak bytes allocated on CUDA device `index` since the last reset (all pools).
 extern "C" const char* ddetr_cuda_peak_memory(int8_t index, uint64_t* out) {
-  return guarded([&] {
+  return ddetr_c_api::guarded([&] {
     const auto stats = cuda_allocator()->getDeviceStats(index);
     const auto& all =
         stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];

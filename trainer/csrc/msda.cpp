@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "c_api.h"
 #include "msda_kernels.h"
 
 namespace {
@@ -114,20 +115,36 @@ at::Tensor forward_impl(const at::Tensor& value, const at::Tensor& loc, const at
   return out;
 }
 
+// What both autograd functions keep for backward: their three inputs and the level shapes.
+struct Saved {
+  at::Tensor value, loc, attn;
+  std::vector<int64_t> shapes, starts;
+};
+
+void save_inputs(AutogradContext* ctx, const at::Tensor& value, const at::Tensor& loc,
+                 const at::Tensor& attn, const std::vector<int64_t>& shapes) {
+  ctx->save_for_backward({value, loc, attn});
+  ctx->saved_data["shapes"] = shapes;
+}
+
+Saved saved_inputs(AutogradContext* ctx) {
+  const auto v = ctx->get_saved_variables();
+  Saved s{v[0], v[1], v[2], ctx->saved_data["shapes"].toIntVector(), {}};
+  s.starts = starts_of(s.shapes);
+  return s;
+}
+
 struct MsDeformAttnFunction : public torch::autograd::Function<MsDeformAttnFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& value, const at::Tensor& loc,
                             const at::Tensor& attn, std::vector<int64_t> shapes) {
-    ctx->save_for_backward({value, loc, attn});
-    ctx->saved_data["shapes"] = shapes;
+    save_inputs(ctx, value, loc, attn, shapes);
     return forward_impl(value, loc, attn, shapes);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &value = saved[0], &loc = saved[1], &attn = saved[2];
-    const auto shapes = ctx->saved_data["shapes"].toIntVector();
-    const auto starts = starts_of(shapes);
-    const auto dm = dims_of(value, loc, shapes, starts);
+    const Saved sv = saved_inputs(ctx);
+    const at::Tensor &value = sv.value, &loc = sv.loc, &attn = sv.attn;
+    const auto dm = dims_of(value, loc, sv.shapes, sv.starts);
     const at::Tensor grad_out = grads[0].contiguous();
     at::Tensor gv, gl, ga;
     if (ctx->needs_input_grad(0)) gv = at::zeros_like(value);
@@ -207,16 +224,14 @@ at::Tensor recompute_forward_impl(const at::Tensor& value, const at::Tensor& loc
 struct MsDeformAttnRecompute : public torch::autograd::Function<MsDeformAttnRecompute> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& value, const at::Tensor& loc,
                             const at::Tensor& attn, std::vector<int64_t> shapes) {
-    ctx->save_for_backward({value, loc, attn});
-    ctx->saved_data["shapes"] = shapes;
+    save_inputs(ctx, value, loc, attn, shapes);
     return recompute_forward_impl(value, loc, attn, shapes);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &value = saved[0], &loc = saved[1], &attn = saved[2];
-    const auto shapes = ctx->saved_data["shapes"].toIntVector();
-    const auto starts = starts_of(shapes);
+    const Saved sv = saved_inputs(ctx);
+    const at::Tensor &value = sv.value, &loc = sv.loc, &attn = sv.attn;
+    const auto &shapes = sv.shapes, &starts = sv.starts;
     const int64_t N = value.size(0), M = value.size(2), D = value.size(3);
     const int64_t Lq = loc.size(1), L = loc.size(3), P = loc.size(4);
     const bool need_v = ctx->needs_input_grad(0), need_l = ctx->needs_input_grad(1),
@@ -257,25 +272,16 @@ struct MsDeformAttnRecompute : public torch::autograd::Function<MsDeformAttnReco
   }
 };
 
-thread_local std::string last_error;
-
-// Checks the inputs, applies the autograd function Op and hands back a new tensor handle; any
-// error comes back as its message (valid until the thread's next call).
+// Checks the inputs, applies the autograd function Op and hands back a new tensor handle.
 template <typename Op>
 const char* apply_op(const at::Tensor* value, const at::Tensor* loc, const at::Tensor* attn,
                      const int64_t* shapes, int64_t n_levels, bool cpu_only, at::Tensor** out) {
-  try {
+  return ddetr_c_api::guarded([&] {
     std::vector<int64_t> sh(shapes, shapes + 2 * n_levels);
     const at::Tensor v = value->contiguous(), l = loc->contiguous(), a = attn->contiguous();
     check_inputs(v, l, a, sh, cpu_only);
     *out = new at::Tensor(Op::apply(v, l, a, sh));
-    return nullptr;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  }
-  return last_error.c_str();
+  });
 }
 
 }  // namespace
