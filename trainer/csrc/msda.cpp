@@ -83,35 +83,51 @@ std::vector<int64_t> starts_of(const std::vector<int64_t>& shapes) {
   return starts;
 }
 
+// The fused forward over libtorch's thread pool, for T = float or double.
+template <typename T>
+void fused_forward(const ddetr_msda::Dims& dm, const at::Tensor& value, const at::Tensor& loc,
+                   const at::Tensor& attn, at::Tensor& out) {
+  const T *v = value.data_ptr<T>(), *lp = loc.data_ptr<T>(), *ap = attn.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const bool avx2 = has_avx2();
+  (void)avx2;
+  // ~L·P·4·D multiply-adds per head and query: a grain of 16 queries keeps tasks worth a thread.
+  at::parallel_for(0, dm.B * dm.Q, 16, [&](int64_t b, int64_t e) {
+#if defined(__x86_64__)
+    if (avx2) return ddetr_msda_avx2::forward(dm, v, lp, ap, o, b, e);
+#endif
+    ddetr_msda_base::forward(dm, v, lp, ap, o, b, e);
+  });
+}
+
+// The fused backward; undefined gradient tensors are not computed.
+template <typename T>
+void fused_backward(const ddetr_msda::Dims& dm, const at::Tensor& value, const at::Tensor& loc,
+                    const at::Tensor& attn, const at::Tensor& grad_out, at::Tensor& gv,
+                    at::Tensor& gl, at::Tensor& ga) {
+  const T *v = value.data_ptr<T>(), *lp = loc.data_ptr<T>(), *ap = attn.data_ptr<T>(),
+          *go = grad_out.data_ptr<T>();
+  T* gvp = gv.defined() ? gv.data_ptr<T>() : nullptr;
+  T* glp = gl.defined() ? gl.data_ptr<T>() : nullptr;
+  T* gap = ga.defined() ? ga.data_ptr<T>() : nullptr;
+  const bool avx2 = has_avx2();
+  (void)avx2;
+  // One task per (image, head, level): it owns that level's rows of grad_value[b, :, m, :].
+  at::parallel_for(0, dm.B * dm.M * dm.L, 1, [&](int64_t b, int64_t e) {
+#if defined(__x86_64__)
+    if (avx2) return ddetr_msda_avx2::backward(dm, v, lp, ap, go, gvp, glp, gap, b, e);
+#endif
+    ddetr_msda_base::backward(dm, v, lp, ap, go, gvp, glp, gap, b, e);
+  });
+}
+
 at::Tensor forward_impl(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& attn,
                         const std::vector<int64_t>& shapes) {
   const auto starts = starts_of(shapes);
   const auto dm = dims_of(value, loc, shapes, starts);
   auto out = at::empty({dm.B, dm.Q, dm.M * dm.D}, value.options());
-  const bool avx2 = has_avx2();
-  // ~L·P·4·D multiply-adds per head and query: a grain of 16 queries keeps tasks ≥ 100 µs-ish.
-  if (value.scalar_type() == at::kFloat) {
-    const float *v = value.data_ptr<float>(), *lp = loc.data_ptr<float>(),
-                *ap = attn.data_ptr<float>();
-    float* o = out.data_ptr<float>();
-    at::parallel_for(0, dm.B * dm.Q, 16, [&](int64_t b, int64_t e) {
-#if defined(__x86_64__)
-      if (avx2) return ddetr_msda_avx2::forward_f32(dm, v, lp, ap, o, b, e);
-#endif
-      ddetr_msda_base::forward_f32(dm, v, lp, ap, o, b, e);
-    });
-  } else {
-    const double *v = value.data_ptr<double>(), *lp = loc.data_ptr<double>(),
-                 *ap = attn.data_ptr<double>();
-    double* o = out.data_ptr<double>();
-    at::parallel_for(0, dm.B * dm.Q, 16, [&](int64_t b, int64_t e) {
-#if defined(__x86_64__)
-      if (avx2) return ddetr_msda_avx2::forward_f64(dm, v, lp, ap, o, b, e);
-#endif
-      ddetr_msda_base::forward_f64(dm, v, lp, ap, o, b, e);
-    });
-  }
-  (void)avx2;
+  if (value.scalar_type() == at::kFloat) fused_forward<float>(dm, value, loc, attn, out);
+  else fused_forward<double>(dm, value, loc, attn, out);
   return out;
 }
 
@@ -150,34 +166,10 @@ struct MsDeformAttnFunction : public torch::autograd::Function<MsDeformAttnFunct
     if (ctx->needs_input_grad(0)) gv = at::zeros_like(value);
     if (ctx->needs_input_grad(1)) gl = at::empty_like(loc);
     if (ctx->needs_input_grad(2)) ga = at::empty_like(attn);
-    const bool avx2 = has_avx2();
-    if (value.scalar_type() == at::kFloat) {
-      const float *v = value.data_ptr<float>(), *lp = loc.data_ptr<float>(),
-                  *ap = attn.data_ptr<float>(), *go = grad_out.data_ptr<float>();
-      float* gvp = gv.defined() ? gv.data_ptr<float>() : nullptr;
-      float* glp = gl.defined() ? gl.data_ptr<float>() : nullptr;
-      float* gap = ga.defined() ? ga.data_ptr<float>() : nullptr;
-      // One task per (image, head, level): it owns that level's rows of grad_value[b, :, m, :].
-      at::parallel_for(0, dm.B * dm.M * dm.L, 1, [&](int64_t b, int64_t e) {
-#if defined(__x86_64__)
-        if (avx2) return ddetr_msda_avx2::backward_f32(dm, v, lp, ap, go, gvp, glp, gap, b, e);
-#endif
-        ddetr_msda_base::backward_f32(dm, v, lp, ap, go, gvp, glp, gap, b, e);
-      });
-    } else {
-      const double *v = value.data_ptr<double>(), *lp = loc.data_ptr<double>(),
-                   *ap = attn.data_ptr<double>(), *go = grad_out.data_ptr<double>();
-      double* gvp = gv.defined() ? gv.data_ptr<double>() : nullptr;
-      double* glp = gl.defined() ? gl.data_ptr<double>() : nullptr;
-      double* gap = ga.defined() ? ga.data_ptr<double>() : nullptr;
-      at::parallel_for(0, dm.B * dm.M * dm.L, 1, [&](int64_t b, int64_t e) {
-#if defined(__x86_64__)
-        if (avx2) return ddetr_msda_avx2::backward_f64(dm, v, lp, ap, go, gvp, glp, gap, b, e);
-#endif
-        ddetr_msda_base::backward_f64(dm, v, lp, ap, go, gvp, glp, gap, b, e);
-      });
-    }
-    (void)avx2;
+    if (value.scalar_type() == at::kFloat)
+      fused_backward<float>(dm, value, loc, attn, grad_out, gv, gl, ga);
+    else
+      fused_backward<double>(dm, value, loc, attn, grad_out, gv, gl, ga);
     return {gv, gl, ga, at::Tensor()};
   }
 };

@@ -16,14 +16,13 @@ constexpr int64_t kMaxChannels = 1024;
 #define DDETR_MSDA_DECLARE(NS)                                                                   \
   namespace NS {                                                                                 \
   using ddetr_msda::Dims;                                                                        \
-  void forward_f32(const Dims&, const float*, const float*, const float*, float*, int64_t,      \
-                   int64_t);                                                                     \
-  void forward_f64(const Dims&, const double*, const double*, const double*, double*, int64_t,  \
-                   int64_t);                                                                     \
-  void backward_f32(const Dims&, const float*, const float*, const float*, const float*, float*, \
-                    float*, float*, int64_t, int64_t);                                           \
-  void backward_f64(const Dims&, const double*, const double*, const double*, const double*,    \
-                    double*, double*, double*, int64_t, int64_t);                                \
+  void forward(const Dims&, const float*, const float*, const float*, float*, int64_t, int64_t); \
+  void forward(const Dims&, const double*, const double*, const double*, double*, int64_t,       \
+               int64_t);                                                                         \
+  void backward(const Dims&, const float*, const float*, const float*, const float*, float*,     \
+                float*, float*, int64_t, int64_t);                                               \
+  void backward(const Dims&, const double*, const double*, const double*, const double*,         \
+                double*, double*, double*, int64_t, int64_t);                                    \
   }
 
 DDETR_MSDA_DECLARE(ddetr_msda_base)
