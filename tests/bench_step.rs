@@ -10,6 +10,23 @@ fn kv<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
+/// Runs `ddetr bench step` with `args`, expects success and returns stdout.
+fn bench_step_ok(args: &[&str], peer: Option<&std::path::Path>) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddetr"));
+    cmd.args(["bench", "step"]).args(args);
+    if let Some(peer) = peer {
+        cmd.args(["--python", "/bin/sh", "--peer"]).arg(peer);
+    }
+    let out = cmd.output().expect("ddetr runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn rounds_alternate_ours_and_the_peer_and_the_ratio_is_their_median() {
     let dir = tempfile::tempdir().unwrap();
@@ -27,19 +44,11 @@ fn rounds_alternate_ours_and_the_peer_and_the_ratio_is_their_median() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ddetr"))
-        .args([
-            "bench", "step", "--batch", "1", "--size", "64", "--steps", "1",
-        ])
-        .args(["--rounds", "2", "--python", "/bin/sh", "--peer"])
-        .arg(&peer)
-        .output()
-        .expect("ddetr runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = bench_step_ok(
+        &[
+            "--batch", "1", "--size", "64", "--steps", "1", "--rounds", "2",
+        ],
+        Some(&peer),
     );
     let lines: Vec<&str> = stdout.lines().collect();
     let ours: Vec<f64> = lines
@@ -81,18 +90,19 @@ fn rounds_alternate_ours_and_the_peer_and_the_ratio_is_their_median() {
 
 #[test]
 fn non_square_sizes_run_ours_alone_and_bad_flags_fail_with_one_line() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ddetr"))
-        .args([
-            "bench", "step", "--batch", "1", "--size", "64x96", "--steps", "1",
-        ])
-        .args(["--rounds", "1", "--no-peer"])
-        .output()
-        .expect("ddetr runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = bench_step_ok(
+        &[
+            "--batch",
+            "1",
+            "--size",
+            "64x96",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--no-peer",
+        ],
+        None,
     );
     let last = stdout.lines().last().unwrap();
     assert_eq!(kv(last, "size="), "64x96");
