@@ -187,20 +187,16 @@ impl Communicator {
                 what: "tensor is not contiguous: call .contiguous() first".into(),
             });
         }
-        if let Some(b) = &self.backend {
-            let want = b.device();
-            if t.device() != want {
-                return Err(CollectiveError::InvalidArgument {
-                    op,
-                    what: format!(
-                        "tensor is on {:?} but the {} backend works on {want:?}",
-                        t.device(),
-                        b.name()
-                    ),
-                });
-            }
-        }
         Ok(dtype)
+    }
+
+    /// The device the backend works on, when `t` is elsewhere (a CPU scalar in a NCCL job, say):
+    /// the op then runs on a staging copy there and the result is copied back.
+    fn staging_device(&self, t: &Tensor) -> Option<Device> {
+        self.backend
+            .as_ref()
+            .map(|b| b.device())
+            .filter(|&d| d != t.device())
     }
 
     fn check_op(&self, op: &'static str, dtype: DType, rop: ReduceOp) -> Result<()> {
@@ -217,9 +213,15 @@ impl Communicator {
     pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
         let dtype = self.check("all_reduce", t)?;
         self.check_op("all_reduce", dtype, op)?;
-        match &self.backend {
-            None => Ok(()),
-            Some(b) => b.all_reduce(t, dtype, op),
+        match (&self.backend, self.staging_device(t)) {
+            (None, _) => Ok(()),
+            (Some(b), None) => b.all_reduce(t, dtype, op),
+            (Some(b), Some(d)) => {
+                let mut staged = t.to_device(d);
+                b.all_reduce(&mut staged, dtype, op)?;
+                t.copy_(&staged);
+                Ok(())
+            }
         }
     }
 
@@ -232,9 +234,15 @@ impl Communicator {
                 what: format!("root {root} is not a rank of a world of {}", self.world()),
             });
         }
-        match &self.backend {
-            None => Ok(()),
-            Some(b) => b.broadcast(t, root),
+        match (&self.backend, self.staging_device(t)) {
+            (None, _) => Ok(()),
+            (Some(b), None) => b.broadcast(t, root),
+            (Some(b), Some(d)) => {
+                let mut staged = t.to_device(d);
+                b.broadcast(&mut staged, root)?;
+                t.copy_(&staged);
+                Ok(())
+            }
         }
     }
 
@@ -278,7 +286,20 @@ impl Communicator {
                 }
                 Ok(())
             }
-            Some(b) => b.all_gather(if in_place { None } else { Some(input) }, output),
+            Some(b) => match self
+                .staging_device(output)
+                .or_else(|| self.staging_device(input))
+            {
+                None => b.all_gather(if in_place { None } else { Some(input) }, output),
+                Some(d) => {
+                    // The staged output holds this rank's block already when input aliases it.
+                    let mut staged = output.to_device(d);
+                    let input = (!in_place).then(|| input.to_device(d));
+                    b.all_gather(input.as_ref(), &mut staged)?;
+                    output.copy_(&staged);
+                    Ok(())
+                }
+            },
         }
     }
 
@@ -307,7 +328,18 @@ impl Communicator {
                 }
                 Ok(())
             }
-            Some(b) => b.reduce_scatter(input, output, dtype, op),
+            Some(b) => match self
+                .staging_device(output)
+                .or_else(|| self.staging_device(input))
+            {
+                None => b.reduce_scatter(input, output, dtype, op),
+                Some(d) => {
+                    let mut staged = output.to_device(d);
+                    b.reduce_scatter(&input.to_device(d), &mut staged, dtype, op)?;
+                    output.copy_(&staged);
+                    Ok(())
+                }
+            },
         }
     }
 

@@ -54,11 +54,16 @@ pub struct World {
 impl World {
     /// From the launcher's environment (RANK, WORLD_SIZE, … and DDETR_RDZV with DDETR_JOB_TOKEN,
     /// or MASTER_ADDR/MASTER_PORT under plain torchrun; [`ddetr_launcher::bootstrap`]); a world
-    /// of one without it.
+    /// of one without it. The backend follows the device ([`pick_device`]): NCCL on a GPU.
     pub fn from_env() -> Result<Self, TrainerError> {
         let boot = Bootstrap::from_env()?;
+        // NCCL where the trainer runs on a GPU (torchrun's backend choice), the CPU collectives
+        // elsewhere; CPU tensors in a NCCL job (loss sums, detections) go through staging copies.
         let comm = match &boot.store {
             None => Communicator::single(),
+            Some(store) if pick_device(boot.info.local_rank)?.is_cuda() => {
+                Communicator::nccl(store.as_ref(), boot.info, &boot.cfg)?
+            }
             Some(store) => Communicator::cpu(store.as_ref(), boot.info, &boot.cfg)?,
         };
         // The bootstrap store (a rendezvous connection) is dropped here; a TCP store server stays.
