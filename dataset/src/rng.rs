@@ -25,6 +25,11 @@ impl Rng {
         Self { state: h }
     }
 
+    /// Output `j` (0-based) of `Rng::new(seed)` without stepping through the ones before it.
+    pub fn output_at(seed: u64, j: u64) -> u64 {
+        mix(seed.wrapping_add(j.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)))
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(GOLDEN_GAMMA);
         mix(self.state)
@@ -80,6 +85,14 @@ fn mix(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_at_seeks_the_stream() {
+        let mut r = Rng::new(99);
+        for j in 0..5 {
+            assert_eq!(Rng::output_at(99, j), r.next_u64());
+        }
+    }
 
     #[test]
     fn splitmix64_matches_the_reference_sequence() {

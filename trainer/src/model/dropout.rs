@@ -15,6 +15,7 @@
 //! stream differs from libtorch's, the distribution does not (p is applied with 2⁻³² resolution).
 //! Tensors elsewhere than the CPU use libtorch's dropout (fused on CUDA).
 
+use ddetr_dataset::rng::Rng;
 use tch::{Device, Kind, Tensor};
 
 /// `F.dropout(x, p, training)`.
@@ -111,12 +112,9 @@ fn lowbias32(mut x: u32) -> u32 {
     x ^ (x >> 16)
 }
 
-/// SplitMix64's output function at position `j` of the stream keyed by `seed`.
+/// SplitMix64's output `j` of the stream keyed by `seed`.
 fn mix(seed: u64, j: u64) -> u64 {
-    let mut z = seed.wrapping_add(j.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    Rng::output_at(seed, j)
 }
 
 #[cfg(test)]
