@@ -84,3 +84,11 @@ impl From<ddetr_launcher::bootstrap::BootstrapError> for TrainerError {
         }
     }
 }
+
+/// Unit tests that seed or draw from libtorch's process-wide generator hold this, so tests
+/// running in parallel threads cannot interleave draws (a reseeded draw must repeat exactly).
+#[cfg(test)]
+pub(crate) fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -467,6 +467,7 @@ mod tests {
 
     #[test]
     fn from_scratch_zeroes_last_norms_freezes_branches_skips_them_exactly_and_trains_the_stem() {
+        let _rng = crate::torch_rng_lock();
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
         let body = ResNetBody::new(&vs.root(), BackboneKind::Resnet18, 3, true, false, true);
@@ -510,6 +511,7 @@ mod tests {
 
     #[test]
     fn default_init_keeps_unit_norms_and_trainable_branches() {
+        let _rng = crate::torch_rng_lock();
         let vs = VarStore::new(Device::Cpu);
         let body = ResNetBody::new(&vs.root(), BackboneKind::Resnet18, 2, true, false, false);
         assert!(body.layers[1]

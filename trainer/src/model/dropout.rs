@@ -123,6 +123,7 @@ mod tests {
 
     #[test]
     fn keeps_one_minus_p_scaled_and_the_gradient_follows_the_mask() {
+        let _rng = crate::torch_rng_lock();
         tch::manual_seed(7);
         let x = Tensor::ones([1000, 1000], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let y = dropout(&x, 0.3, true);
@@ -144,6 +145,7 @@ mod tests {
 
     #[test]
     fn reseeding_reproduces_the_mask_and_neighbours_are_independent() {
+        let _rng = crate::torch_rng_lock();
         let shape = [3, 700_001];
         let draw = || {
             tch::manual_seed(11);
@@ -188,6 +190,7 @@ mod tests {
 
     #[test]
     fn double_tensors_and_p_one() {
+        let _rng = crate::torch_rng_lock();
         tch::manual_seed(3);
         let x = Tensor::ones([4097], (Kind::Double, Device::Cpu));
         let y = dropout(&x, 0.5, true);
