@@ -1,5 +1,6 @@
-//! Shared by every package of the workspace but the trainer (members point
-//! `build = "../build.rs"`; trainer/build.rs adds its C++ kernels to the same rpath logic).
+//! Shared by the workspace's packages without build steps of their own (members point
+//! `build = "../build.rs"`); trainer/build.rs and collective/build.rs include the same
+//! build/rpath.rs before their C++ and bindgen steps.
 include!("build/rpath.rs");
 
 fn main() {

@@ -1,5 +1,5 @@
 //! Build script of ddetr-collective:
-//! 1. the libtorch rpath and DDETR_LIBTORCH_LIB, as the workspace's shared ../build.rs does;
+//! 1. the libtorch rpath and DDETR_LIBTORCH_LIB (the workspace's ../build/rpath.rs);
 //! 2. NCCL bindings: bindgen over the `nccl.h` of the venv's nvidia-nccl-cu13 wheel, allowlisting
 //!    only the functions the NCCL backend calls, as a struct whose constructor opens the library at
 //!    run time (libloading), so neither the build nor CPU runs need libnccl.
@@ -11,6 +11,8 @@
 //! (<site-packages>/nvidia/nccl/include).
 
 use std::path::PathBuf;
+
+include!("../build/rpath.rs");
 
 /// The NCCL entry points the backend uses; nothing else is bound.
 const FUNCTIONS: &[&str] = &[
@@ -35,13 +37,9 @@ const SHIM_CUDA_RUNTIME: &str = "#pragma once\n#include <stddef.h>\n#include <st
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rerun-if-changed=../build/rpath.rs");
     println!("cargo:rerun-if-env-changed=DDETR_NCCL_INCLUDE");
-    let torch_lib = std::env::var("DEP_TCH_LIBTORCH_LIB").ok();
-    if let Some(lib) = &torch_lib {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-        println!("cargo:rustc-env=DDETR_LIBTORCH_LIB={lib}");
-    }
+    let torch_lib = libtorch_rpath();
 
     let include = std::env::var_os("DDETR_NCCL_INCLUDE")
         .map(PathBuf::from)
