@@ -54,6 +54,22 @@ pub enum DatasetType {
     Default,
 }
 
+/// `dataset.augmentation.eval_padding` (a ddetr key): how validation, `evaluate` and `inference`
+/// lay images out in a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalPadding {
+    /// Every image runs at its own transformed size: a batch holds images of one size only, so
+    /// detections do not depend on the batch size, the number of ranks or the other images.
+    #[default]
+    None,
+    /// TAO's padded evaluation, to reproduce TAO's numbers: every image padded to
+    /// `test_random_resize` × 1333 (orientation-aware) when `fixed_padding` is true, to a multiple
+    /// of `pad_size_divisor` when that is set, else to the batch's largest image (the official
+    /// collate). Deformable DETR's output changes with this padding.
+    Tao,
+}
+
 /// `dataset.augmentation`: the official/TAO train and test transforms.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -76,12 +92,16 @@ pub struct AugmentationConfig {
     pub random_resize_max_size: u32,
     /// Shorter side at validation/test time (longest side at most 1333).
     pub test_random_resize: u32,
-    /// Pad every image to the fixed maximum (TAO's guard against allocator growth).
+    /// Pad every training image to the fixed maximum (TAO's guard against allocator growth); in
+    /// evaluation only with `eval_padding: tao`.
     pub fixed_padding: bool,
     /// Large-scale jitter to a fixed square size (replaces the random resize/crop when set).
     pub fixed_random_crop: Option<u32>,
-    /// Pad val/test images to a multiple of this instead of the fixed padding.
+    /// Pad val/test images to a multiple of this instead of the fixed padding (with
+    /// `eval_padding: tao`).
     pub pad_size_divisor: Option<u32>,
+    /// Padding of val/test batches: `none` (every image at its own size) or `tao`.
+    pub eval_padding: EvalPadding,
 }
 
 impl Default for AugmentationConfig {
@@ -99,6 +119,7 @@ impl Default for AugmentationConfig {
             fixed_padding: true,
             fixed_random_crop: None,
             pad_size_divisor: None,
+            eval_padding: EvalPadding::None,
         }
     }
 }

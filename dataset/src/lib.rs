@@ -9,6 +9,7 @@ pub mod coco;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod eval_batches;
 pub mod image;
 pub mod inspect;
 pub mod layout;
@@ -20,5 +21,5 @@ pub mod transforms;
 mod upsample;
 
 pub use cache::{Cache, CacheOptions};
-pub use config::{AugmentationConfig, ConvertConfig, DataSource, DatasetConfig};
+pub use config::{AugmentationConfig, ConvertConfig, DataSource, DatasetConfig, EvalPadding};
 pub use error::DatasetError;

@@ -24,8 +24,9 @@ use fast_image_resize::Resizer;
 use tch::{Device, Kind, Tensor};
 
 use crate::cache::Cache;
-use crate::config::{AugmentationConfig, DatasetConfig};
+use crate::config::{AugmentationConfig, DatasetConfig, EvalPadding};
 use crate::error::{DatasetError, Result};
+use crate::eval_batches::{eval_size, size_grouped_batches};
 use crate::image::decode_rgb8;
 use crate::layout;
 use crate::rng::Rng;
@@ -197,6 +198,9 @@ struct Shared {
 pub struct Loader {
     shared: Arc<Shared>,
     sampler: DistributedSampler,
+    /// Evaluation with `eval_padding: none`: this rank's batches, grouped by transformed size
+    /// ([`crate::eval_batches`]); `None` where the sampler's batches are used as they are.
+    size_grouped: Option<Vec<crate::sampler::Batch>>,
     workers: usize,
     prefetch: usize,
 }
@@ -224,6 +228,20 @@ impl Loader {
             sampler_mode,
         )?;
         let workers = config.workers as usize;
+        let size_grouped = (mode == LoaderMode::Eval
+            && config.augmentation.eval_padding == EvalPadding::None)
+            .then(|| {
+                let images = cache.images();
+                let sized: Vec<(usize, (u32, u32))> = sampler
+                    .eval_shard()
+                    .into_iter()
+                    .map(|i| {
+                        let r = &images[i];
+                        (i, eval_size(r.width, r.height, &config.augmentation))
+                    })
+                    .collect();
+                size_grouped_batches(&sized, config.batch_size as usize)
+            });
         Ok(Self {
             shared: Arc::new(Shared {
                 cache,
@@ -232,13 +250,19 @@ impl Loader {
                 reported: Mutex::new(HashSet::new()),
             }),
             sampler,
+            size_grouped,
             workers,
             prefetch: (2 * workers).max(2),
         })
     }
 
+    /// Steps per epoch: the same on every rank in training; in padding-free evaluation, this
+    /// rank's number of size-grouped batches.
     pub fn steps_per_epoch(&self) -> usize {
-        self.sampler.steps_per_epoch()
+        match &self.size_grouped {
+            Some(b) => b.len(),
+            None => self.sampler.steps_per_epoch(),
+        }
     }
 
     pub fn sampler(&self) -> &DistributedSampler {
@@ -253,7 +277,10 @@ impl Loader {
     /// The batches of `epoch` from `start_step` (a resumed run's step offset) on, prefetched by
     /// the worker threads. Dropping the iterator stops and joins them.
     pub fn epoch(&self, epoch: u64, start_step: usize) -> EpochIter {
-        let jobs: Vec<crate::sampler::Batch> = self.sampler.batches(epoch, start_step).collect();
+        let jobs: Vec<crate::sampler::Batch> = match &self.size_grouped {
+            Some(b) => b.iter().skip(start_step).cloned().collect(),
+            None => self.sampler.batches(epoch, start_step).collect(),
+        };
         let (job_tx, job_rx) = mpsc::channel::<crate::sampler::Batch>();
         let (res_tx, res_rx) = mpsc::channel::<(usize, Result<Batch>)>();
         let job_rx = Arc::new(Mutex::new(job_rx));
@@ -422,7 +449,8 @@ fn check_augmentation(aug: &AugmentationConfig) -> Result<()> {
 }
 
 /// (height, width) an image of (h, w) is padded to before batching: its own size, or TAO's
-/// orientation-aware fixed size (`fixed_padding`), or the LSJ square.
+/// orientation-aware fixed size (`fixed_padding`; in evaluation only with `eval_padding: tao`),
+/// or the LSJ square.
 fn pad_target(h: u32, w: u32, aug: &AugmentationConfig, mode: LoaderMode) -> (u32, u32) {
     let fixed = |short: u32, long: u32| if w >= h { (short, long) } else { (long, short) };
     let (ph, pw) = match mode {
@@ -434,6 +462,7 @@ fn pad_target(h: u32, w: u32, aug: &AugmentationConfig, mode: LoaderMode) -> (u3
             ),
             None => (h, w),
         },
+        LoaderMode::Eval if aug.eval_padding == EvalPadding::None => (h, w),
         LoaderMode::Eval => match aug.pad_size_divisor {
             Some(d) => (h.div_ceil(d) * d, w.div_ceil(d) * d),
             None if aug.fixed_padding => fixed(aug.test_random_resize, EVAL_MAX_SIZE),

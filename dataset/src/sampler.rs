@@ -102,6 +102,12 @@ impl DistributedSampler {
             .collect()
     }
 
+    /// This rank's images in evaluation order without the padding repeats: positions rank,
+    /// rank + world, … of the file order.
+    pub fn eval_shard(&self) -> Vec<usize> {
+        (self.rank..self.len).step_by(self.world).collect()
+    }
+
     /// The batches of `epoch` from step `start_step` on (0 for a fresh epoch).
     pub fn batches(&self, epoch: u64, start_step: usize) -> impl Iterator<Item = Batch> + 'static {
         let indices = self.indices(epoch);

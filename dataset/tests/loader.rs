@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ddetr_dataset::cache::{self, CacheOptions};
-use ddetr_dataset::config::{AugmentationConfig, DataSource, DatasetConfig};
+use ddetr_dataset::config::{AugmentationConfig, DataSource, DatasetConfig, EvalPadding};
 use ddetr_dataset::image::decode_rgb8;
 use ddetr_dataset::loader::{Loader, LoaderMode};
 use ddetr_dataset::synth::{self, SynthOptions};
@@ -253,6 +253,13 @@ fn fixed_padding_and_size_divisor_set_the_batch_size() {
             "{size:?}"
         );
     }
+    // Evaluation pads only when asked for TAO's padded evaluation.
+    let l = Loader::new(c.clone(), &cfg, LoaderMode::Eval, 1, 0).unwrap();
+    assert_eq!(
+        l.epoch(0, 0).next().unwrap().unwrap().images.size(),
+        [2, 3, 72, 96]
+    );
+    cfg.augmentation.eval_padding = EvalPadding::Tao;
     let l = Loader::new(c.clone(), &cfg, LoaderMode::Eval, 1, 0).unwrap();
     assert_eq!(
         l.epoch(0, 0).next().unwrap().unwrap().images.size(),
@@ -389,4 +396,90 @@ fn fused_batches_equal_the_f32_reference_path() {
         }
     }
     assert!(flips > 4, "flipped images covered: {flips}");
+}
+
+/// A cache over two synthetic sets: `n` landscape 96×72 images, then `n` portrait 72×96 ones.
+fn mixed_sizes(dir: &Path, n: usize) -> Arc<ddetr_dataset::Cache> {
+    let mut sources = Vec::new();
+    for (k, (w, h)) in [(96, 72), (72, 96)].into_iter().enumerate() {
+        let d = dir.join(format!("set{k}"));
+        synth::generate(
+            &d,
+            &SynthOptions {
+                images: n,
+                width: w,
+                height: h,
+                classes: 3,
+                seed: 7 + k as u64,
+                tar: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        sources.push(DataSource {
+            image_dir: d.join("images").display().to_string(),
+            json_file: d.join("annotations.json").display().to_string(),
+        });
+    }
+    Arc::new(
+        cache::ensure(
+            &sources,
+            &CacheOptions {
+                path: Some(dir.join("mixed.ddetr-cache")),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
+}
+
+#[test]
+fn padding_free_eval_batches_hold_one_size_and_cover_every_image_once_per_world() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = mixed_sizes(tmp.path(), 5);
+    let mut cfg = config(3, 2);
+    cfg.augmentation.test_random_resize = 72;
+    for world in [1, 2, 3] {
+        let mut seen = Vec::new();
+        for rank in 0..world {
+            let l = Loader::new(c.clone(), &cfg, LoaderMode::Eval, world, rank).unwrap();
+            let batches: Vec<_> = l.epoch(0, 0).map(|b| b.unwrap()).collect();
+            assert_eq!(batches.len(), l.steps_per_epoch());
+            for b in batches {
+                assert!(!b.has_padding, "world {world} rank {rank}: a padded batch");
+                assert_eq!(
+                    b.mask.any().int64_value(&[]),
+                    0,
+                    "the mask marks no padding"
+                );
+                assert_eq!(b.padding, 0, "no repeated images");
+                let [_, _, h, w] = b.images.size()[..] else {
+                    unreachable!()
+                };
+                assert!(b.targets.iter().all(|t| t.size == [h, w]));
+                assert!(b.targets.len() <= 3);
+                seen.extend(b.indices);
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>(), "world {world}");
+    }
+    // One rank, batch 3: the five landscape images in two batches, then the five portrait ones.
+    let l = Loader::new(c.clone(), &cfg, LoaderMode::Eval, 1, 0).unwrap();
+    let sizes: Vec<(Vec<usize>, Vec<i64>)> = l
+        .epoch(0, 0)
+        .map(|b| {
+            let b = b.unwrap();
+            (b.indices, b.images.size())
+        })
+        .collect();
+    assert_eq!(
+        sizes,
+        [
+            (vec![0, 1, 2], vec![3, 3, 72, 96]),
+            (vec![3, 4], vec![2, 3, 72, 96]),
+            (vec![5, 6, 7], vec![3, 3, 96, 72]),
+            (vec![8, 9], vec![2, 3, 96, 72]),
+        ]
+    );
 }
