@@ -3,6 +3,8 @@
 //! model configurations the fixtures were made with.
 #![allow(dead_code)]
 
+pub mod e2e;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -84,6 +86,35 @@ pub fn fill_model(vs: &VarStore) {
     }
 }
 
+/// Rows and vectors the `.pth` checkpoint fixtures' tensors are views of (mirror of
+/// `make_checkpoint_fixtures.py`).
+const PTH_ROWS: usize = 128;
+const PTH_VECS: usize = 1024;
+
+/// The value of official key `key` in the `.pth` checkpoint fixtures (mirror of `pth_fill` in
+/// `tests/golden/make_checkpoint_fixtures.py`): with two or more dims one row of
+/// `0.05 · hash_uniform("fixture.rows")` repeated (stride 0), a vector a slice of
+/// `1 + 0.05 · hash_uniform("fixture.vectors")`, at an offset from the key's hash.
+pub fn pth_fill(key: &str, shape: &[i64]) -> Tensor {
+    let h = u64::from(fnv1a32(key));
+    if shape.len() >= 2 {
+        let base: Vec<f32> = hash_uniform("fixture.rows", PTH_ROWS)
+            .iter()
+            .map(|x| (0.05 * x) as f32)
+            .collect();
+        let row = shape[shape.len() - 1];
+        let off = (h % (PTH_ROWS as u64 - row as u64 + 1)) as i64;
+        let row = Tensor::from_slice(&base).narrow(0, off, row);
+        return row.expand(shape, false).contiguous();
+    }
+    let base: Vec<f32> = hash_uniform("fixture.vectors", PTH_VECS)
+        .iter()
+        .map(|x| (1.0 + 0.05 * x) as f32)
+        .collect();
+    let off = (h % (PTH_VECS as u64 - shape[0] as u64 + 1)) as i64;
+    Tensor::from_slice(&base).narrow(0, off, shape[0])
+}
+
 /// The fixture configurations: ResNet-18, d 32, 8 heads, 2+2 layers, FFN 64, 12 queries,
 /// 4 encoder / 2 decoder points, 5 classes.
 pub fn model_config(levels: u32, refine: bool, two_stage: bool) -> ModelConfig {
@@ -149,4 +180,15 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .abs()
         .max()
         .double_value(&[])
+}
+
+/// `hash_uniform(key, numel)` of the fixture scripts as an f32 tensor of `shape` (values in
+/// [-1, 1), exact in f32): deterministic inputs a fixture need not store.
+pub fn hash_uniform_tensor(key: &str, shape: &[i64]) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let v: Vec<f32> = hash_uniform(key, n as usize)
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
+    Tensor::from_slice(&v).reshape(shape)
 }
