@@ -7,8 +7,8 @@ use anyhow::Context as _;
 use ddetr_trainer::export::{self, ExportError, ExportOptions};
 use ddetr_trainer::model::deformable_detr::DetrConfig;
 use ddetr_trainer::model::DeformableDetr;
+use ddetr_trainer::model_checkpoint;
 use ddetr_trainer::spec::Task;
-use ddetr_trainer::weights::{self, LoadMode};
 use ddetr_trainer::TrainerError;
 use tch::nn::VarStore;
 use tch::Device;
@@ -53,19 +53,14 @@ pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
         .map_err(|err| UsageError(err.to_string()))?;
     let vs = VarStore::new(Device::Cpu);
     let model = DeformableDetr::new(&vs.root(), config);
-    let report =
-        weights::load_file(&vs, &checkpoint, LoadMode::Strict).map_err(|err| match err {
-            // The checkpoint is of another model than the spec describes: the user's to fix.
-            TrainerError::ShapeMismatch { .. } | TrainerError::MissingKeys { .. } => {
-                anyhow::Error::new(UsageError(err.to_string()))
-            }
-            other => anyhow::Error::new(other),
-        })?;
-    tracing::info!(
-        loaded = report.loaded,
-        unexpected = report.unexpected.len(),
-        "checkpoint loaded"
-    );
+    // Any published layout (ddetr, official .pth, transformers, TAO); logs what it loaded.
+    model_checkpoint::load_for_task(&vs, &checkpoint).map_err(|err| match err {
+        // The checkpoint is of another model than the spec describes: the user's to fix.
+        TrainerError::ShapeMismatch { .. }
+        | TrainerError::MissingKeys { .. }
+        | TrainerError::UnexpectedKeys { .. } => anyhow::Error::new(UsageError(err.to_string())),
+        other => anyhow::Error::new(other),
+    })?;
     let bytes = export::export_file(&model, &opts, &onnx_file)
         .map_err(|err| match err {
             ExportError::Write { .. } => anyhow::Error::new(err),

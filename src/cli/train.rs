@@ -10,10 +10,14 @@ use super::spec::resolve;
 use super::SpecArgs;
 use crate::exit::{UsageError, SIGNAL_BASE};
 
-/// A spec/input problem exits 2, anything else 1.
+/// A spec/input problem exits 2, anything else 1. A checkpoint of another model than the spec
+/// describes is the spec's (or the checkpoint's) to fix.
 pub(super) fn classify(e: TrainerError) -> anyhow::Error {
     match e {
         TrainerError::Config(m) => UsageError(m).into(),
+        e @ (TrainerError::ShapeMismatch { .. }
+        | TrainerError::MissingKeys { .. }
+        | TrainerError::UnexpectedKeys { .. }) => UsageError(e.to_string()).into(),
         TrainerError::Dataset(ddetr_dataset::DatasetError::InvalidArgument(m)) => {
             UsageError(m).into()
         }

@@ -3,13 +3,15 @@
 //! Hungarian matcher ([`matcher`], with an exact port of scipy's assignment solver in [`lsa`]),
 //! the criterion ([`criterion`]), post-processing ([`post_process`]), weight loading/saving
 //! under official keys with the transformers key map ([`weights`], reading `torch.save` archives
-//! through [`torch_pickle`]), the tasks ([`train`], [`inference`]) with their progress display
+//! through [`torch_pickle`]), the checkpoints the tasks take in every published layout
+//! ([`model_checkpoint`]), the tasks ([`train`], [`inference`]) with their progress display
 //! ([`progress`]) and PNG curves ([`plot`]), and the training-step benchmark ([`mod@bench`]).
 //!
 //! Numerics are pinned by golden fixtures: `tests/golden/make_model_fixtures.py` (transformers'
 //! Deformable DETR set to the official semantics, plus the official criterion and scipy's
-//! matcher), `make_lsa_fixtures.py` and `make_pth_fixture.py`; run them with the peers venv
-//! (`$(/work/shared/peers/venv.sh) trainer/tests/golden/<script>`) to regenerate.
+//! matcher), `make_lsa_fixtures.py`, `make_pth_fixture.py` and `make_checkpoint_fixtures.py`;
+//! run them with the peers venv (`$(/work/shared/peers/venv.sh) trainer/tests/golden/<script>`)
+//! to regenerate.
 
 pub mod amp;
 pub mod bench;
@@ -21,9 +23,11 @@ pub mod device_memory;
 pub mod engine;
 pub mod export;
 pub mod inference;
+pub mod input_sizes;
 pub mod lsa;
 pub mod matcher;
 pub mod model;
+pub mod model_checkpoint;
 pub mod optim;
 pub mod plot;
 pub mod post_process;
@@ -54,6 +58,15 @@ pub enum TrainerError {
     },
     #[error("weights {path} lack {count} model tensors (first: {first}): {hint}")]
     MissingKeys {
+        path: String,
+        count: usize,
+        first: String,
+        hint: String,
+    },
+    #[error(
+        "weights {path} hold {count} tensors the model has no place for (first: {first}): {hint}"
+    )]
+    UnexpectedKeys {
         path: String,
         count: usize,
         first: String,

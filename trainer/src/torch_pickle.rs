@@ -2,10 +2,12 @@
 //! program in `<archive>/data.pkl` is interpreted by a small stack machine that knows the
 //! opcodes `torch.save` emits (protocol 2) and the few globals a state dict uses
 //! (`torch._utils._rebuild_tensor_v2`, `_rebuild_parameter`, `collections.OrderedDict`, typed
-//! storages); any other object (e.g. the `argparse.Namespace` of an official checkpoint's
-//! `args`) becomes an opaque value. Tensors are rebuilt from `<archive>/data/<key>` with their
-//! storage offset, size and stride. libtorch's own `pickle_load` rejects such files (it needs
-//! TorchScript types), hence this reader.
+//! storages); any other object (the `argparse.Namespace` of an official checkpoint's `args`, the
+//! OmegaConf `hyper_parameters` and the loop and callback states of a Lightning checkpoint) becomes
+//! an opaque value. Tensors are rebuilt from `<archive>/data/<key>` with their storage offset,
+//! size and stride (a broadcast view, stride 0, comes back as the full tensor), and only those of
+//! the state dict picked are read: a Lightning checkpoint's optimizer state stays on disk.
+//! libtorch's own `pickle_load` rejects such files (it needs TorchScript types), hence this reader.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -14,6 +16,16 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use crate::TrainerError;
+
+/// A tensor of the archive, read from its storage only when the state dict is collected.
+#[derive(Debug, Clone)]
+struct TensorRef {
+    kind: Kind,
+    storage: String,
+    offset: i64,
+    size: Vec<i64>,
+    stride: Vec<i64>,
+}
 
 /// A pickled value.
 #[derive(Debug)]
@@ -32,7 +44,7 @@ enum Value {
         kind: Kind,
         key: String,
     },
-    Tensor(Tensor),
+    Tensor(TensorRef),
     /// An object this reader does not model.
     Opaque(String),
     Mark,
@@ -59,7 +71,7 @@ impl Value {
                 kind: *kind,
                 key: key.clone(),
             },
-            Value::Tensor(t) => Value::Tensor(t.shallow_clone()),
+            Value::Tensor(t) => Value::Tensor(t.clone()),
             Value::Opaque(s) => Value::Opaque(s.clone()),
             Value::Mark => Value::Mark,
         }
@@ -99,7 +111,6 @@ struct Unpickler<'a> {
     pos: usize,
     stack: Vec<Value>,
     memo: HashMap<u32, Value>,
-    storages: &'a mut dyn FnMut(&str, Kind) -> Result<Tensor, String>,
 }
 
 impl Unpickler<'_> {
@@ -178,12 +189,13 @@ impl Unpickler<'_> {
                 else {
                     return Err(format!("unexpected arguments to {module}.{name}"));
                 };
-                let storage = (self.storages)(key, *kind)?;
-                Value::Tensor(
-                    storage
-                        .as_strided(size.as_slice(), stride.as_slice(), *offset)
-                        .contiguous(),
-                )
+                Value::Tensor(TensorRef {
+                    kind: *kind,
+                    storage: key.clone(),
+                    offset: *offset,
+                    size,
+                    stride,
+                })
             }
             ("torch._utils", "_rebuild_parameter")
             | ("torch._utils", "_rebuild_parameter_with_state") => match args.into_iter().next() {
@@ -433,7 +445,7 @@ impl Unpickler<'_> {
 }
 
 /// Collects `prefix + key → tensor` from nested dicts.
-fn collect(v: Value, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+fn collect(v: Value, prefix: &str, out: &mut Vec<(String, TensorRef)>) {
     if let Value::Dict(pairs) = v {
         for (k, x) in pairs {
             let key = match k {
@@ -450,9 +462,25 @@ fn collect(v: Value, prefix: &str, out: &mut Vec<(String, Tensor)>) {
     }
 }
 
+/// The state dict of a `torch.save` archive and where in the archive it was.
+#[derive(Debug)]
+pub struct ArchiveStateDict {
+    /// The top-level entry holding the tensors: `model` (official checkpoints), `state_dict`
+    /// (Lightning), or `None` when the archive is the state dict itself.
+    pub container: Option<&'static str>,
+    /// The names of the top-level entries (`epoch`, `args`, `pytorch-lightning_version`, …).
+    pub top_level: Vec<String>,
+    pub tensors: Vec<(String, Tensor)>,
+}
+
 /// Reads the model state dict of a `torch.save` archive: the `model` (official checkpoints),
 /// `state_dict` or top-level dict of tensors.
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, TrainerError> {
+    read_archive(path).map(|a| a.tensors)
+}
+
+/// [`read_state_dict`], saying which entry of the archive held the tensors.
+pub fn read_archive(path: &Path) -> Result<ArchiveStateDict, TrainerError> {
     let err = |reason: String| TrainerError::ReadWeights {
         path: path.display().to_string(),
         reason,
@@ -474,50 +502,97 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, TrainerErro
         .map_err(|e| err(e.to_string()))?
         .read_to_end(&mut data)
         .map_err(|e| err(e.to_string()))?;
-    let mut cache: HashMap<String, Tensor> = HashMap::new();
-    let mut storages = |key: &str, kind: Kind| -> Result<Tensor, String> {
-        if let Some(t) = cache.get(key) {
-            return Ok(t.shallow_clone());
-        }
-        let mut bytes = Vec::new();
-        zip.by_name(&format!("{prefix}data/{key}"))
-            .map_err(|e| format!("storage {key}: {e}"))?
-            .read_to_end(&mut bytes)
-            .map_err(|e| format!("storage {key}: {e}"))?;
-        let elem = kind.elt_size_in_bytes();
-        let t = Tensor::from_data_size(&bytes, &[(bytes.len() / elem) as i64], kind);
-        cache.insert(key.to_string(), t.shallow_clone());
-        Ok(t)
-    };
     let mut up = Unpickler {
         data: &data,
         pos: 0,
         stack: Vec::new(),
         memo: HashMap::new(),
-        storages: &mut storages,
     };
     let root = up.run().map_err(err)?;
-    let root = match root {
-        Value::Dict(pairs) => {
-            let mut pairs = pairs;
-            let pick = ["model", "state_dict"].iter().find_map(|want| {
-                pairs.iter().position(|(k, v)| {
-                    matches!(k, Value::Str(s) if s == want) && matches!(v, Value::Dict(_))
-                })
-            });
-            match pick {
-                Some(i) => pairs.swap_remove(i).1,
-                None => Value::Dict(pairs),
-            }
-        }
-        _ => return Err(err("the archive does not hold a dict".into())),
+    let Value::Dict(mut pairs) = root else {
+        return Err(err("the archive does not hold a dict".into()));
     };
-    let mut out = Vec::new();
-    collect(root, "", &mut out);
-    if out.is_empty() {
+    let top_level: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, _)| match k {
+            Value::Str(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    let pick = CONTAINERS.iter().find_map(|want| {
+        pairs
+            .iter()
+            .position(|(k, v)| {
+                matches!(k, Value::Str(s) if s == want) && matches!(v, Value::Dict(_))
+            })
+            .map(|i| (*want, i))
+    });
+    let (container, root) = match pick {
+        Some((name, i)) => (Some(name), pairs.swap_remove(i).1),
+        None => (None, Value::Dict(pairs)),
+    };
+    let mut refs = Vec::new();
+    collect(root, "", &mut refs);
+    if refs.is_empty() {
         return Err(err(
             "no tensors found in the checkpoint's model/state_dict".into()
         ));
     }
-    Ok(out)
+    let mut storages: HashMap<String, Tensor> = HashMap::new();
+    let mut tensors = Vec::with_capacity(refs.len());
+    for (name, r) in refs {
+        let storage = match storages.get(&r.storage) {
+            Some(t) => t.shallow_clone(),
+            None => {
+                let t = read_storage(&mut zip, &format!("{prefix}data/{}", r.storage), r.kind)
+                    .map_err(|e| err(format!("storage {}: {e}", r.storage)))?;
+                storages.insert(r.storage.clone(), t.shallow_clone());
+                t
+            }
+        };
+        let numel = storage.numel() as i64;
+        let last = r.offset
+            + r.size
+                .iter()
+                .zip(&r.stride)
+                .map(|(n, s)| (n - 1).max(0) * s)
+                .sum::<i64>();
+        let empty = r.size.contains(&0);
+        if !empty && (r.offset < 0 || r.stride.iter().any(|s| *s < 0) || last >= numel) {
+            return Err(err(format!(
+                "tensor {name} reaches past its storage ({numel} elements)"
+            )));
+        }
+        let t = storage
+            .as_strided(r.size.as_slice(), r.stride.as_slice(), r.offset)
+            .contiguous();
+        tensors.push((name, t));
+    }
+    Ok(ArchiveStateDict {
+        container,
+        top_level,
+        tensors,
+    })
+}
+
+/// The top-level entries that hold a checkpoint's state dict, in order of preference.
+const CONTAINERS: [&str; 2] = ["model", "state_dict"];
+
+/// One storage record of the archive as a flat tensor of `kind`.
+fn read_storage(
+    zip: &mut zip::ZipArchive<std::fs::File>,
+    name: &str,
+    kind: Kind,
+) -> Result<Tensor, String> {
+    let mut bytes = Vec::new();
+    zip.by_name(name)
+        .map_err(|e| e.to_string())?
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    let elem = kind.elt_size_in_bytes();
+    Ok(Tensor::from_data_size(
+        &bytes,
+        &[(bytes.len() / elem) as i64],
+        kind,
+    ))
 }

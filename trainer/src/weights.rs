@@ -25,6 +25,10 @@
 //! | decoder `self_attn.out_proj` (v4), `self_attn.o_proj` (v5) | `self_attn.out_proj`                    |
 //! | `class_embed.*`, `bbox_embed.*`                         | unchanged                                  |
 //! | `model.decoder.bbox_embed.*`, `model.decoder.class_embed.*` | aliases of the heads (skipped)         |
+//!
+//! `evaluate`, `inference` and `export` load whole-model checkpoints through
+//! [`crate::model_checkpoint`], which recognises every published layout (ddetr, official,
+//! transformers, TAO Lightning) on top of this map and names the spec field a mismatch calls for.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
