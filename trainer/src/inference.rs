@@ -17,17 +17,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
-use ddetr_dataset::image::{decode_rgb8, Rgb8};
+use ddetr_dataset::eval_batches::{eval_size, group_by_size};
+use ddetr_dataset::image::{decode_rgb8, probe, Rgb8};
 use ddetr_dataset::loader::{collate, LoaderMode, Meta};
 use ddetr_dataset::transforms::{self, Sample};
+use ddetr_dataset::{AugmentationConfig, EvalPadding};
 use fast_image_resize::Resizer;
 use image::RgbImage;
 use tch::Device;
 
-use crate::checkpoint;
+use crate::input_sizes::InputSizes;
 use crate::post_process::post_process;
 use crate::spec::{ExperimentSpec, Task};
-use crate::train::{build_model, load_model_tensors, pick_device};
+use crate::train::{build_model, pick_device};
 use crate::TrainerError;
 
 /// Image extensions inference reads (TAO's `VALID_IMAGE_EXTENSIONS` that the decoders handle),
@@ -278,7 +280,7 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
         .filter(|p| !p.is_empty())
         .ok_or_else(|| {
             TrainerError::Config(
-                "inference.checkpoint is not set: pass inference.checkpoint=<results>/train/dd_model_latest.safetensors".into(),
+                "inference.checkpoint is not set: pass inference.checkpoint=<results>/train/dd_model_latest.safetensors; an official .pth, a transformers model.safetensors/pytorch_model.bin or a TAO .pth works too".into(),
             )
         })?;
     let ckpt = Path::new(ckpt);
@@ -334,8 +336,7 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
 
     let device = pick_device(0)?;
     let built = build_model(spec, device, 0)?;
-    let ck = checkpoint::load(ckpt)?;
-    load_model_tensors(&built, &ck.tensors, &ck.path)?;
+    crate::model_checkpoint::load_for_task(&built.vs, ckpt)?;
     let painter = Painter {
         font: FontRef::try_from_slice(dejavu::sans::regular()).map_err(|e| {
             TrainerError::Io(format!("the embedded DejaVu font is unreadable: {e}"))
@@ -345,26 +346,30 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
     };
     let aug = &spec.dataset.augmentation;
     let mut resizer = Resizer::new();
-    let batch = spec.dataset.batch_size.max(1) as usize;
+    let batches = batches(&images, aug, spec.dataset.batch_size.max(1) as usize)?;
     let mut detections = 0usize;
-    for (step, chunk) in images.chunks(batch).enumerate() {
+    let mut done = 0usize;
+    let mut sizes_seen = InputSizes::default();
+    for (step, chunk) in batches.iter().enumerate() {
+        let chunk: Vec<&PathBuf> = chunk.iter().map(|&i| &images[i]).collect();
         let mut originals = Vec::with_capacity(chunk.len());
         let mut samples = Vec::with_capacity(chunk.len());
         for (k, path) in chunk.iter().enumerate() {
-            let bytes = std::fs::read(path)
-                .map_err(|e| TrainerError::Io(format!("cannot read {}: {e}", path.display())))?;
-            let rgb = decode_rgb8(&bytes, &path.display().to_string())?;
+            let rgb = decode_rgb8(&read(path)?, &path.display().to_string())?;
             let mut s = Sample::new(rgb.clone(), Vec::new(), Vec::new());
             transforms::eval(&mut s, aug, &mut resizer);
             let meta = Meta {
-                index: step * batch + k,
-                image_id: (step * batch + k) as i64,
+                index: done + k,
+                image_id: (done + k) as i64,
                 orig_size: [i64::from(rgb.height), i64::from(rgb.width)],
             };
             originals.push(rgb);
             samples.push((s, meta));
         }
         let b = collate(&samples, aug, LoaderMode::Eval, step, 0);
+        let shape = b.images.size();
+        let own: Vec<[i64; 2]> = b.targets.iter().map(|t| t.size).collect();
+        sizes_seen.record(shape[2], shape[3], &own);
         let dets = tch::no_grad(|| {
             let x = b.normalized(device);
             let out = built.model.forward(&x, &b.mask.to_device(device), false);
@@ -413,18 +418,50 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
             write_outputs(path, rgb, &kept, &painter, &labels_dir, &images_dir)?;
             detections += kept.len();
         }
-        tracing::info!(
-            "inference: {}/{} images",
-            (step * batch + chunk.len()),
-            images.len()
-        );
+        done += chunk.len();
+        tracing::info!("inference: {done}/{} images", images.len());
     }
+    tracing::info!(
+        "inference: {} ({})",
+        sizes_seen.summary(),
+        crate::train::eval_padding_name(aug)
+    );
     Ok(InferenceOutcome {
         images: images.len(),
         detections,
         labels_dir,
         images_dir,
     })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TrainerError> {
+    std::fs::read(path)
+        .map_err(|e| TrainerError::Io(format!("cannot read {}: {e}", path.display())))
+}
+
+/// The batches (indices into `images`) inference runs: with `eval_padding: none` grouped by
+/// transformed size (read from each file's header) so no image is padded; with `tao` in file
+/// order, as TAO batches them.
+fn batches(
+    images: &[PathBuf],
+    aug: &AugmentationConfig,
+    batch_size: usize,
+) -> Result<Vec<Vec<usize>>, TrainerError> {
+    if aug.eval_padding == EvalPadding::Tao {
+        let all: Vec<usize> = (0..images.len()).collect();
+        return Ok(all.chunks(batch_size).map(<[usize]>::to_vec).collect());
+    }
+    let mut sized = Vec::with_capacity(images.len());
+    for (i, path) in images.iter().enumerate() {
+        let info = probe(&read(path)?).map_err(|reason| {
+            TrainerError::Io(format!(
+                "{} is not a readable image ({reason}): remove it from the image folder or replace it",
+                path.display()
+            ))
+        })?;
+        sized.push((i, eval_size(info.width, info.height, aug)));
+    }
+    Ok(group_by_size(&sized, batch_size))
 }
 
 /// Writes `labels/<stem>.txt` and `images_annotated/<file name>` for one image.

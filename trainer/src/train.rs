@@ -27,6 +27,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::coco_eval::{self, CocoStats, Detection};
 use crate::criterion::{local_num_boxes, normalizer, SetCriterion};
+use crate::input_sizes::InputSizes;
 use crate::matcher::Target;
 use crate::model::deformable_detr::DetrConfig;
 use crate::model::DeformableDetr;
@@ -268,7 +269,8 @@ fn targets_of(batch: &Batch, device: Device) -> Vec<Target> {
 }
 
 /// Runs the model over this rank's shard of `loader` (eval mode) and gathers every rank's
-/// detections (padding entries excluded) on every rank.
+/// detections (padding entries excluded) on every rank; also returns the input sizes this rank
+/// ran at.
 pub fn predict(
     model: &DeformableDetr,
     loader: &Loader,
@@ -276,11 +278,16 @@ pub fn predict(
     num_select: i64,
     conf_threshold: f64,
     device: Device,
-) -> Result<Vec<Detection>, TrainerError> {
+) -> Result<(Vec<Detection>, InputSizes), TrainerError> {
     let mut rows: Vec<f64> = Vec::new();
+    let mut sizes_seen = InputSizes::default();
     tch::no_grad(|| -> Result<(), TrainerError> {
         for batch in loader.epoch(0, 0) {
             let batch = batch?;
+            let real = batch.targets.len() - batch.padding;
+            let shape = batch.images.size();
+            let own: Vec<[i64; 2]> = batch.targets[..real].iter().map(|t| t.size).collect();
+            sizes_seen.record(shape[2], shape[3], &own);
             let images = batch.normalized(device);
             let out = model.forward(&images, &batch.mask.to_device(device), false);
             let last = out.last();
@@ -296,7 +303,6 @@ pub fn predict(
                 num_select,
                 conf_threshold,
             );
-            let real = batch.targets.len() - batch.padding;
             for (t, d) in batch.targets.iter().zip(dets).take(real) {
                 let scores: Vec<f32> = Vec::try_from(&d.scores.to_device(Device::Cpu))?;
                 let labels: Vec<i64> = Vec::try_from(&d.labels.to_device(Device::Cpu))?;
@@ -321,10 +327,11 @@ pub fn predict(
         Ok(())
     })?;
     let rows = gather_rows(comm, rows)?;
-    Ok(rows
+    let dets = rows
         .chunks_exact(Detection::COLS)
         .map(Detection::from_row)
-        .collect())
+        .collect();
+    Ok((dets, sizes_seen))
 }
 
 /// All-gathers variable-length f64 rows: sizes first, then the rows padded to the largest.
@@ -745,7 +752,7 @@ pub fn train(
         let mut map = None;
         if let (true, Some((_, vloader))) = (validate, &val) {
             let t0 = Instant::now();
-            let dets = predict(
+            let (dets, _) = predict(
                 &built.model,
                 vloader,
                 comm,
@@ -821,6 +828,24 @@ pub fn fmt_secs(s: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
 }
 
+/// How evaluation lays out its batches, for the log: `dataset.augmentation.eval_padding` and,
+/// for TAO's, what the padding goes to.
+pub fn eval_padding_name(aug: &ddetr_dataset::AugmentationConfig) -> String {
+    use ddetr_dataset::EvalPadding;
+    match (aug.eval_padding, aug.pad_size_divisor, aug.fixed_padding) {
+        (EvalPadding::None, ..) => "eval_padding none: each image at its own size".into(),
+        (EvalPadding::Tao, Some(d), _) => format!("eval_padding tao: padded to multiples of {d}"),
+        (EvalPadding::Tao, None, true) => format!(
+            "eval_padding tao: padded to {}x{} (fixed_padding)",
+            aug.test_random_resize,
+            ddetr_dataset::transforms::EVAL_MAX_SIZE
+        ),
+        (EvalPadding::Tao, None, false) => {
+            "eval_padding tao: padded to the batch's largest image".into()
+        }
+    }
+}
+
 /// What `ddetr evaluate` produced.
 #[derive(Debug, Clone)]
 pub struct EvalOutcome {
@@ -839,7 +864,7 @@ pub fn evaluate(spec: &ExperimentSpec, world: &World) -> Result<Option<EvalOutco
         .checkpoint
         .as_deref()
         .filter(|p| !p.is_empty())
-        .ok_or_else(|| TrainerError::Config("evaluate.checkpoint is not set: pass evaluate.checkpoint=<results>/train/dd_model_latest.safetensors".into()))?;
+        .ok_or_else(|| TrainerError::Config("evaluate.checkpoint is not set: pass evaluate.checkpoint=<results>/train/dd_model_latest.safetensors; an official .pth, a transformers model.safetensors/pytorch_model.bin or a TAO .pth works too".into()))?;
     let dir = spec.task_results_dir(Task::Evaluate);
     check_writable(&dir)?;
     let cache = Arc::new(ensure_split(
@@ -856,9 +881,8 @@ pub fn evaluate(spec: &ExperimentSpec, world: &World) -> Result<Option<EvalOutco
         rank,
     )?;
     let built = build_model(spec, device, 0)?;
-    let ck = checkpoint::load(Path::new(ckpt))?;
-    load_model_tensors(&built, &ck.tensors, &ck.path)?;
-    let dets = predict(
+    crate::model_checkpoint::load_for_task(&built.vs, Path::new(ckpt))?;
+    let (dets, sizes_seen) = predict(
         &built.model,
         &loader,
         comm,
@@ -866,6 +890,11 @@ pub fn evaluate(spec: &ExperimentSpec, world: &World) -> Result<Option<EvalOutco
         spec.evaluate.conf_threshold,
         device,
     )?;
+    tracing::info!(
+        "evaluate: {} ({})",
+        sizes_seen.summary(),
+        eval_padding_name(&spec.dataset.augmentation)
+    );
     if rank != 0 {
         return Ok(None);
     }

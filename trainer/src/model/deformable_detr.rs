@@ -7,7 +7,7 @@ use tch::{Device, Tensor};
 
 use super::backbone::{resize_mask, Backbone, EXTRA_LEVEL_INDEX};
 use super::deformable_transformer::{
-    DecoderHeads, DeformableTransformer, EncoderInputs, TransformerConfig,
+    DecoderHeads, DeformableTransformer, EncoderInputs, TransformerConfig, TransformerOutput,
 };
 use super::position_encoding::PositionEmbeddingSine;
 use super::{default_bias, default_weight, inverse_sigmoid, linear, xavier_uniform};
@@ -399,15 +399,26 @@ impl DeformableDetr {
         self.transformer.encoder_inputs(&srcs, &masks, &pos)
     }
 
-    /// The decoder and the detection heads on the encoder's output.
-    pub fn decode(&self, memory: &Tensor, inputs: &EncoderInputs, train: bool) -> DetrOutput {
-        let out = self.transformer.decode(
+    /// The decoder on the encoder's output: every layer's hidden state and reference points
+    /// (and the two-stage proposals), before the detection heads.
+    pub fn decoder_states(
+        &self,
+        memory: &Tensor,
+        inputs: &EncoderInputs,
+        train: bool,
+    ) -> TransformerOutput {
+        self.transformer.decode(
             memory,
             inputs,
             self.query_embed.as_ref(),
             &self.heads,
             train,
-        );
+        )
+    }
+
+    /// The decoder and the detection heads on the encoder's output.
+    pub fn decode(&self, memory: &Tensor, inputs: &EncoderInputs, train: bool) -> DetrOutput {
+        let out = self.decoder_states(memory, inputs, train);
         let mut layers = Vec::with_capacity(self.transformer.decoder.len());
         for lvl in 0..out.hs.size()[0] {
             let reference = if lvl == 0 {
