@@ -545,7 +545,7 @@ pub fn ensure(sources: &[DataSource], opts: &CacheOptions) -> Result<Cache> {
                     None
                 }
             },
-            Err(DatasetError::Io { source, .. })
+            Err(DatasetError::Io { error: source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
                 None
@@ -622,15 +622,16 @@ pub fn build(sources: &[DataSource], path: &Path, opts: &CacheOptions) -> Result
             SourceKind::Dir
         };
         let images_stamp = Stamp::of(&image_dir).map_err(|e| match e {
-            DatasetError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
-                DatasetError::BadSource {
-                    path,
-                    message: format!(
-                        "image_dir does not exist (listed with {})",
-                        json_file.display()
-                    ),
-                }
-            }
+            DatasetError::Io {
+                path,
+                error: source,
+            } if source.kind() == std::io::ErrorKind::NotFound => DatasetError::BadSource {
+                path,
+                message: format!(
+                    "image_dir does not exist (listed with {})",
+                    json_file.display()
+                ),
+            },
             other => other,
         })?;
         if kind == SourceKind::Dir {

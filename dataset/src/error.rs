@@ -8,10 +8,10 @@ pub const FIRST_FEW: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
-    #[error("{}: {source}", .path.display())]
+    #[error("{}: {error}", .path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("{}: malformed JSON at line {line} column {column}: {message}", .path.display())]
@@ -110,10 +110,10 @@ pub enum DatasetError {
 }
 
 impl DatasetError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }

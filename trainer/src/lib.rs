@@ -81,7 +81,7 @@ pub enum TrainerError {
     Config(String),
     #[error("{0}")]
     Io(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Dataset(#[from] ddetr_dataset::DatasetError),
     #[error("{0}")]
     Collective(#[from] ddetr_collective::CollectiveError),

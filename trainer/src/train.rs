@@ -867,6 +867,9 @@ pub fn evaluate(spec: &ExperimentSpec, world: &World) -> Result<Option<EvalOutco
         .ok_or_else(|| TrainerError::Config("evaluate.checkpoint is not set: pass evaluate.checkpoint=<results>/train/dd_model_latest.safetensors; an official .pth, a transformers model.safetensors/pytorch_model.bin or a TAO .pth works too".into()))?;
     let dir = spec.task_results_dir(Task::Evaluate);
     check_writable(&dir)?;
+    // The checkpoint first: a wrong one is reported before the dataset cache is built.
+    let built = build_model(spec, device, 0)?;
+    crate::model_checkpoint::load_for_task(&built.vs, Path::new(ckpt))?;
     let cache = Arc::new(ensure_split(
         &spec.dataset,
         Split::Test,
@@ -880,8 +883,6 @@ pub fn evaluate(spec: &ExperimentSpec, world: &World) -> Result<Option<EvalOutco
         comm.world(),
         rank,
     )?;
-    let built = build_model(spec, device, 0)?;
-    crate::model_checkpoint::load_for_task(&built.vs, Path::new(ckpt))?;
     let (dets, sizes_seen) = predict(
         &built.model,
         &loader,
