@@ -533,3 +533,51 @@ fn each_bad_input_is_one_line_before_the_first_step() {
         );
     }
 }
+
+#[test]
+fn a_time_budget_fits_the_epochs_to_the_throughput_and_ends_validated_inside_it() {
+    let _serial = serial();
+    let dir = workdir();
+    let d = dir.path();
+    let budget_s = 24.0;
+    let t = Instant::now();
+    let err = ok(
+        d,
+        &args(
+            "train",
+            "budget",
+            &["train.max_minutes=0.4", "train.num_epochs=1"],
+        ),
+    );
+    let wall = t.elapsed().as_secs_f64();
+    // The budget runs from the start of training; loading libtorch, the caches and the model
+    // come before it.
+    assert!(
+        wall < budget_s + 15.0,
+        "a {budget_s} s budget took {wall:.1} s end to end:\n{err}"
+    );
+    assert!(
+        err.contains("train.max_minutes 0.4: ") && err.contains(" epochs, lr steps "),
+        "the fitted schedule is logged:\n{err}"
+    );
+    let status = d.join("budget/train/status.json");
+    let k = kpis(&status);
+    assert!(
+        k.len() > 1,
+        "more than train.num_epochs=1 epoch fits in {budget_s} s of 6 tiny steps each: {k:?}"
+    );
+    let last = k.last().unwrap();
+    assert!(last.get("val_mAP").is_some(), "the last epoch is validated");
+    assert_eq!(
+        last["epoch"].as_u64().unwrap() + 1,
+        last["max_epoch"].as_u64().unwrap(),
+        "the run ends at its fitted length"
+    );
+    assert!(std::fs::read_to_string(&status)
+        .unwrap()
+        .contains("Train finished successfully."));
+    let meta = checkpoint::load(&d.join("budget/train/dd_model_latest.safetensors"))
+        .unwrap()
+        .meta;
+    assert_eq!(u64::from(meta.epoch), last["max_epoch"].as_u64().unwrap());
+}

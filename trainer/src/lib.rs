@@ -15,6 +15,7 @@
 
 pub mod amp;
 pub mod bench;
+pub mod budget;
 pub mod checkpoint;
 pub mod coco_eval;
 pub mod criterion;

@@ -95,6 +95,14 @@ impl Progress {
         }
     }
 
+    /// A new length of the run (`train.max_minutes` fitted the schedule).
+    pub fn set_epochs(&mut self, epochs: u32) {
+        self.epochs = epochs;
+        if let Some(b) = &self.bar {
+            b.set_length(u64::from(epochs) * self.steps as u64);
+        }
+    }
+
     /// Call as an epoch's steps begin: time spent since (validation, checkpoints) is not counted.
     pub fn start_epoch(&mut self, epoch: u32) {
         self.mark = Instant::now();

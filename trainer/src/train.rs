@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::amp::Amp;
+use crate::budget::{Budget, Measured, Plan, PROBE_STEPS};
 use crate::engine::Engine;
 use crate::step::{forward_backward, StepMode};
 use ddetr_collective::{Communicator, ReduceOp, TcpStoreServer};
@@ -572,7 +573,20 @@ pub fn train(
     }
 
     let steps = loader.steps_per_epoch();
-    let epochs = spec.train.num_epochs;
+    // The schedule: the spec's, or fitted to `train.max_minutes` as the run measures itself.
+    let mut plan = Plan {
+        epochs: spec.train.num_epochs,
+        optim: spec.train.optim.clone(),
+    };
+    let budget = (spec.train.max_minutes > 0.0).then(|| Budget {
+        seconds: spec.train.max_minutes * 60.0,
+        spec_epochs: spec.train.num_epochs,
+        steps_per_epoch: steps,
+        val_batches: val.as_ref().map_or(0, |(_, l)| l.steps_per_epoch()),
+        validation_interval: spec.train.validation_interval,
+    });
+    let mut validation_s: Option<f64> = None;
+    let (mut fitted, mut out_of_budget) = (false, false);
     let save = |epoch: u32,
                 step: usize,
                 gstep: u64,
@@ -617,13 +631,14 @@ pub fn train(
     let run_start = Instant::now();
     let mut progress = Progress::new(
         Display::auto(rank),
-        epochs,
+        plan.epochs,
         steps,
         global_batch,
         (start_epoch, start_step),
     );
-    for epoch in start_epoch..epochs {
-        optim.set_epoch(&spec.train.optim, epoch);
+    let mut epoch = start_epoch;
+    while epoch < plan.epochs {
+        optim.set_epoch(&plan.optim, epoch);
         let t_epoch = Instant::now();
         let mut sums = [0.0f64; 4];
         let mut counted = 0usize;
@@ -677,15 +692,21 @@ pub fn train(
             }
             amp.update(report.skipped);
             global_step += 1;
-            // Loss terms averaged over ranks, and whether any rank was asked to stop.
+            // Loss terms averaged over ranks, whether any rank was asked to stop, and whether any
+            // rank's budget leaves only the final validation.
             let term = |k: &str| losses.terms.get(k).map_or(0.0, |t| t.double_value(&[]));
             let stop_here = stop.load(Ordering::SeqCst);
+            let measured = budget
+                .as_ref()
+                .and_then(|_| measure(&progress, run_start, validation_s, epoch, step + 1));
+            let out_of_time = matches!((&budget, &measured), (Some(b), Some(m)) if b.must_stop(m));
             let mut agg = Tensor::from_slice(&[
                 losses.total.double_value(&[]),
                 term("loss_ce"),
                 term("loss_bbox"),
                 term("loss_giou"),
                 f64::from(u8::from(stop_here)),
+                f64::from(u8::from(out_of_time)),
             ]);
             comm.all_reduce(&mut agg, ReduceOp::Sum)?;
             let agg: Vec<f64> = Vec::try_from(&agg)?;
@@ -737,6 +758,25 @@ pub fn train(
                     step_s: progress.step_seconds().to_vec(),
                 });
             }
+            if let (Some(b), Some(m), false) = (&budget, &measured, fitted) {
+                if progress.step_seconds().len() > PROBE_STEPS {
+                    plan = agree_plan(b, &spec.train.optim, m, comm)?;
+                    progress.set_epochs(plan.epochs);
+                    fitted = true;
+                    log_plan(spec, &plan, m, "after the first steps");
+                }
+            }
+            if agg[5] > 0.0 {
+                out_of_budget = true;
+                plan.epochs = epoch + 1;
+                progress.set_epochs(plan.epochs);
+                tracing::info!(
+                    epoch,
+                    step = step + 1,
+                    "train.max_minutes: the time left covers only the final validation and checkpoint: this epoch ends here"
+                );
+                break;
+            }
         }
         let time_per_epoch = t_epoch.elapsed().as_secs_f64();
         let mut names = vec![LATEST.to_string()];
@@ -745,10 +785,26 @@ pub fn train(
         }
         let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
         save(epoch + 1, 0, global_step, &optim, &engine, &amp, &names_ref)?;
+        // With a budget, the schedule is fitted again at every epoch end, with the last
+        // validation's measured cost (first fitted here where the epoch was shorter than the
+        // probe), before deciding whether this epoch is the last.
+        if let (Some(b), false, Some(m)) = (
+            &budget,
+            out_of_budget,
+            measure(&progress, run_start, validation_s, epoch + 1, 0),
+        ) {
+            let before = plan.epochs;
+            plan = agree_plan(b, &spec.train.optim, &m, comm)?;
+            progress.set_epochs(plan.epochs);
+            if plan.epochs != before || !fitted {
+                log_plan(spec, &plan, &m, "at an epoch end");
+            }
+            fitted = true;
+        }
         let validate = val.is_some()
             && ((spec.train.validation_interval > 0
                 && (epoch + 1) % spec.train.validation_interval == 0)
-                || epoch + 1 == epochs);
+                || epoch + 1 == plan.epochs);
         let mut map = None;
         if let (true, Some((_, vloader))) = (validate, &val) {
             let t0 = Instant::now();
@@ -760,12 +816,13 @@ pub fn train(
                 0.0,
                 device,
             )?;
+            validation_s = Some(t0.elapsed().as_secs_f64());
             if let Some(gt) = &gt {
                 let s = coco_eval::evaluate(gt, &dets)?;
                 tracing::info!(
                     "epoch {}/{} validation: mAP {:.4} mAP50 {:.4} ({} detections, {:.1} s)",
                     epoch + 1,
-                    epochs,
+                    plan.epochs,
                     s.map(),
                     s.map50(),
                     dets.len(),
@@ -778,11 +835,11 @@ pub fn train(
         if rank == 0 {
             let n = counted.max(1) as f64;
             let done = epoch + 1 - start_epoch;
-            let eta =
-                run_start.elapsed().as_secs_f64() / f64::from(done) * f64::from(epochs - epoch - 1);
+            let eta = run_start.elapsed().as_secs_f64() / f64::from(done)
+                * f64::from(plan.epochs.saturating_sub(epoch + 1));
             let mut kpi = serde_json::json!({
-                "epoch": epoch, "max_epoch": epochs, "step": global_step,
-                "max_step": u64::from(epochs) * steps as u64,
+                "epoch": epoch, "max_epoch": plan.epochs, "step": global_step,
+                "max_step": u64::from(plan.epochs) * steps as u64,
                 "train_loss": sums[0] / n, "train_loss_ce": sums[1] / n,
                 "train_loss_bbox": sums[2] / n, "train_loss_giou": sums[3] / n,
                 "lr": optim.lr(0), "time_per_epoch": fmt_secs(time_per_epoch),
@@ -797,6 +854,7 @@ pub fn train(
                 tracing::warn!("training plots not written: {e}");
             }
         }
+        epoch += 1;
     }
     if rank == 0 {
         status(&dir, "SUCCESS", "Train finished successfully.", None)?;
@@ -809,6 +867,65 @@ pub fn train(
         results_dir: dir,
         step_s: progress.step_seconds().to_vec(),
     })
+}
+
+/// Steps whose mean gives a `train.max_minutes` run's step time.
+const RECENT_STEPS: usize = 200;
+
+/// What a `train.max_minutes` run knows of itself at `epoch` after `steps_into_epoch` steps;
+/// `None` until a step past the warm-up has been timed.
+fn measure(
+    progress: &Progress,
+    run_start: Instant,
+    validation_s: Option<f64>,
+    epoch: u32,
+    steps_into_epoch: usize,
+) -> Option<Measured> {
+    let s = progress.step_seconds();
+    // The recent steps (past the warm-up): the throughput the rest of the run will see.
+    let timed = s
+        .get(1.max(s.len().saturating_sub(RECENT_STEPS))..)
+        .filter(|t| !t.is_empty())?;
+    Some(Measured {
+        elapsed_s: run_start.elapsed().as_secs_f64(),
+        step_s: timed.iter().sum::<f64>() / timed.len() as f64,
+        validation_s,
+        epochs_done: epoch,
+        steps_into_epoch,
+    })
+}
+
+/// The budget's schedule, the same on every rank (the longest any rank's measurements allow is
+/// taken; ranks run in lockstep, so their step times agree).
+fn agree_plan(
+    b: &Budget,
+    optim: &crate::spec::OptimConfig,
+    m: &Measured,
+    comm: &Communicator,
+) -> Result<Plan, TrainerError> {
+    let mine = b.fit(optim, m);
+    let mut t = Tensor::from_slice(&[f64::from(mine.epochs)]);
+    comm.all_reduce(&mut t, ReduceOp::Max)?;
+    let epochs = t.double_value(&[0]) as u32;
+    Ok(Plan {
+        epochs,
+        optim: crate::budget::scaled(optim, b.spec_epochs, epochs),
+    })
+}
+
+fn log_plan(spec: &ExperimentSpec, plan: &Plan, m: &Measured, when: &str) {
+    tracing::info!(
+        "train.max_minutes {}: {:.2} s a step{} {when}: {} epochs, lr steps {:?}",
+        spec.train.max_minutes,
+        m.step_s,
+        m.validation_s
+            .map_or(String::new(), |v| format!(", {v:.1} s a validation")),
+        plan.epochs,
+        match plan.optim.lr_scheduler {
+            crate::spec::LrScheduler::MultiStep => plan.optim.lr_steps.clone(),
+            crate::spec::LrScheduler::StepLR => vec![plan.optim.lr_step_size],
+        }
+    );
 }
 
 /// The libtorch seed of training step `step` on `rank` (splitmix64 of the three).

@@ -231,6 +231,10 @@ pub struct TrainConfig {
     pub seed: i64,
     pub cudnn: CudnnConfig,
     pub num_epochs: u32,
+    /// (ddetr) A wall-clock budget in minutes; 0 = none. The number of epochs and the lr steps are
+    /// fitted to the measured throughput so the run ends, validated and checkpointed, within it
+    /// (`num_epochs` then only sets the shape of the lr schedule). See `crate::budget`.
+    pub max_minutes: f64,
     /// Epochs between `model_epoch_NNN` checkpoints.
     pub checkpoint_interval: u32,
     /// Epochs between validations.
@@ -264,6 +268,7 @@ impl Default for TrainConfig {
             seed: 1234,
             cudnn: CudnnConfig::default(),
             num_epochs: 10,
+            max_minutes: 0.0,
             checkpoint_interval: 1,
             validation_interval: 1,
             resume_training_checkpoint_path: None,

@@ -277,6 +277,12 @@ fn validate_train(spec: &ExperimentSpec) -> Result<(), SpecError> {
             "is 0; train for at least 1 epoch",
         ));
     }
+    if !(t.max_minutes >= 0.0 && t.max_minutes.is_finite()) {
+        return Err(invalid(
+            "train.max_minutes",
+            "must be a number of minutes, at least 0 (0 = no budget)",
+        ));
+    }
     if t.checkpoint_interval == 0 || t.validation_interval == 0 {
         return Err(invalid(
             "train.checkpoint_interval",
