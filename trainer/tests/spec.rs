@@ -410,6 +410,7 @@ fn other_sanity_rules() {
         .contains("must exceed train_random_crop_min"));
     assert!(err("", &["dataset.augmentation.horizontal_flip_prob=2"]).contains("within [0, 1]"));
     assert!(err("", &["train.num_epochs=0"]).contains("at least 1 epoch"));
+    assert!(err("", &["train.max_minutes=-5"]).contains("train.max_minutes must be a number"));
     assert!(err(
         "",
         &[
