@@ -32,7 +32,7 @@ run "$bin/ddetr" doctor
 for p in fp32 bf16 fp16; do
   run "$bin/ddetr" bench step --cuda --no-peer --batch 4 --size 800x1333 --steps 5 --rounds 1 --precision "$p"
 done
-peer_python="$(/work/shared/peers/venv.sh 2>/dev/null || true)"
+peer_python="$("${DDETR_PEERS_DIR:-$(cd "$(dirname "$0")/.." && pwd)/../shared/peers}/venv.sh" 2>/dev/null || true)"
 if [ -n "$peer_python" ] && "$peer_python" -c 'import transformers, torch; assert torch.cuda.is_available()' 2>/dev/null; then
   for p in fp32 bf16; do
     run "$bin/ddetr" bench step --cuda --batch 4 --size 1024 --steps 5 --rounds 2 --precision "$p" --python "$peer_python"

@@ -1,4 +1,4 @@
-//! A real Slurm: `/work/shared/tools/local-slurm.sh start 2` (Debian's slurm-wlm, two slurmd
+//! A real Slurm: `../shared/tools/local-slurm.sh start 2` (beside the clone) (Debian's slurm-wlm, two slurmd
 //! "nodes" n1 and n2 on this machine; it installs Slurm the first time) runs
 //! `examples/slurm.sbatch` submitted with the real `sbatch`: one ddetr-launch agent per node,
 //! joined by the rendezvous, two `ddetr bench barrier --all-reduce` trainers each. The test checks
@@ -59,8 +59,13 @@ fn sbatch_runs_the_example_on_two_nodes_through_the_rendezvous() {
         eprintln!("SKIPPED: the local Slurm cluster needs root (local-slurm.sh installs and runs slurmctld/slurmd)");
         return;
     }
-    let script = std::env::var("DDETR_SLURM_SCRIPT")
-        .unwrap_or_else(|_| "/work/shared/tools/local-slurm.sh".into());
+    let script = std::env::var("DDETR_SLURM_SCRIPT").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/tools/local-slurm.sh"
+        )
+        .into()
+    });
     if !Path::new(&script).exists() {
         eprintln!("SKIPPED: {script} does not exist (set DDETR_SLURM_SCRIPT)");
         return;

@@ -507,7 +507,7 @@ fn each_bad_input_is_one_line_before_the_first_step() {
             ],
         ),
         &[],
-        1,
+        2,
         "tensor query_embed.weight has shape [50, 256] but the model expects [30, 256]",
     );
     fails_with(

@@ -1,7 +1,7 @@
 //! Who this node is: a pure function of the flags, the environment and what the host has.
 //!
 //! Precedence, highest first (DESIGN.md "Process model" 1; torchrun and Lightning are the
-//! anchors, /work/shared/reference/distributed-anchors.md §1, §4):
+//! anchors, ../shared/reference/distributed-anchors.md §1, §4):
 //!
 //! | value          | flag              | DDETR_* env            | torchrun env            | Slurm                               | Kubernetes                                           | default                 |
 //! |----------------|-------------------|------------------------|-------------------------|-------------------------------------|------------------------------------------------------|-------------------------|

@@ -10,7 +10,7 @@
 //! Numerics are pinned by golden fixtures: `tests/golden/make_model_fixtures.py` (transformers'
 //! Deformable DETR set to the official semantics, plus the official criterion and scipy's
 //! matcher), `make_lsa_fixtures.py`, `make_pth_fixture.py` and `make_checkpoint_fixtures.py`;
-//! run them with the peers venv (`$(/work/shared/peers/venv.sh) trainer/tests/golden/<script>`)
+//! run them with the peers venv (`$(../shared/peers/venv.sh) trainer/tests/golden/<script>`)
 //! to regenerate.
 
 pub mod amp;

@@ -2,7 +2,7 @@
 `box`) of noise images, stretched horizontally, vertically up, down or not at all, with windows
 touching the edges and fractional borders (multiples of 1/64, exact in JSON and f64).
 
-Run: $(/work/shared/peers/venv.sh) dataset/tests/golden/make_upsample_fixture.py
+Run: $(../shared/peers/venv.sh) dataset/tests/golden/make_upsample_fixture.py
 Writes dataset/tests/golden/upsample_pil.json: per case the source size and RGB8 pixels (hex),
 the window [left, top, width, height], the output size, Pillow's RGB8 pixels (hex), and whether
 Pillow's result equals its horizontal pass followed by its vertical pass (each rounded to u8), the

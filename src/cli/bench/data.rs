@@ -36,14 +36,10 @@ pub struct DataBenchArgs {
     /// Working folder (default: a fresh temporary folder, removed afterwards).
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
-    /// Folder holding the peer scripts.
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "DDETR_PEERS_DIR",
-        default_value = "/work/shared/peers"
-    )]
-    pub peers: PathBuf,
+    /// Folder holding the peer scripts (default: `DDETR_PEERS_DIR`, else `../shared/peers`
+    /// beside the clone).
+    #[arg(long, value_name = "DIR")]
+    pub peers: Option<PathBuf>,
     /// Python with torch/torchvision/pycocotools for the peers (default: the peers' venv.sh).
     #[arg(long, value_name = "PYTHON")]
     pub python: Option<PathBuf>,
@@ -140,12 +136,13 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
         }
     };
     let mut kv: Vec<(String, String)> = Vec::new();
+    let peers = args.peers.clone().unwrap_or_else(super::peers_dir);
 
     // 1. Transform throughput on one core, on the peer's JPEGs where its Python is there.
     let python = if args.no_peer {
         None
     } else {
-        super::peers_python(args.python.as_deref(), &args.peers.join("venv.sh"))
+        super::peers_python(args.python.as_deref(), &peers.join("venv.sh"))
             .map_err(|e| println!("peers: not run ({e:#})"))
             .ok()
     };
@@ -153,7 +150,7 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
     if !shapes.join("annotations.json").exists() {
         let made_by_peer = python.as_ref().is_some_and(|py| {
             Command::new(py)
-                .arg(args.peers.join("make_shapes_jpegs.py"))
+                .arg(peers.join("make_shapes_jpegs.py"))
                 .arg(&shapes)
                 .arg(args.images.to_string())
                 .status()
@@ -241,7 +238,7 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
     if let Some(py) = &python {
         match run_peer(
             py,
-            &args.peers.join("torchvision_pipeline.py"),
+            &peers.join("torchvision_pipeline.py"),
             &shapes,
             &["imgs_per_s_per_core"],
         ) {
@@ -289,7 +286,7 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
         if !json.exists() {
             std::fs::create_dir_all(&images)?;
             let status = Command::new("python3")
-                .arg(args.peers.join("make_big_coco_json.py"))
+                .arg(peers.join("make_big_coco_json.py"))
                 .arg(&json)
                 .status()
                 .context("running make_big_coco_json.py with python3")?;
@@ -365,7 +362,7 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
         if let Some(py) = &python {
             match run_peer(
                 py,
-                &args.peers.join("pycocotools_load.py"),
+                &peers.join("pycocotools_load.py"),
                 &json,
                 &["seconds", "maxrss_mib"],
             ) {

@@ -25,8 +25,8 @@ pub struct LaunchArgs {
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// The peer worker script.
-    #[arg(long, default_value = "/work/shared/peers/torchrun_barrier.py")]
-    peer: PathBuf,
+    #[arg(long)]
+    peer: Option<PathBuf>,
     /// Python of the peers venv (its bin/ holds torchrun; default: what venv.sh next to the
     /// peer script prints).
     #[arg(long)]
@@ -80,11 +80,17 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<()> {
             );
         }
     }
+    let peer_script = args
+        .peer
+        .clone()
+        .unwrap_or_else(|| super::peers_dir().join("torchrun_barrier.py"));
     let torchrun = if args.no_peer {
         None
     } else {
-        let python =
-            super::peers_python(args.python.as_deref(), &args.peer.with_file_name("venv.sh"))?;
+        let python = super::peers_python(
+            args.python.as_deref(),
+            &peer_script.with_file_name("venv.sh"),
+        )?;
         Some(python.with_file_name("torchrun"))
     };
     let nproc = args.nproc.to_string();
@@ -136,7 +142,7 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<()> {
             let t = timed(
                 Command::new(torchrun)
                     .args(["--standalone", "--nproc-per-node", &nproc])
-                    .arg(&args.peer)
+                    .arg(&peer_script)
                     .env("OMP_NUM_THREADS", "1"),
                 "torchrun",
             )?;

@@ -44,6 +44,14 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The peer scripts' folder: `DDETR_PEERS_DIR`, else `../shared/peers` beside this clone.
+pub(crate) fn peers_dir() -> PathBuf {
+    match std::env::var_os("DDETR_PEERS_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers"),
+    }
+}
+
 /// The python that runs the peer scripts: `explicit` when given, else what the peers' `venv.sh`
 /// prints (it creates that venv the first time).
 pub(crate) fn peers_python(explicit: Option<&Path>, venv_sh: &Path) -> anyhow::Result<PathBuf> {

@@ -1,5 +1,5 @@
 //! `ddetr bench step`: our training step vs the peer (transformers' Deformable DETR,
-//! `/work/shared/peers/hf_ddetr_step.py`) in one run, alternating the two `--rounds` times; the
+//! `hf_ddetr_step.py` of the peers folder) in one run, alternating the two `--rounds` times; the
 //! last line is `key=value` figures with `step_s=` our median and `ratio=` the median of the
 //! rounds' ours/peer.
 
@@ -73,9 +73,9 @@ pub struct StepArgs {
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
     /// The peer script; skip the peer with --no-peer.
-    #[arg(long, default_value = "/work/shared/peers/hf_ddetr_step.py")]
-    pub peer: PathBuf,
-    /// Python of the peers venv (default: what /work/shared/peers/venv.sh prints).
+    #[arg(long)]
+    pub peer: Option<PathBuf>,
+    /// Python of the peers venv (default: what the peers' `venv.sh` prints).
     #[arg(long)]
     pub python: Option<PathBuf>,
     /// Measure ours only.
@@ -107,7 +107,11 @@ struct PeerRun {
 
 /// Runs the peer and returns its median step seconds.
 fn run_peer(args: &StepArgs) -> anyhow::Result<PeerRun> {
-    let python = super::peers_python(args.python.as_deref(), &args.peer.with_file_name("venv.sh"))?;
+    let peer = args
+        .peer
+        .clone()
+        .unwrap_or_else(|| super::peers_dir().join("hf_ddetr_step.py"));
+    let python = super::peers_python(args.python.as_deref(), &peer.with_file_name("venv.sh"))?;
     let amp = match args.precision {
         BenchPrecision::Fp32 => "",
         p => p.name(),
@@ -115,19 +119,19 @@ fn run_peer(args: &StepArgs) -> anyhow::Result<PeerRun> {
     let out = Command::new(&python)
         .env("DEVICE", if args.cuda { "cuda" } else { "cpu" })
         .env("AMP", amp)
-        .arg(&args.peer)
+        .arg(&peer)
         .args([
             args.batch.to_string(),
             args.size.0.to_string(),
             args.steps.to_string(),
         ])
         .output()
-        .with_context(|| format!("running {} {}", python.display(), args.peer.display()))?;
+        .with_context(|| format!("running {} {}", python.display(), peer.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
             "peer {} exited with {}: {}",
-            args.peer.display(),
+            peer.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );

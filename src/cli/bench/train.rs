@@ -2,7 +2,8 @@
 //! dir → dataset cache → loader → DDP (a world of one) → the TAO default model (ResNet-50, 4
 //! levels, 6+6 layers, 300 queries, box refinement) → criterion → AdamW with groups → the step's
 //! status — through `ddetr_trainer::train::train` itself, against transformers' Deformable DETR
-//! (`/work/shared/peers/hf_ddetr_step.py`) at the same batch and image size in the same run.
+//! (`hf_ddetr_step.py` of the peers folder, [`super::peers_dir`]) at the same batch and image
+//! size in the same run.
 //! `--curve status.json` instead prints a run's val mAP50 against wall-clock minutes.
 
 use std::path::{Path, PathBuf};
@@ -26,10 +27,11 @@ pub struct TrainBenchArgs {
     /// Timed steps (after one warm-up step); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// The peer script.
-    #[arg(long, default_value = "/work/shared/peers/hf_ddetr_step.py")]
-    pub peer: PathBuf,
-    /// Python of the peers venv (default: what /work/shared/peers/venv.sh prints).
+    /// The peer script (default: `hf_ddetr_step.py` in `DDETR_PEERS_DIR`, else in
+    /// `../shared/peers` beside the clone).
+    #[arg(long)]
+    pub peer: Option<PathBuf>,
+    /// Python of the peers venv (default: what the peers' `venv.sh` prints).
     #[arg(long)]
     pub python: Option<PathBuf>,
     /// Measure ours only.
@@ -136,21 +138,25 @@ fn step(args: &TrainBenchArgs) -> anyhow::Result<()> {
 
 /// Runs the peer at the same batch, size and step count; returns its median step seconds.
 fn run_peer(args: &TrainBenchArgs) -> anyhow::Result<f64> {
-    let python = super::peers_python(args.python.as_deref(), &args.peer.with_file_name("venv.sh"))?;
+    let peer = args
+        .peer
+        .clone()
+        .unwrap_or_else(|| super::peers_dir().join("hf_ddetr_step.py"));
+    let python = super::peers_python(args.python.as_deref(), &peer.with_file_name("venv.sh"))?;
     let out = std::process::Command::new(&python)
         .env("DEVICE", "cpu")
-        .arg(&args.peer)
+        .arg(&peer)
         .args([
             args.batch.to_string(),
             args.size.to_string(),
             args.steps.to_string(),
         ])
         .output()
-        .with_context(|| format!("running {} {}", python.display(), args.peer.display()))?;
+        .with_context(|| format!("running {} {}", python.display(), peer.display()))?;
     if !out.status.success() {
         bail!(
             "peer {} exited with {}: {}",
-            args.peer.display(),
+            peer.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );

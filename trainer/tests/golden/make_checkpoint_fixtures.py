@@ -26,7 +26,7 @@ by `pth_fill` in trainer/tests/common/mod.rs. A tensor of two or more dims repea
 BASE_ROWS (stride 0 on every leading dim), a vector is a slice of BASE_VECS; the offset comes from
 the official key's hash, so every key has its own values. An alias holds its target's values.
 
-Run: $(/work/shared/peers/venv.sh) trainer/tests/golden/make_checkpoint_fixtures.py
+Run: $(../shared/peers/venv.sh) trainer/tests/golden/make_checkpoint_fixtures.py
 (needs pytorch-lightning and omegaconf in that venv: pip install pytorch-lightning omegaconf).
 """
 import argparse

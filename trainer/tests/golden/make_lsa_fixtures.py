@@ -1,7 +1,7 @@
 """Golden fixtures for trainer/tests/lsa_scipy.rs: scipy.optimize.linear_sum_assignment on random
 and tied cost matrices (square, wide, tall; integer ties; constant; repeated rows/columns).
 
-Run: $(/work/shared/peers/venv.sh) trainer/tests/golden/make_lsa_fixtures.py
+Run: $(../shared/peers/venv.sh) trainer/tests/golden/make_lsa_fixtures.py
 Writes trainer/tests/golden/lsa_scipy.safetensors: for case i, `cost.i` (f64) and `rows.i`,
 `cols.i` (i64).
 """

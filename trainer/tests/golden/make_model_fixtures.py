@@ -14,7 +14,7 @@ reach official keys through `hf_to_official` — the same documented map `traine
 uses. The `l1` fixture additionally stores the transformer and head weights (all but backbone and
 input_proj) under transformers' names, prefixed `hf.`, to test that loader.
 
-Run: $(/work/shared/peers/venv.sh) trainer/tests/golden/make_model_fixtures.py
+Run: $(../shared/peers/venv.sh) trainer/tests/golden/make_model_fixtures.py
 Writes trainer/tests/golden/model_*.safetensors.
 """
 import math

@@ -4,7 +4,7 @@ Deformable-DETR layout, written by torch.save (`{'model', 'optimizer', 'lr_sched
 (non-contiguous) tensor and two views of one storage; the same tensors, contiguous, go to a
 safetensors file the test compares against.
 
-Run: $(/work/shared/peers/venv.sh) trainer/tests/golden/make_pth_fixture.py
+Run: $(../shared/peers/venv.sh) trainer/tests/golden/make_pth_fixture.py
 """
 import argparse
 import collections

@@ -43,7 +43,7 @@ zeroed, which tests/common/mod.rs reproduces; only their checksums are kept):
   ref_fp32.norm_err / ref_fp32.entry_err: the worst error of transformers' own fp32 gradients
     against the f64 ones, in the Rust test's two measures.
 
-Run: $(/work/shared/peers/venv.sh) trainer/tests/golden/make_train_step_fixture.py
+Run: $(../shared/peers/venv.sh) trainer/tests/golden/make_train_step_fixture.py
 Writes trainer/tests/golden/train_step_r50.safetensors.
 """
 import copy
