@@ -82,13 +82,14 @@ fn draw_err(path: &Path, e: impl std::fmt::Display) -> TrainerError {
     TrainerError::Io(format!("cannot draw {}: {e}", path.display()))
 }
 
-/// A named, coloured line of (epoch 1-based, value) points.
-type Series<'a> = (&'a str, RGBColor, Vec<(u32, f64)>);
+/// A named line of (x, value) points in an RGB colour.
+pub type Series<'a> = (&'a str, [u8; 3], Vec<(f64, f64)>);
 
-/// One line chart of `series` over epochs.
-fn chart(
+/// One line chart of `series` against `x_label` (epochs, minutes), written to `path` as PNG.
+pub fn chart(
     path: &Path,
     title: &str,
+    x_label: &str,
     y_label: &str,
     series: &[Series<'_>],
     y_range: Option<(f64, f64)>,
@@ -100,7 +101,7 @@ fn chart(
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| draw_err(path, e))?;
         let finite = || series.iter().flat_map(|s| &s.2).filter(|p| p.1.is_finite());
-        let x_max = finite().map(|p| p.0).max().unwrap_or(1);
+        let x_max = finite().map(|p| p.0).fold(1.0, f64::max);
         let (y_lo, y_hi) = y_range.unwrap_or_else(|| {
             let hi = finite().map(|p| p.1).fold(0.0, f64::max);
             (0.0, if hi > 0.0 { hi * 1.05 } else { 1.0 })
@@ -110,18 +111,18 @@ fn chart(
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0..x_max + 1, y_lo..y_hi)
+            .build_cartesian_2d(0.0..x_max * 1.04, y_lo..y_hi)
             .map_err(|e| draw_err(path, e))?;
         ch.configure_mesh()
-            .x_labels((x_max as usize + 2).min(12))
-            .x_desc("epoch")
+            .x_labels(12)
+            .x_desc(x_label)
             .y_desc(y_label)
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| draw_err(path, e))?;
         for (name, colour, pts) in series {
-            let pts: Vec<(u32, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
-            let c = *colour;
+            let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
+            let c = RGBColor(colour[0], colour[1], colour[2]);
             ch.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
                 .map_err(|e| draw_err(path, e))?
                 .label(*name)
@@ -152,34 +153,44 @@ pub fn training_curves(dir: &Path) -> Result<Vec<PathBuf>, TrainerError> {
     let c = read_curves(&dir.join("status.json"))?;
     let mut written = Vec::new();
     if !c.loss.is_empty() {
-        let pick =
-            |i: usize| -> Vec<(u32, f64)> { c.loss.iter().map(|(&e, v)| (e + 1, v[i])).collect() };
+        let pick = |i: usize| -> Vec<(f64, f64)> {
+            c.loss
+                .iter()
+                .map(|(&e, v)| (f64::from(e + 1), v[i]))
+                .collect()
+        };
         let path = dir.join(LOSS_PNG);
         chart(
             &path,
             "training loss",
+            "epoch",
             "loss (epoch mean)",
             &[
-                ("total (weighted, with aux)", RGBColor(0, 0, 0), pick(0)),
-                ("focal (ce)", RGBColor(31, 119, 180), pick(1)),
-                ("L1 (bbox)", RGBColor(255, 127, 14), pick(2)),
-                ("GIoU", RGBColor(44, 160, 44), pick(3)),
+                ("total (weighted, with aux)", [0, 0, 0], pick(0)),
+                ("focal (ce)", [31, 119, 180], pick(1)),
+                ("L1 (bbox)", [255, 127, 14], pick(2)),
+                ("GIoU", [44, 160, 44], pick(3)),
             ],
             None,
         )?;
         written.push(path);
     }
     if !c.map.is_empty() {
-        let pick =
-            |i: usize| -> Vec<(u32, f64)> { c.map.iter().map(|(&e, v)| (e + 1, v[i])).collect() };
+        let pick = |i: usize| -> Vec<(f64, f64)> {
+            c.map
+                .iter()
+                .map(|(&e, v)| (f64::from(e + 1), v[i]))
+                .collect()
+        };
         let path = dir.join(MAP_PNG);
         chart(
             &path,
             "validation mAP",
+            "epoch",
             "COCO bbox AP",
             &[
-                ("mAP", RGBColor(31, 119, 180), pick(0)),
-                ("mAP50", RGBColor(214, 39, 40), pick(1)),
+                ("mAP", [31, 119, 180], pick(0)),
+                ("mAP50", [214, 39, 40], pick(1)),
             ],
             Some((0.0, 1.0)),
         )?;

@@ -3,6 +3,7 @@
 
 mod barrier;
 mod collective;
+mod converge;
 mod data;
 mod launch;
 mod step;
@@ -22,6 +23,9 @@ pub enum BenchCommand {
     /// The real training path (loader + DDP world of 1 + TAO default model + criterion + AdamW) on
     /// CPU vs transformers' Deformable DETR; `--curve status.json`: mAP50 against minutes.
     Train(train::TrainBenchArgs),
+    /// Convergence per minute: ours and transformers' Deformable DETR trained on the same unseen
+    /// COCO data for the same wall time; both curves in one PNG.
+    Converge(converge::ConvergeArgs),
     /// Data path: transform img/s on one core, cache build/open/RSS on COCO-sized annotations.
     Data(data::DataBenchArgs),
     /// Collective bandwidth (nccl-tests' time/algbw/busbw) against torch.distributed's gloo on the
@@ -37,6 +41,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Step(args) => step::step(args),
         BenchCommand::Train(args) => train::run(args),
+        BenchCommand::Converge(args) => converge::run(args),
         BenchCommand::Data(args) => data::data(args),
         BenchCommand::Collective(args) => collective::run(args.clone()),
         BenchCommand::Barrier(args) => barrier::run(args),

@@ -198,8 +198,17 @@ fn record_secs(rec: &serde_json::Value) -> Option<i64> {
     Some(days * 86400 + hh * 3600 + mm * 60 + ss)
 }
 
-/// (minutes since the run's first record, epoch, mAP50) of each validated epoch.
-pub fn curve_points(text: &str) -> Vec<(f64, u64, f64)> {
+/// One validated epoch of a run: minutes since the run's first record, epoch, mAP50, mAP.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CurvePoint {
+    pub minutes: f64,
+    pub epoch: u64,
+    pub map50: f64,
+    pub map: f64,
+}
+
+/// The validated epochs of a `status.json`.
+pub fn curve_points(text: &str) -> Vec<CurvePoint> {
     let mut t0 = None;
     let mut out = Vec::new();
     for line in text.lines() {
@@ -210,8 +219,13 @@ pub fn curve_points(text: &str) -> Vec<(f64, u64, f64)> {
         // A resumed run appends to the same file: minutes keep counting from the first start.
         let t0 = *t0.get_or_insert(t);
         let kpi = &rec["kpi"];
-        if let (Some(e), Some(m)) = (kpi["epoch"].as_u64(), kpi["val_mAP50"].as_f64()) {
-            out.push(((t - t0) as f64 / 60.0, e, m));
+        if let (Some(e), Some(m50)) = (kpi["epoch"].as_u64(), kpi["val_mAP50"].as_f64()) {
+            out.push(CurvePoint {
+                minutes: (t - t0) as f64 / 60.0,
+                epoch: e,
+                map50: m50,
+                map: kpi["val_mAP"].as_f64().unwrap_or(f64::NAN),
+            });
         }
     }
     out
@@ -228,20 +242,22 @@ fn curve(path: &Path) -> anyhow::Result<()> {
         );
     }
     println!("{:>8} {:>6} {:>7}", "minutes", "epoch", "mAP50");
-    for (min, e, m) in &pts {
-        println!("{min:>8.1} {e:>6} {m:>7.4}");
+    for p in &pts {
+        println!("{:>8.1} {:>6} {:>7.4}", p.minutes, p.epoch, p.map50);
     }
-    let (min, _, last) = pts[pts.len() - 1];
-    let best = pts.iter().map(|p| p.2).fold(0.0, f64::max);
-    let reach = pts
-        .iter()
-        .find(|p| p.2 >= 0.5)
-        .map_or("never".to_string(), |p| format!("{:.1}", p.0));
+    let (min, last) = (pts[pts.len() - 1].minutes, pts[pts.len() - 1].map50);
+    let best = pts.iter().map(|p| p.map50).fold(0.0, f64::max);
+    let reach = minutes_to(&pts, 0.5).map_or("never".to_string(), |m| format!("{m:.1}"));
     println!(
         "curve_points={} final_map50={last:.4} best_map50={best:.4} minutes={min:.1} minutes_to_map50_0.5={reach}",
         pts.len()
     );
     Ok(())
+}
+
+/// Minutes until mAP50 first reached `level`, if it did.
+pub fn minutes_to(pts: &[CurvePoint], level: f64) -> Option<f64> {
+    pts.iter().find(|p| p.map50 >= level).map(|p| p.minutes)
 }
 
 #[cfg(test)]
@@ -254,9 +270,14 @@ mod tests {
             "{\"date\":\"11/21/2026\",\"time\":\"23:58:00\",\"status\":\"STARTED\"}\n",
             "{\"date\":\"11/21/2026\",\"time\":\"23:59:30\",\"kpi\":{\"epoch\":0,\"train_loss\":3.0}}\n",
             "{\"date\":\"11/22/2026\",\"time\":\"0:1:0\",\"kpi\":{\"epoch\":1,\"val_mAP50\":0.25}}\n",
-            "{\"date\":\"11/22/2026\",\"time\":\"0:4:0\",\"kpi\":{\"epoch\":2,\"val_mAP50\":0.5}}\n",
+            "{\"date\":\"11/22/2026\",\"time\":\"0:4:0\",\"kpi\":{\"epoch\":2,\"val_mAP50\":0.5,\"val_mAP\":0.3}}\n",
         );
         let p = curve_points(text);
-        assert_eq!(p, vec![(3.0, 1, 0.25), (6.0, 2, 0.5)]);
+        let got: Vec<(f64, u64, f64)> = p.iter().map(|p| (p.minutes, p.epoch, p.map50)).collect();
+        assert_eq!(got, vec![(3.0, 1, 0.25), (6.0, 2, 0.5)]);
+        assert!(p[0].map.is_nan());
+        assert_eq!(p[1].map, 0.3);
+        assert_eq!(minutes_to(&p, 0.5), Some(6.0));
+        assert_eq!(minutes_to(&p, 0.6), None);
     }
 }
