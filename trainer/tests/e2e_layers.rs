@@ -3,7 +3,7 @@
 //! keeps) against transformers' Deformable DETR — backbone features, input projections, encoder
 //! memory, every decoder layer's hidden state, final logits and boxes — so a regression names the
 //! stage where it starts. The weights go the way a user's do: transformers' checkpoint file
-//! (rebuilt from the fixture's manifest) through `weights::load_file`; the image through the
+//! (rebuilt from the fixture's manifest) through the tasks' loader; the image through the
 //! loader's decode, collation and normalisation.
 //!
 //! Fixtures: `tests/golden/make_e2e_fixtures.py` (`e2e/layers_l4_refine.safetensors`: 512
@@ -18,7 +18,7 @@ use ddetr_dataset::transforms::Sample;
 use ddetr_dataset::AugmentationConfig;
 use ddetr_trainer::model::deformable_detr::DetrConfig;
 use ddetr_trainer::model::DeformableDetr;
-use ddetr_trainer::weights::{self, LoadMode};
+use ddetr_trainer::model_checkpoint::load_for_task;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -75,7 +75,7 @@ fn tao_default_model_matches_transformers_stage_by_stage_at_800x1066() {
         &vs.root(),
         DetrConfig::from_spec(&r50_config(4, true, false), 5).unwrap(),
     );
-    weights::load_file(&vs, &ckpt, LoadMode::Strict).unwrap();
+    load_for_task(&vs, &ckpt).unwrap();
 
     let bytes = std::fs::read(e2e_dir().join("a.png")).unwrap();
     let rgb = decode_rgb8(&bytes, "a.png").unwrap();
