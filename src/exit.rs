@@ -13,24 +13,30 @@
 
 use std::process::ExitCode;
 
+use ddetr_dataset::DatasetError;
 use ddetr_trainer::spec::SpecError;
+use ddetr_trainer::TrainerError;
 
-pub const SUCCESS: u8 = 0;
-pub const FAILURE: u8 = 1;
-pub const USAGE: u8 = 2;
-/// Base of the signal codes: 128 + signal number.
-pub const SIGNAL_BASE: u8 = 128;
+/// The codes themselves are the launcher's (`ddetr-launch` has no libtorch to link this crate).
+pub use ddetr_launcher::exit::{FAILURE, SIGNAL_BASE, SUCCESS, USAGE};
 
 /// An error that is the user's invocation, not the run: exits 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// The exit code for an error: 2 when anything in its chain is a usage or spec error, else 1.
+/// The exit code for an error: 2 when anything in its chain is a usage or spec error (the
+/// crates' errors say so with `is_usage`), else 1.
 pub fn code_for(err: &anyhow::Error) -> u8 {
-    let usage = err
-        .chain()
-        .any(|e| e.is::<SpecError>() || e.is::<UsageError>() || e.is::<clap::Error>());
+    let usage = err.chain().any(|e| {
+        e.is::<SpecError>()
+            || e.is::<UsageError>()
+            || e.is::<clap::Error>()
+            || e.downcast_ref::<TrainerError>()
+                .is_some_and(TrainerError::is_usage)
+            || e.downcast_ref::<DatasetError>()
+                .is_some_and(DatasetError::is_usage)
+    });
     if usage {
         USAGE
     } else {

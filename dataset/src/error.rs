@@ -116,6 +116,15 @@ impl DatasetError {
             error,
         }
     }
+
+    /// Whether the invocation is at fault (a bad argument, a spec value the data contradicts)
+    /// rather than the data or the machine: the binaries exit 2 for these.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidArgument(_) | Self::NumClassesTooSmall { .. }
+        )
+    }
 }
 
 /// "a, b, c, d, e and 12 more" from an iterator of displayable offenders and their total count.

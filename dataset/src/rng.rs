@@ -76,7 +76,8 @@ impl Rng {
     }
 }
 
-fn mix(mut z: u64) -> u64 {
+/// SplitMix64's output function: a bijective 64-bit mix (also a good hash of a combined key).
+pub fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

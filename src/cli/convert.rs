@@ -1,18 +1,12 @@
 //! `ddetr convert -e spec.yaml`: TAO's KITTI → sharded COCO JSON (the spec's `convert` section).
 
 use anyhow::Context as _;
-use ddetr_dataset::DatasetError;
 
 use super::SpecArgs;
-use crate::exit::UsageError;
 
 pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
     let resolved = super::spec::resolve(args)?;
-    let summary = ddetr_dataset::convert::convert(&resolved.spec.convert).map_err(|e| match e {
-        DatasetError::InvalidArgument(m) => anyhow::Error::new(UsageError(m)),
-        other => anyhow::Error::new(other),
-    });
-    let s = summary.context("convert")?;
+    let s = ddetr_dataset::convert::convert(&resolved.spec.convert).context("convert")?;
     for f in &s.files {
         println!("{}", f.display());
     }

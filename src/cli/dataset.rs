@@ -7,7 +7,6 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use ddetr_dataset::cache::{self, Cache, Split};
 use ddetr_dataset::synth::{self, SynthOptions};
-use ddetr_dataset::DatasetError;
 
 use super::SpecArgs;
 use crate::exit::UsageError;
@@ -90,16 +89,9 @@ fn parse_size(s: &str) -> Result<(u32, u32), UsageError> {
     ))
 }
 
-/// Argument misuse reported by the library becomes a usage error (exit 2).
-fn usage(e: DatasetError) -> anyhow::Error {
-    match e {
-        DatasetError::InvalidArgument(m) => anyhow::Error::new(UsageError(m)),
-        other => anyhow::Error::new(other),
-    }
-}
 
 fn parse_split(s: &str) -> anyhow::Result<Split> {
-    s.parse::<Split>().map_err(usage)
+    Ok(s.parse::<Split>()?)
 }
 
 pub(super) fn run(cmd: &DatasetCommand) -> anyhow::Result<()> {
@@ -122,7 +114,6 @@ fn synth_cmd(args: &SynthArgs) -> anyhow::Result<()> {
         min_side: args.min_side,
     };
     let summary = synth::generate(&args.out, &opts)
-        .map_err(usage)
         .with_context(|| format!("dataset synth --out {}", args.out.display()))?;
     println!("{}: {summary}", args.out.display());
     Ok(())

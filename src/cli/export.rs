@@ -9,7 +9,6 @@ use ddetr_trainer::model::deformable_detr::DetrConfig;
 use ddetr_trainer::model::DeformableDetr;
 use ddetr_trainer::model_checkpoint;
 use ddetr_trainer::spec::Task;
-use ddetr_trainer::TrainerError;
 use tch::nn::VarStore;
 use tch::Device;
 
@@ -49,18 +48,11 @@ pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
             "the ONNX writer runs on the CPU whatever export.on_cpu says; the graph is the same"
         );
     }
-    let config = DetrConfig::from_spec(&spec.model, spec.dataset.num_classes)
-        .map_err(|err| UsageError(err.to_string()))?;
+    let config = DetrConfig::from_spec(&spec.model, spec.dataset.num_classes)?;
     let vs = VarStore::new(Device::Cpu);
     let model = DeformableDetr::new(&vs.root(), config);
     // Any published layout (ddetr, official .pth, transformers, TAO); logs what it loaded.
-    model_checkpoint::load_for_task(&vs, &checkpoint).map_err(|err| match err {
-        // The checkpoint is of another model than the spec describes: the user's to fix.
-        TrainerError::ShapeMismatch { .. }
-        | TrainerError::MissingKeys { .. }
-        | TrainerError::UnexpectedKeys { .. } => anyhow::Error::new(UsageError(err.to_string())),
-        other => anyhow::Error::new(other),
-    })?;
+    model_checkpoint::load_for_task(&vs, &checkpoint)?;
     let bytes = export::export_file(&model, &opts, &onnx_file)
         .map_err(|err| match err {
             ExportError::Write { .. } => anyhow::Error::new(err),

@@ -4,12 +4,11 @@
 use ddetr_trainer::inference;
 
 use super::spec::resolve;
-use super::train::classify;
 use super::SpecArgs;
 
 pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
     let spec = resolve(args)?.spec;
-    let out = inference::inference(&spec).map_err(classify)?;
+    let out = inference::inference(&spec)?;
     eprintln!(
         "inference: {} images, {} detections at or above conf_threshold {}",
         out.images, out.detections, spec.inference.conf_threshold

@@ -1,42 +1,31 @@
 //! `ddetr train` and `ddetr evaluate`.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use ddetr_trainer::train::{self, World};
-use ddetr_trainer::TrainerError;
+use ddetr_trainer::evaluate::evaluate as evaluate_spec;
+use ddetr_trainer::process_group::ProcessGroup;
+use ddetr_trainer::train;
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::spec::resolve;
 use super::SpecArgs;
-use crate::exit::{UsageError, SIGNAL_BASE};
-
-/// A spec/input problem exits 2, anything else 1. A checkpoint of another model than the spec
-/// describes is the spec's (or the checkpoint's) to fix.
-pub(super) fn classify(e: TrainerError) -> anyhow::Error {
-    match e {
-        TrainerError::Config(m) => UsageError(m).into(),
-        e @ (TrainerError::ShapeMismatch { .. }
-        | TrainerError::MissingKeys { .. }
-        | TrainerError::UnexpectedKeys { .. }) => UsageError(e.to_string()).into(),
-        TrainerError::Dataset(ddetr_dataset::DatasetError::InvalidArgument(m)) => {
-            UsageError(m).into()
-        }
-        TrainerError::Dataset(e @ ddetr_dataset::DatasetError::NumClassesTooSmall { .. }) => {
-            UsageError(e.to_string()).into()
-        }
-        other => other.into(),
-    }
-}
+use crate::exit::SIGNAL_BASE;
 
 pub(super) fn train(args: &SpecArgs) -> anyhow::Result<()> {
     let spec = resolve(args)?.spec;
+    // SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) both stop the run at the end of the
+    // current step with a checkpoint; the exit code says which: 128 + N.
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+    let signal = Arc::new(AtomicUsize::new(0));
+    for sig in [SIGTERM, SIGINT] {
+        signal_hook::flag::register_usize(sig, signal.clone(), sig as usize)?;
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    let world = World::from_env().map_err(classify)?;
-    let out = train::train(&spec, &world, stop).map_err(classify)?;
-    if world.comm.rank() == 0 {
+    let group = ProcessGroup::from_env()?;
+    let out = train::train(&spec, &group, &stop)?;
+    let rank = group.comm.rank();
+    if rank == 0 {
         match out.last_map {
             Some((m, m50)) => eprintln!(
                 "train: results in {} (last validation mAP {m:.4}, mAP50 {m50:.4})",
@@ -46,22 +35,27 @@ pub(super) fn train(args: &SpecArgs) -> anyhow::Result<()> {
         }
     }
     if let Some((epoch, step)) = out.stopped_at {
-        if world.comm.rank() == 0 {
+        if rank == 0 {
             eprintln!(
                 "train: stopped by a signal at epoch {epoch} step {step}; {} holds the position: rerun the same command to resume",
                 out.results_dir.join(train::LATEST).display()
             );
         }
-        drop(world);
-        std::process::exit(i32::from(SIGNAL_BASE) + signal_hook::consts::SIGTERM);
+        drop(group);
+        // A stop raised by another rank (its signal, not this process's) is reported as SIGTERM.
+        let sig = match signal.load(Ordering::SeqCst) {
+            0 => SIGTERM as usize,
+            s => s,
+        };
+        std::process::exit(i32::from(SIGNAL_BASE) + sig as i32);
     }
     Ok(())
 }
 
 pub(super) fn evaluate(args: &SpecArgs) -> anyhow::Result<()> {
     let spec = resolve(args)?.spec;
-    let world = World::from_env().map_err(classify)?;
-    if let Some(out) = train::evaluate(&spec, &world).map_err(classify)? {
+    let group = ProcessGroup::from_env()?;
+    if let Some(out) = evaluate_spec(&spec, &group)? {
         for line in &out.stats.lines {
             println!("{line}");
         }

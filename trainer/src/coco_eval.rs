@@ -9,6 +9,9 @@ use hotcoco::{Annotation, COCOeval, Dataset, COCO};
 
 use crate::TrainerError;
 
+/// A set's ground truth as COCOeval takes it.
+pub type GroundTruth = COCO;
+
 /// One detection: COCO result fields.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Detection {
@@ -89,7 +92,7 @@ impl CocoStats {
 }
 
 fn eval_err(e: impl std::fmt::Display) -> TrainerError {
-    TrainerError::BadModel(format!("COCO evaluation failed: {e}"))
+    TrainerError::Evaluation(e.to_string())
 }
 
 /// The ground truth of `cache` as a COCO dataset.

@@ -27,9 +27,9 @@ use image::RgbImage;
 use tch::Device;
 
 use crate::input_sizes::InputSizes;
-use crate::post_process::post_process;
 use crate::spec::{ExperimentSpec, Task};
-use crate::train::{build_model, pick_device};
+use crate::detector::{build_model, DeformableDetrDetector, Detector};
+use crate::device::pick_device;
 use crate::TrainerError;
 
 /// Image extensions inference reads (TAO's `VALID_IMAGE_EXTENSIONS` that the decoders handle),
@@ -98,7 +98,7 @@ pub struct InferenceOutcome {
 
 /// One detection in original-image pixels.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Detection {
+pub struct LabeledDetection {
     pub class: String,
     /// (x1, y1, x2, y2), clipped to the image.
     pub bbox: [f32; 4],
@@ -107,7 +107,7 @@ pub struct Detection {
 
 /// The KITTI label line TAO writes: class, truncation 0.00, occlusion 0, alpha 0.00, the 2D box,
 /// seven zero 3D fields, and the score.
-pub fn kitti_line(d: &Detection) -> String {
+pub fn kitti_line(d: &LabeledDetection) -> String {
     let [x1, y1, x2, y2] = d.bbox;
     format!(
         "{} 0.00 0 0.00 {x1:.3} {y1:.3} {x2:.3} {y2:.3} 0.00 0.00 0.00 0.00 0.00 0.00 0.00 {:.3}",
@@ -255,7 +255,7 @@ impl Painter {
 
     /// TAO's drawing: the box outline, a filled pad of the box's width above it (inside the box
     /// when there is no room above), and `class: score` on the pad.
-    fn draw(&self, img: &mut RgbImage, d: &Detection, id: i64) {
+    fn draw(&self, img: &mut RgbImage, d: &LabeledDetection, id: i64) {
         let c = self.colour(&d.class, id);
         let b = d.bbox.map(|v| v as i64);
         self.outline(img, b, c);
@@ -271,8 +271,16 @@ impl Painter {
     }
 }
 
-/// Runs inference over `dataset.infer_data_sources` with `inference.checkpoint` (a world of one).
+/// Runs Deformable DETR inference over `dataset.infer_data_sources` with `inference.checkpoint`
+/// (a world of one).
 pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError> {
+    inference_detector::<DeformableDetrDetector>(spec)
+}
+
+/// Inference with any [`Detector`].
+pub fn inference_detector<D: Detector>(
+    spec: &ExperimentSpec,
+) -> Result<InferenceOutcome, TrainerError> {
     let inf = &spec.inference;
     let ckpt = inf
         .checkpoint
@@ -335,11 +343,14 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
     }
 
     let device = pick_device(0)?;
-    let built = build_model(spec, device, 0)?;
-    crate::model_checkpoint::load_for_task(&built.vs, ckpt)?;
+    let built = build_model::<D>(spec, device, 0)?;
+    D::load_checkpoint(&built.vs, ckpt)?;
     let painter = Painter {
         font: FontRef::try_from_slice(dejavu::sans::regular()).map_err(|e| {
-            TrainerError::Io(format!("the embedded DejaVu font is unreadable: {e}"))
+            TrainerError::Draw {
+                what: "with the embedded DejaVu font".into(),
+                reason: e.to_string(),
+            }
         })?,
         outline: inf.outline_width,
         colours,
@@ -373,14 +384,12 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
         let dets = tch::no_grad(|| {
             let x = b.normalized(device);
             let out = built.model.forward(&x, &b.mask.to_device(device), false);
-            let last = out.last();
             let sizes: Vec<(f64, f64)> = originals
                 .iter()
                 .map(|o| (f64::from(o.height), f64::from(o.width)))
                 .collect();
-            post_process(
-                &last.logits,
-                &last.boxes,
+            built.model.post_process(
+                &out,
                 &sizes,
                 i64::from(spec.model.num_select),
                 f64::NEG_INFINITY,
@@ -403,7 +412,7 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
                 let bb = &boxes[4 * k..4 * k + 4];
                 kept.push((
                     labels[k],
-                    Detection {
+                    LabeledDetection {
                         class: class.clone(),
                         bbox: [
                             bb[0].clamp(0.0, w),
@@ -424,7 +433,7 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
     tracing::info!(
         "inference: {} ({})",
         sizes_seen.summary(),
-        crate::train::eval_padding_name(aug)
+        crate::evaluate::eval_padding_name(aug)
     );
     Ok(InferenceOutcome {
         images: images.len(),
@@ -435,8 +444,7 @@ pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TrainerError> {
-    std::fs::read(path)
-        .map_err(|e| TrainerError::Io(format!("cannot read {}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| TrainerError::io("read", path, e))
 }
 
 /// The batches (indices into `images`) inference runs: with `eval_padding: none` grouped by
@@ -454,10 +462,10 @@ fn batches(
     let mut sized = Vec::with_capacity(images.len());
     for (i, path) in images.iter().enumerate() {
         let info = probe(&read(path)?).map_err(|reason| {
-            TrainerError::Io(format!(
-                "{} is not a readable image ({reason}): remove it from the image folder or replace it",
-                path.display()
-            ))
+            TrainerError::BadImage {
+                path: path.clone(),
+                reason,
+            }
         })?;
         sized.push((i, eval_size(info.width, info.height, aug)));
     }
@@ -468,7 +476,7 @@ fn batches(
 fn write_outputs(
     path: &Path,
     rgb: Rgb8,
-    kept: &[(i64, Detection)],
+    kept: &[(i64, LabeledDetection)],
     painter: &Painter,
     labels_dir: &Path,
     images_dir: &Path,
@@ -484,15 +492,21 @@ fn write_outputs(
     }
     let label_path = labels_dir.join(format!("{stem}.txt"));
     std::fs::write(&label_path, text)
-        .map_err(|e| TrainerError::Io(format!("cannot write {}: {e}", label_path.display())))?;
+        .map_err(|e| TrainerError::io("write", &label_path, e))?;
     let mut img = RgbImage::from_raw(rgb.width, rgb.height, rgb.data)
-        .ok_or_else(|| TrainerError::Io(format!("{}: decoded size mismatch", path.display())))?;
+        .ok_or_else(|| TrainerError::Draw {
+            what: path.display().to_string(),
+            reason: "decoded size mismatch".into(),
+        })?;
     for (id, d) in kept {
         painter.draw(&mut img, d, *id);
     }
     let out = images_dir.join(path.file_name().unwrap_or_default());
     img.save(&out)
-        .map_err(|e| TrainerError::Io(format!("cannot write {}: {e}", out.display())))
+        .map_err(|e| TrainerError::Draw {
+            what: out.display().to_string(),
+            reason: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -501,7 +515,7 @@ mod tests {
 
     #[test]
     fn kitti_lines_follow_tao_layout() {
-        let d = Detection {
+        let d = LabeledDetection {
             class: "ellipse".into(),
             bbox: [1.0, 2.5, 30.25, 40.0],
             score: 0.8765,
@@ -530,7 +544,7 @@ mod tests {
             colours: BTreeMap::from([("box".to_string(), [255, 0, 0])]),
         };
         let mut img = RgbImage::new(64, 64);
-        let d = Detection {
+        let d = LabeledDetection {
             class: "box".into(),
             bbox: [10.0, 30.0, 50.0, 60.0],
             score: 0.9,

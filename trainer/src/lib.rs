@@ -1,11 +1,23 @@
-//! The `trainer` crate owns the model half and the tasks: the experiment spec ([`spec`]), the
-//! Deformable DETR model in tch with upstream parameter names and initialisation ([`model`]), the
-//! Hungarian matcher ([`matcher`], with an exact port of scipy's assignment solver in [`lsa`]),
-//! the criterion ([`criterion`]), post-processing ([`post_process`]), weight loading/saving
-//! under official keys with the transformers key map ([`weights`], reading `torch.save` archives
-//! through [`torch_pickle`]), the checkpoints the tasks take in every published layout
-//! ([`model_checkpoint`]), the tasks ([`train`], [`inference`]) with their progress display
-//! ([`progress`]) and PNG curves ([`plot`]), and the training-step benchmark ([`mod@bench`]).
+//! The `trainer` crate owns the model half and the tasks.
+//!
+//! - **The detector seam** ([`detector`]): the [`detector::Detector`] trait (build from the spec,
+//!   forward to per-layer outputs, loss, post-process, checkpoint layouts) that the tasks drive;
+//!   Deformable DETR is its first implementation: the network in tch with upstream parameter
+//!   names and initialisation ([`model`]), the Hungarian matcher ([`matcher`], with an exact port
+//!   of scipy's assignment solver in [`lsa`]), the criterion ([`criterion`]), post-processing
+//!   ([`post_process`]), the staged backward of activation checkpointing ([`step`]).
+//! - **The tasks**: [`train`] (the [`train::Trainer`] engine, its data, resume and wall-clock
+//!   budget), [`evaluate`], [`inference`], [`export`] (ONNX); shared by them: which device
+//!   ([`device`]), the job's communicator ([`process_group`]), distributed prediction
+//!   ([`predict`]), the results folder and `status.json` ([`results`]), COCO scoring
+//!   ([`coco_eval`]), the progress display ([`progress`]) and PNG curves ([`plot`]).
+//! - **Optimisation**: the spec ([`spec`]), AdamW/SGD with upstream's parameter groups
+//!   ([`optim`], [`param_groups`]), the distributed strategies DDP and ZeRO-2 ([`engine`]),
+//!   mixed precision ([`amp`]).
+//! - **Weights**: loading/saving under official keys with the transformers key map ([`weights`],
+//!   reading `torch.save` archives through [`torch_pickle`]), training checkpoints with checksums
+//!   ([`checkpoint`]), and the checkpoints the tasks take in every published layout
+//!   ([`model_checkpoint`]).
 //!
 //! Numerics are pinned by golden fixtures: `tests/golden/make_model_fixtures.py` (transformers'
 //! Deformable DETR set to the official semantics, plus the official criterion and scipy's
@@ -15,13 +27,15 @@
 
 pub mod amp;
 pub mod bench;
-pub mod budget;
 pub mod checkpoint;
 pub mod coco_eval;
 pub mod criterion;
 pub use ddetr_collective::cuda_runtime;
+pub mod detector;
+pub mod device;
 pub mod device_memory;
 pub mod engine;
+pub mod evaluate;
 pub mod export;
 pub mod inference;
 pub mod input_sizes;
@@ -30,9 +44,13 @@ pub mod matcher;
 pub mod model;
 pub mod model_checkpoint;
 pub mod optim;
+pub mod param_groups;
 pub mod plot;
 pub mod post_process;
+pub mod predict;
+pub mod process_group;
 pub mod progress;
+pub mod results;
 pub mod spec;
 pub mod step;
 pub mod torch_pickle;
@@ -40,11 +58,16 @@ pub mod train;
 pub mod weights;
 
 /// Why the model half could not do what was asked. Messages are one line: what is wrong and
-/// what to do.
+/// what to do. [`TrainerError::is_usage`] tells the binaries which errors are the invocation's
+/// (the spec, a flag, a checkpoint that does not fit the spec: exit 2) and which the run's (1).
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
+    /// A spec or input that cannot work.
     #[error("{0}")]
-    BadModel(String),
+    Config(String),
+    /// The model section describes a network the architecture cannot build.
+    #[error("{0}")]
+    UnsupportedModel(String),
     #[error("cannot read weights {path}: {reason}")]
     ReadWeights { path: String, reason: String },
     #[error("cannot write weights {path}: {reason}")]
@@ -73,19 +96,66 @@ pub enum TrainerError {
         first: String,
         hint: String,
     },
+    /// A checkpoint's optimizer state is not the shape of its parameter.
+    #[error("checkpoint optimizer state {key} has shape {found:?} but the parameter has {expected:?}: the checkpoint is from another model shape")]
+    OptimizerState {
+        key: String,
+        found: Vec<i64>,
+        expected: Vec<i64>,
+    },
     #[error("cost matrix is infeasible (contains NaN or -inf, or no full assignment exists)")]
     InfeasibleCost,
+    /// A file a task reads or writes.
+    #[error("cannot {action} {}: {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// An input image that cannot be decoded.
+    #[error("{} is not a readable image ({reason}): remove it from the image folder or replace it", .path.display())]
+    BadImage {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    /// A picture (annotated image, training curves) that could not be drawn.
+    #[error("cannot draw {what}: {reason}")]
+    Draw { what: String, reason: String },
+    /// The COCO evaluation library refused the detections or the ground truth.
+    #[error("COCO evaluation failed: {0}")]
+    Evaluation(String),
     #[error("{0}")]
     Torch(#[from] tch::TchError),
-    /// A spec or input that cannot work (a usage error).
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Io(String),
     #[error(transparent)]
     Dataset(#[from] ddetr_dataset::DatasetError),
     #[error("{0}")]
     Collective(#[from] ddetr_collective::CollectiveError),
+}
+
+impl TrainerError {
+    /// An I/O error on `path` while trying to `action` it ("read", "write", …).
+    pub fn io(action: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        TrainerError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Whether the invocation is at fault (the spec, the environment it was given, a checkpoint
+    /// that does not fit the spec), not the run: the binaries exit 2 for these.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            TrainerError::Config(_)
+            | TrainerError::UnsupportedModel(_)
+            | TrainerError::ShapeMismatch { .. }
+            | TrainerError::MissingKeys { .. }
+            | TrainerError::UnexpectedKeys { .. }
+            | TrainerError::OptimizerState { .. } => true,
+            TrainerError::Dataset(e) => e.is_usage(),
+            _ => false,
+        }
+    }
 }
 
 /// Joining the job: a missing token or port, or a refused rendezvous, is the invocation's fault

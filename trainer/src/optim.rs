@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use tch::Tensor;
 
-use crate::model::deformable_detr::{GROUP_BACKBONE, GROUP_LINEAR_PROJ};
 use crate::spec::{LrScheduler, OptimConfig, Optimizer};
 use crate::TrainerError;
 
@@ -218,12 +217,11 @@ impl Optim {
             return Ok(None);
         };
         if x.size() != p.tensor.size() {
-            return Err(TrainerError::BadModel(format!(
-                "checkpoint optimizer state optim.{}.{a} has shape {:?} but the parameter has {:?}: the checkpoint is from another model shape",
-                p.name,
-                x.size(),
-                p.tensor.size()
-            )));
+            return Err(TrainerError::OptimizerState {
+                key: format!("optim.{}.{a}", p.name),
+                found: x.size(),
+                expected: p.tensor.size(),
+            });
         }
         Ok(Some((
             x,
@@ -240,15 +238,6 @@ pub fn lr_factor(cfg: &OptimConfig, epoch: u32) -> f64 {
         LrScheduler::StepLR => (epoch / cfg.lr_step_size.max(1)) as i32,
     };
     cfg.lr_decay.powi(n)
-}
-
-/// Which group upstream puts a parameter in.
-pub fn group_name(group: usize) -> &'static str {
-    match group {
-        GROUP_BACKBONE => "backbone",
-        GROUP_LINEAR_PROJ => "linear_proj",
-        _ => "default",
-    }
 }
 
 #[cfg(test)]

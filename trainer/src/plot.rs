@@ -37,7 +37,7 @@ fn num(v: &serde_json::Value) -> Option<f64> {
 /// Reads the KPI records of a `status.json` (JSON lines; other lines are skipped).
 pub fn read_curves(status_json: &Path) -> Result<Curves, TrainerError> {
     let text = std::fs::read_to_string(status_json)
-        .map_err(|e| TrainerError::Io(format!("cannot read {}: {e}", status_json.display())))?;
+        .map_err(|e| TrainerError::io("read", status_json, e))?;
     let mut c = Curves::default();
     for line in text.lines() {
         let Ok(rec) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -79,7 +79,10 @@ fn register_font() {
 }
 
 fn draw_err(path: &Path, e: impl std::fmt::Display) -> TrainerError {
-    TrainerError::Io(format!("cannot draw {}: {e}", path.display()))
+    TrainerError::Draw {
+        what: path.display().to_string(),
+        reason: e.to_string(),
+    }
 }
 
 /// A named line of (x, value) points in an RGB colour.

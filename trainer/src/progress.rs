@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::train::fmt_secs;
 
 /// How often the log-line mode reports within an epoch.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -255,4 +254,10 @@ mod tests {
         p.update(t1 + Duration::from_secs(1), 1, 0, S);
         assert_eq!(p.step_seconds(), &[1.0, 1.0]);
     }
+}
+
+/// `H:MM:SS`.
+pub fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
 }

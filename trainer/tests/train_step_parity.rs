@@ -26,7 +26,9 @@ use ddetr_trainer::criterion::{local_num_boxes, normalizer, SetCriterion};
 use ddetr_trainer::matcher::Target;
 use ddetr_trainer::spec::{ExperimentSpec, ModelConfig, Precision};
 use ddetr_trainer::step::{forward_backward, StepMode};
-use ddetr_trainer::train::{build_model, Built};
+use ddetr_trainer::detector::{build_model, DeformableDetrDetector};
+
+type Built = ddetr_trainer::detector::Built<DeformableDetrDetector>;
 use tch::{Device, Kind, Tensor};
 
 const FIXTURE: &str = "train_step_r50.safetensors";
@@ -78,7 +80,7 @@ fn built(fx: &BTreeMap<String, Tensor>) -> Built {
             && m.focal_alpha == 0.25,
         "ModelConfig::default() is no longer the configuration the fixture was made with"
     );
-    let built = build_model(&spec, Device::Cpu, 0).expect("model builds");
+    let built = build_model::<DeformableDetrDetector>(&spec, Device::Cpu, 0).expect("model builds");
     fill_model(&built.vs);
     let vars = built.vs.variables();
     for l in 0..6 {
@@ -209,7 +211,7 @@ fn check_step(built: &Built, fx: &BTreeMap<String, Tensor>, activation_checkpoin
     }
     let amp = Amp::new(Precision::Fp32, Device::Cpu);
     let losses = forward_backward(
-        &built.model,
+        &built.model.net,
         &criterion,
         &images,
         &mask,
@@ -306,7 +308,7 @@ fn check_step(built: &Built, fx: &BTreeMap<String, Tensor>, activation_checkpoin
 #[test]
 fn trainable_parameters_equal_the_reference() {
     let fx = read_fixture(FIXTURE);
-    let built = build_model(&spec(), Device::Cpu, 0).expect("model builds");
+    let built = build_model::<DeformableDetrDetector>(&spec(), Device::Cpu, 0).expect("model builds");
     let ours: BTreeSet<String> = built.params.iter().map(|p| p.name.clone()).collect();
     let theirs = reference_trainable(&fx);
     assert_eq!(

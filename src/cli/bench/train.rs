@@ -8,12 +8,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
 use ddetr_dataset::synth::{self, SynthOptions};
-use ddetr_trainer::train::{self, World};
+use ddetr_trainer::process_group::ProcessGroup;
+use ddetr_trainer::train;
 
 /// Flags of `ddetr bench train`.
 #[derive(Debug, Args)]
@@ -97,7 +97,7 @@ fn step(args: &TrainBenchArgs) -> anyhow::Result<()> {
         },
     )?;
     let spec = ddetr_trainer::spec::load_str(&bench_spec(tmp.path(), args), &[], None)?.spec;
-    let out = train::train(&spec, &World::single(), Arc::new(AtomicBool::new(false)))?;
+    let out = train::train(&spec, &ProcessGroup::single(), &AtomicBool::new(false))?;
     if out.step_s.len() < 2 {
         bail!(
             "the run made {} steps: expected {}",

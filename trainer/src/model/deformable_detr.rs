@@ -12,6 +12,7 @@ use super::deformable_transformer::{
 use super::position_encoding::PositionEmbeddingSine;
 use super::{default_bias, default_weight, inverse_sigmoid, linear, xavier_uniform};
 use crate::spec::ModelConfig;
+use crate::param_groups::GROUP_BACKBONE;
 use crate::TrainerError;
 
 /// Focal-loss prior: class logits start at −log((1 − π)/π), π = 0.01 (RetinaNet §4.1).
@@ -20,13 +21,6 @@ pub const PRIOR_PROB: f64 = 0.01;
 pub const BBOX_SIZE_BIAS: f64 = -2.0;
 /// `input_proj`'s GroupNorm groups.
 pub const GROUP_NORM_GROUPS: i64 = 32;
-/// Optimizer group of `backbone.0.*` (upstream's `lr_backbone_names`).
-pub const GROUP_BACKBONE: usize = 1;
-/// Optimizer group of `*sampling_offsets*` and `*reference_points*` (upstream's
-/// `lr_linear_proj_names`, trained at lr × `lr_linear_proj_mult`).
-pub const GROUP_LINEAR_PROJ: usize = 2;
-/// Optimizer group of every other parameter.
-pub const GROUP_DEFAULT: usize = 0;
 /// Layers of the box MLP.
 const BBOX_MLP_LAYERS: i64 = 3;
 
@@ -142,30 +136,30 @@ impl DetrConfig {
             .map(|&i| i as usize)
             .collect();
         if backbone_stages.is_empty() {
-            return Err(TrainerError::BadModel(format!(
+            return Err(TrainerError::UnsupportedModel(format!(
                 "model.return_interm_indices {:?} names no ResNet stage: include at least one index in 0..=3",
                 m.return_interm_indices
             )));
         }
         if m.return_interm_indices.len() != m.num_feature_levels as usize {
-            return Err(TrainerError::BadModel(format!(
+            return Err(TrainerError::UnsupportedModel(format!(
                 "model.return_interm_indices has {} entries but model.num_feature_levels is {}: give one index per level",
                 m.return_interm_indices.len(),
                 m.num_feature_levels
             )));
         }
         if m.dilation && m.backbone != crate::spec::Backbone::Resnet50 {
-            return Err(TrainerError::BadModel(
+            return Err(TrainerError::UnsupportedModel(
                 "model.dilation needs a bottleneck ResNet: use backbone resnet_50 or set dilation: false".into(),
             ));
         }
         if m.two_stage && !m.with_box_refine {
-            return Err(TrainerError::BadModel(
+            return Err(TrainerError::UnsupportedModel(
                 "model.two_stage needs model.with_box_refine: true".into(),
             ));
         }
         if num_classes == 0 {
-            return Err(TrainerError::BadModel(
+            return Err(TrainerError::UnsupportedModel(
                 "dataset.num_classes is 0: set it to max category id + 1".into(),
             ));
         }

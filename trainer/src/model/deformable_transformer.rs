@@ -326,7 +326,7 @@ impl DeformableTransformer {
         } else {
             (
                 Some(linear(
-                    (p / "reference_points").set_group(super::deformable_detr::GROUP_LINEAR_PROJ),
+                    (p / "reference_points").set_group(crate::param_groups::GROUP_LINEAR_PROJ),
                     d,
                     2,
                     xavier_uniform(d, 2, 1.0),

@@ -64,7 +64,7 @@ impl MSDeformAttn {
     pub fn new(p: nn::Path, d_model: i64, n_levels: i64, n_heads: i64, n_points: i64) -> Self {
         let n_off = n_heads * n_levels * n_points * 2;
         let sampling_offsets = linear(
-            (&p / "sampling_offsets").set_group(super::deformable_detr::GROUP_LINEAR_PROJ),
+            (&p / "sampling_offsets").set_group(crate::param_groups::GROUP_LINEAR_PROJ),
             d_model,
             n_off,
             Init::Const(0.0),

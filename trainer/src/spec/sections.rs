@@ -233,7 +233,7 @@ pub struct TrainConfig {
     pub num_epochs: u32,
     /// (ddetr) A wall-clock budget in minutes; 0 = none. The number of epochs and the lr steps are
     /// fitted to the measured throughput so the run ends, validated and checkpointed, within it
-    /// (`num_epochs` then only sets the shape of the lr schedule). See `crate::budget`.
+    /// (`num_epochs` then only sets the shape of the lr schedule). See `crate::train::budget`.
     pub max_minutes: f64,
     /// Epochs between `model_epoch_NNN` checkpoints.
     pub checkpoint_interval: u32,

@@ -9,7 +9,8 @@
 //! * should the estimate be wrong, the epoch in progress stops where the time left only covers
 //!   the final validation and checkpoint ([`Budget::must_stop`]).
 //!
-//! Pure arithmetic on measured seconds, no clock: the trainer measures and asks.
+//! Pure arithmetic on measured seconds, no clock: the trainer measures and asks (agreeing on the
+//! plan across ranks is the trainer's: [`super::trainer`]).
 
 use crate::spec::{LrScheduler, OptimConfig};
 
@@ -114,6 +115,32 @@ pub fn scaled(optim: &OptimConfig, from: u32, to: u32) -> OptimConfig {
         LrScheduler::StepLR => o.lr_step_size = at(o.lr_step_size),
     }
     o
+}
+
+/// Steps whose mean gives a `train.max_minutes` run's step time.
+const RECENT_STEPS: usize = 200;
+
+/// What a `train.max_minutes` run knows of itself at `epoch` after `steps_into_epoch` steps,
+/// from the step times so far; `None` until a step past the warm-up has been timed.
+pub fn measure(
+    step_seconds: &[f64],
+    elapsed_s: f64,
+    validation_s: Option<f64>,
+    epoch: u32,
+    steps_into_epoch: usize,
+) -> Option<Measured> {
+    let s = step_seconds;
+    // The recent steps (past the warm-up): the throughput the rest of the run will see.
+    let timed = s
+        .get(1.max(s.len().saturating_sub(RECENT_STEPS))..)
+        .filter(|t| !t.is_empty())?;
+    Some(Measured {
+        elapsed_s,
+        step_s: timed.iter().sum::<f64>() / timed.len() as f64,
+        validation_s,
+        epochs_done: epoch,
+        steps_into_epoch,
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,606 @@
+//! The training engine: a [`Trainer`] holds one rank's run (detector, optimizer, distributed
+//! engine, loss scaler, schedule, progress) and has a method for each thing a run does — a step,
+//! an epoch's end, a validation, a checkpoint. [`super::train`] drives it epoch by epoch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use ddetr_collective::{Communicator, ReduceOp};
+use ddetr_dataset::loader::Batch;
+use tch::{Device, Tensor};
+
+use super::budget::{self, Budget, Measured, Plan, PROBE_STEPS};
+use super::data::TrainData;
+use super::resume::{find_resume, load_model_tensors};
+use super::{epoch_checkpoint_name, step_seed, TrainOutcome, LATEST};
+use crate::amp::Amp;
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::coco_eval;
+use crate::criterion::{local_num_boxes, normalizer};
+use crate::detector::{build_model, Built, Detector};
+use crate::device::{pick_device, share_cpu_threads};
+use crate::engine::Engine;
+use crate::matcher::Target;
+use crate::optim::Optim;
+use crate::predict::predict;
+use crate::progress::{fmt_secs, Display, Progress, StepStats};
+use crate::results::ResultsDir;
+use crate::spec::{ExperimentSpec, LrScheduler, OptimConfig, Precision, Task};
+use crate::step::StepMode;
+use crate::TrainerError;
+
+/// How an epoch's loop ended.
+pub enum EpochEnd {
+    /// Every step ran.
+    Complete,
+    /// `train.max_minutes` leaves time only for the final validation and checkpoint.
+    OutOfBudget,
+    /// A signal (or the caller's flag) stopped the run after this (epoch, step); a checkpoint
+    /// holds the position.
+    Stopped(u32, usize),
+}
+
+/// What one step's all-reduce told every rank.
+struct StepResult {
+    /// Any rank was asked to stop.
+    stop: bool,
+    /// Any rank's budget leaves only the final validation.
+    out_of_time: bool,
+    /// This rank's measurements after the step (with a budget).
+    measured: Option<Measured>,
+}
+
+/// Loss sums of the epoch in progress (rank averages), for its status record.
+#[derive(Default)]
+struct EpochLosses {
+    sums: [f64; 4],
+    steps: usize,
+}
+
+/// One rank's training run.
+pub struct Trainer<'c, D> {
+    spec: &'c ExperimentSpec,
+    comm: &'c Communicator,
+    device: Device,
+    dir: ResultsDir,
+    seed: i64,
+    spec_yaml: String,
+    data: TrainData,
+    built: Built<D>,
+    optim: Optim,
+    engine: Engine<'c>,
+    amp: Amp,
+    /// The schedule: the spec's, or fitted to `train.max_minutes` as the run measures itself.
+    plan: Plan,
+    budget: Option<Budget>,
+    /// The last validation's wall seconds (the budget's estimate of the next).
+    validation_s: Option<f64>,
+    fitted: bool,
+    out_of_budget: bool,
+    progress: Progress,
+    run_start: Instant,
+    pub(super) epoch: u32,
+    start: (u32, usize),
+    global_step: u64,
+    losses: EpochLosses,
+    epoch_start: Instant,
+    last_map: Option<(f64, f64)>,
+}
+
+impl<'c, D: Detector> Trainer<'c, D> {
+    /// Sets the run up: device, data, detector, optimizer, resume (or pretrained weights), the
+    /// distributed engine; writes `experiment.yaml` and the STARTED status.
+    pub fn new(spec: &'c ExperimentSpec, comm: &'c Communicator) -> Result<Self, TrainerError> {
+        let (rank, nworld) = (comm.rank(), comm.world());
+        let device = pick_device(comm.local_rank())?;
+        if device == Device::Cpu && spec.train.precision != Precision::Fp32 {
+            let name = if spec.train.precision == Precision::Fp16 {
+                "fp16"
+            } else {
+                "bf16"
+            };
+            return Err(TrainerError::Config(format!(
+                "train.precision {name} needs a CUDA GPU but this run is on the CPU: set train.precision=fp32"
+            )));
+        }
+        share_cpu_threads(device, comm.local_world());
+        let dir = ResultsDir::create(spec.task_results_dir(Task::Train))?;
+        let seed = spec.train.seed.max(0);
+        let data = TrainData::open(spec, comm, seed)?;
+
+        let built = build_model::<D>(spec, device, seed)?;
+        let mut optim = Optim::new(&spec.train.optim, built.params.len());
+        let mut start = (0u32, 0usize);
+        let mut global_step = 0u64;
+        let resume = find_resume(spec, &dir.path)?;
+        if let Some(ck) = &resume {
+            load_model_tensors(&built, &ck.tensors, &ck.path)?;
+            start = (ck.meta.epoch, ck.meta.step);
+            global_step = ck.meta.global_step;
+            if ck.meta.world != nworld && start.1 > 0 {
+                tracing::warn!(
+                    saved = ck.meta.world,
+                    now = nworld,
+                    "resuming mid-epoch with another world size: the rest of the epoch restarts at step 0"
+                );
+                start.1 = 0;
+            }
+            tracing::info!(path = %ck.path.display(), epoch = start.0, step = start.1, "resuming");
+        } else if let Some(p) = spec
+            .train
+            .pretrained_model_path
+            .as_deref()
+            .filter(|p| !p.is_empty())
+        {
+            let r = crate::weights::load_file(
+                &built.vs,
+                std::path::Path::new(p),
+                crate::weights::LoadMode::Pretrained,
+            )?;
+            tracing::info!(
+                path = p,
+                loaded = r.loaded,
+                skipped = r.skipped_shape.len(),
+                "pretrained weights loaded"
+            );
+        }
+        tch::manual_seed(seed + rank as i64);
+        let buffers: Vec<Tensor> = built
+            .buffers
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        let mut engine = Engine::new(
+            spec.train.distributed_strategy,
+            comm,
+            &built.params,
+            &buffers,
+        )?;
+        let mut amp = Amp::new(spec.train.precision, device);
+        if let Some(ck) = &resume {
+            engine.load_state(&mut optim, &built.params, &ck.tensors)?;
+            amp.load_state(&ck.tensors);
+        }
+        drop(resume);
+        tracing::info!(
+            strategy = engine.name(),
+            optimizer_state_bytes_per_rank = engine.state_bytes_per_rank(&optim, &built.params),
+            "distributed engine ready"
+        );
+        let spec_yaml = spec.to_yaml();
+        if rank == 0 {
+            dir.write("experiment.yaml", spec_yaml.as_bytes())?;
+            dir.status("STARTED", "Starting Training Loop.", None)?;
+        }
+
+        let steps = data.train.steps_per_epoch();
+        let plan = Plan {
+            epochs: spec.train.num_epochs,
+            optim: spec.train.optim.clone(),
+        };
+        let budget = (spec.train.max_minutes > 0.0).then(|| Budget {
+            seconds: spec.train.max_minutes * 60.0,
+            spec_epochs: spec.train.num_epochs,
+            steps_per_epoch: steps,
+            val_batches: data.val.as_ref().map_or(0, |l| l.steps_per_epoch()),
+            validation_interval: spec.train.validation_interval,
+        });
+        let run_start = Instant::now();
+        let progress = Progress::new(
+            Display::auto(rank),
+            plan.epochs,
+            steps,
+            data.global_batch,
+            start,
+        );
+        Ok(Self {
+            spec,
+            comm,
+            device,
+            dir,
+            seed,
+            spec_yaml,
+            data,
+            built,
+            optim,
+            engine,
+            amp,
+            plan,
+            budget,
+            validation_s: None,
+            fitted: false,
+            out_of_budget: false,
+            progress,
+            run_start,
+            epoch: start.0,
+            start,
+            global_step,
+            losses: EpochLosses::default(),
+            epoch_start: Instant::now(),
+            last_map: None,
+        })
+    }
+
+    /// The epochs the run will train (fitted under `train.max_minutes`).
+    pub fn epochs(&self) -> u32 {
+        self.plan.epochs
+    }
+
+    /// Runs the steps of the current epoch (from the resumed step in the first), or until
+    /// `stop` is raised on any rank or the budget runs out.
+    pub fn run_epoch(&mut self, stop: &AtomicBool) -> Result<EpochEnd, TrainerError> {
+        let epoch = self.epoch;
+        self.optim.set_epoch(&self.plan.optim, epoch);
+        self.epoch_start = Instant::now();
+        self.losses = EpochLosses::default();
+        let first = if epoch == self.start.0 { self.start.1 } else { 0 };
+        self.progress.start_epoch(epoch);
+        let steps = self.data.train.steps_per_epoch();
+        for batch in self.data.train.epoch(u64::from(epoch), first) {
+            let batch = batch?;
+            let step = batch.step;
+            let r = self.step(&batch, stop.load(Ordering::SeqCst))?;
+            if r.stop {
+                let at = if step + 1 == steps {
+                    (epoch + 1, 0)
+                } else {
+                    (epoch, step + 1)
+                };
+                self.save(at.0, at.1, &[LATEST])?;
+                if self.comm.rank() == 0 {
+                    self.dir.status(
+                        "RUNNING",
+                        &format!(
+                            "Stopped by a signal at epoch {epoch} step {}; checkpoint written.",
+                            step + 1
+                        ),
+                        None,
+                    )?;
+                }
+                tracing::info!(
+                    epoch,
+                    step = step + 1,
+                    "stopped by a signal: checkpoint written; run the same command to resume"
+                );
+                return Ok(EpochEnd::Stopped(epoch, step + 1));
+            }
+            self.fit_after_probe(r.measured)?;
+            if r.out_of_time {
+                self.out_of_budget = true;
+                self.plan.epochs = epoch + 1;
+                self.progress.set_epochs(self.plan.epochs);
+                tracing::info!(
+                    epoch,
+                    step = step + 1,
+                    "train.max_minutes: the time left covers only the final validation and checkpoint: this epoch ends here"
+                );
+                return Ok(EpochEnd::OutOfBudget);
+            }
+        }
+        Ok(EpochEnd::Complete)
+    }
+
+    /// One optimizer step on `batch`: the box count averaged over ranks, forward + loss +
+    /// backward, the engine's gradient sync, clip and update, the loss scaler, then one
+    /// all-reduce of the losses and of the stop and out-of-time flags.
+    fn step(&mut self, batch: &Batch, stop_here: bool) -> Result<StepResult, TrainerError> {
+        let (comm, device, spec) = (self.comm, self.device, self.spec);
+        let nworld = comm.world();
+        let (epoch, step) = (self.epoch, batch.step);
+        let images = batch.normalized(device);
+        let mask = batch.mask.to_device(device);
+        let targets = targets_of(batch, device);
+        // num_boxes averaged over ranks (upstream's all_reduce / world size).
+        let mut nb = Tensor::from_slice(&[local_num_boxes(&targets)]);
+        comm.all_reduce(&mut nb, ReduceOp::Sum)?;
+        let num_boxes = normalizer(nb.double_value(&[0]) / nworld as f64);
+        for p in &self.built.params {
+            let mut g = p.tensor.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        // libtorch's RNG (dropout) is a function of (seed, rank, step), so a run resumed from a
+        // mid-epoch checkpoint draws what the uninterrupted run drew.
+        tch::manual_seed(step_seed(self.seed, comm.rank(), self.global_step));
+        let scale = self.amp.loss_scale();
+        let losses = self.built.model.forward_backward(
+            &images,
+            &mask,
+            &targets,
+            num_boxes,
+            &self.amp,
+            StepMode {
+                activation_checkpoint: spec.train.activation_checkpoint,
+                loss_scale: scale,
+            },
+        )?;
+        let report = self.engine.step(
+            &mut self.optim,
+            &self.built.params,
+            spec.train.clip_grad_norm,
+            1.0 / scale,
+        )?;
+        if report.skipped {
+            tracing::warn!(
+                step,
+                scale,
+                "fp16 gradients overflowed: step skipped, loss scale halved"
+            );
+        }
+        self.amp.update(report.skipped);
+        self.global_step += 1;
+        let term = |k: &str| losses.terms.get(k).map_or(0.0, |t| t.double_value(&[]));
+        let measured = self.measure(epoch, step + 1);
+        let out_of_time =
+            matches!((&self.budget, &measured), (Some(b), Some(m)) if b.must_stop(m));
+        let mut agg = Tensor::from_slice(&[
+            losses.total.double_value(&[]),
+            term("loss_ce"),
+            term("loss_bbox"),
+            term("loss_giou"),
+            f64::from(u8::from(stop_here)),
+            f64::from(u8::from(out_of_time)),
+        ]);
+        comm.all_reduce(&mut agg, ReduceOp::Sum)?;
+        let agg: Vec<f64> = Vec::try_from(&agg)?;
+        let m = |k: usize| agg[k] / nworld as f64;
+        for k in 0..4 {
+            self.losses.sums[k] += m(k);
+        }
+        self.losses.steps += 1;
+        let lr = self.optim.lr(0);
+        self.progress.step(
+            epoch,
+            step,
+            StepStats {
+                loss: m(0),
+                loss_ce: m(1),
+                loss_bbox: m(2),
+                loss_giou: m(3),
+                lr,
+            },
+        );
+        Ok(StepResult {
+            stop: agg[4] > 0.0,
+            out_of_time: agg[5] > 0.0,
+            measured,
+        })
+    }
+
+    /// The epoch's end: checkpoints, the budget's refit, a validation when due, the status
+    /// record and the curves.
+    pub fn end_epoch(&mut self) -> Result<(), TrainerError> {
+        let epoch = self.epoch;
+        let time_per_epoch = self.epoch_start.elapsed().as_secs_f64();
+        let mut names = vec![LATEST.to_string()];
+        let interval = self.spec.train.checkpoint_interval;
+        if interval > 0 && (epoch + 1) % interval == 0 {
+            names.push(epoch_checkpoint_name(epoch));
+        }
+        let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.save(epoch + 1, 0, &names_ref)?;
+        self.refit_at_epoch_end()?;
+        let interval = self.spec.train.validation_interval;
+        let due = (interval > 0 && (epoch + 1) % interval == 0) || epoch + 1 == self.plan.epochs;
+        let map = if due { self.validate()? } else { None };
+        if self.comm.rank() == 0 {
+            self.write_epoch_status(time_per_epoch, map)?;
+        }
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// COCO mAP of the validation set (rank 0 scores; every rank predicts its shard); `None`
+    /// without a validation set and on other ranks.
+    pub fn validate(&mut self) -> Result<Option<(f64, f64)>, TrainerError> {
+        let Some(loader) = &self.data.val else {
+            return Ok(None);
+        };
+        let t0 = Instant::now();
+        let (dets, _) = predict(
+            &self.built.model,
+            loader,
+            self.comm,
+            i64::from(self.spec.model.num_select),
+            0.0,
+            self.device,
+        )?;
+        self.validation_s = Some(t0.elapsed().as_secs_f64());
+        let Some(gt) = &self.data.ground_truth else {
+            return Ok(None);
+        };
+        let s = coco_eval::evaluate(gt, &dets)?;
+        tracing::info!(
+            "epoch {}/{} validation: mAP {:.4} mAP50 {:.4} ({} detections, {:.1} s)",
+            self.epoch + 1,
+            self.plan.epochs,
+            s.map(),
+            s.map50(),
+            dets.len(),
+            t0.elapsed().as_secs_f64()
+        );
+        let map = (s.map(), s.map50());
+        self.last_map = Some(map);
+        Ok(Some(map))
+    }
+
+    /// Writes a checkpoint (model, optimizer, loss scaler, position) under each of `names`.
+    /// Collective under fsdp (the sharded state is gathered), so every rank calls it; rank 0
+    /// writes.
+    pub fn save(&self, epoch: u32, step: usize, names: &[&str]) -> Result<(), TrainerError> {
+        let state = self.engine.state_tensors(&self.optim, &self.built.params)?;
+        if self.comm.rank() != 0 {
+            return Ok(());
+        }
+        let built = &self.built;
+        let mut t: Vec<(String, Tensor)> = built
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+            .chain(
+                built
+                    .buffers
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone())),
+            )
+            .collect();
+        t.extend(state);
+        t.extend(self.amp.state_tensors());
+        let meta = CheckpointMeta {
+            epoch,
+            step,
+            global_step: self.global_step,
+            seed: self.spec.train.seed,
+            world: self.comm.world(),
+            spec_yaml: self.spec_yaml.clone(),
+        };
+        for n in names {
+            checkpoint::save(&self.dir.join(n), &t, &meta)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the run: the SUCCESS status, a barrier, the progress display closed.
+    pub fn finish(mut self) -> Result<TrainOutcome, TrainerError> {
+        if self.comm.rank() == 0 {
+            self.dir
+                .status("SUCCESS", "Train finished successfully.", None)?;
+        }
+        self.comm.barrier()?;
+        self.progress.finish();
+        Ok(self.outcome(None))
+    }
+
+    /// The run's outcome so far.
+    pub fn outcome(&self, stopped_at: Option<(u32, usize)>) -> TrainOutcome {
+        TrainOutcome {
+            stopped_at,
+            last_map: self.last_map,
+            results_dir: self.dir.path.clone(),
+            step_s: self.progress.step_seconds().to_vec(),
+        }
+    }
+
+    /// The status record of an epoch (rank 0) and the curves drawn from all records so far.
+    fn write_epoch_status(
+        &self,
+        time_per_epoch: f64,
+        map: Option<(f64, f64)>,
+    ) -> Result<(), TrainerError> {
+        let epoch = self.epoch;
+        let n = self.losses.steps.max(1) as f64;
+        let sums = &self.losses.sums;
+        let done = epoch + 1 - self.start.0;
+        let eta = self.run_start.elapsed().as_secs_f64() / f64::from(done)
+            * f64::from(self.plan.epochs.saturating_sub(epoch + 1));
+        let steps = self.data.train.steps_per_epoch();
+        let mut kpi = serde_json::json!({
+            "epoch": epoch, "max_epoch": self.plan.epochs, "step": self.global_step,
+            "max_step": u64::from(self.plan.epochs) * steps as u64,
+            "train_loss": sums[0] / n, "train_loss_ce": sums[1] / n,
+            "train_loss_bbox": sums[2] / n, "train_loss_giou": sums[3] / n,
+            "lr": self.optim.lr(0), "time_per_epoch": fmt_secs(time_per_epoch),
+            "eta": fmt_secs(eta),
+        });
+        if let Some((m, m50)) = map {
+            kpi["val_mAP"] = serde_json::json!(m);
+            kpi["val_mAP50"] = serde_json::json!(m50);
+        }
+        self.dir
+            .status("RUNNING", "Training loop in progress", Some(kpi))?;
+        if let Err(e) = crate::plot::training_curves(&self.dir.path) {
+            tracing::warn!("training plots not written: {e}");
+        }
+        Ok(())
+    }
+
+    /// What a `train.max_minutes` run knows of itself (None without a budget or before a step
+    /// past the warm-up was timed).
+    fn measure(&self, epoch: u32, steps_into_epoch: usize) -> Option<Measured> {
+        self.budget.as_ref()?;
+        budget::measure(
+            self.progress.step_seconds(),
+            self.run_start.elapsed().as_secs_f64(),
+            self.validation_s,
+            epoch,
+            steps_into_epoch,
+        )
+    }
+
+    /// With a budget, the first fit once the probe steps are timed (`m`: measured at the step).
+    fn fit_after_probe(&mut self, m: Option<Measured>) -> Result<(), TrainerError> {
+        let Some(m) = m else { return Ok(()) };
+        if self.fitted || self.progress.step_seconds().len() <= PROBE_STEPS {
+            return Ok(());
+        }
+        self.agree_plan(&m)?;
+        self.fitted = true;
+        self.log_plan(&m, "after the first steps");
+        Ok(())
+    }
+
+    /// With a budget, the schedule is fitted again at every epoch end with the last
+    /// validation's measured cost (first fitted here where the epoch was shorter than the
+    /// probe), before deciding whether this epoch is the last.
+    fn refit_at_epoch_end(&mut self) -> Result<(), TrainerError> {
+        if self.out_of_budget {
+            return Ok(());
+        }
+        let Some(m) = self.measure(self.epoch + 1, 0) else {
+            return Ok(());
+        };
+        let before = self.plan.epochs;
+        self.agree_plan(&m)?;
+        if self.plan.epochs != before || !self.fitted {
+            self.log_plan(&m, "at an epoch end");
+        }
+        self.fitted = true;
+        Ok(())
+    }
+
+    /// The budget's schedule, the same on every rank (the longest any rank's measurements
+    /// allow is taken; ranks run in lockstep, so their step times agree).
+    fn agree_plan(&mut self, m: &Measured) -> Result<(), TrainerError> {
+        let b = self.budget.as_ref().expect("a budget");
+        let optim = &self.spec.train.optim;
+        let mine = b.fit(optim, m);
+        let mut t = Tensor::from_slice(&[f64::from(mine.epochs)]);
+        self.comm.all_reduce(&mut t, ReduceOp::Max)?;
+        let epochs = t.double_value(&[0]) as u32;
+        self.plan = Plan {
+            epochs,
+            optim: budget::scaled(optim, b.spec_epochs, epochs),
+        };
+        self.progress.set_epochs(epochs);
+        Ok(())
+    }
+
+    fn log_plan(&self, m: &Measured, when: &str) {
+        let optim: &OptimConfig = &self.plan.optim;
+        tracing::info!(
+            "train.max_minutes {}: {:.2} s a step{} {when}: {} epochs, lr steps {:?}",
+            self.spec.train.max_minutes,
+            m.step_s,
+            m.validation_s
+                .map_or(String::new(), |v| format!(", {v:.1} s a validation")),
+            self.plan.epochs,
+            match optim.lr_scheduler {
+                LrScheduler::MultiStep => optim.lr_steps.clone(),
+                LrScheduler::StepLR => vec![optim.lr_step_size],
+            }
+        );
+    }
+}
+
+/// The batch's targets on `device` in the criterion's form.
+fn targets_of(batch: &Batch, device: Device) -> Vec<Target> {
+    batch
+        .targets
+        .iter()
+        .map(|t| Target {
+            labels: t.labels.to_device(device),
+            boxes: t.boxes.to_device(device),
+        })
+        .collect()
+}
