@@ -12,7 +12,7 @@
 //!   ([`predict`]), the results folder and `status.json` ([`results`]), COCO scoring
 //!   ([`coco_eval`]), the progress display ([`progress`]) and PNG curves ([`plot`]).
 //! - **Optimisation**: the spec ([`spec`]), AdamW/SGD with upstream's parameter groups
-//!   ([`optim`], [`param_groups`]), the distributed strategies DDP and ZeRO-2 ([`engine`]),
+//!   ([`optim`], [`param_groups`]), the distributed strategies DDP and ZeRO-2 ([`strategy`]),
 //!   mixed precision ([`amp`]).
 //! - **Weights**: loading/saving under official keys with the transformers key map ([`weights`],
 //!   reading `torch.save` archives through [`torch_pickle`]), training checkpoints with checksums
@@ -34,7 +34,6 @@ pub use ddetr_collective::cuda_runtime;
 pub mod detector;
 pub mod device;
 pub mod device_memory;
-pub mod engine;
 pub mod evaluate;
 pub mod export;
 pub mod inference;
@@ -53,6 +52,7 @@ pub mod progress;
 pub mod results;
 pub mod spec;
 pub mod step;
+pub mod strategy;
 pub mod torch_pickle;
 pub mod train;
 pub mod weights;

@@ -1,5 +1,5 @@
 //! `ddetr train`: the dataset cache → loader → detector → loss (num_boxes averaged across ranks)
-//! → the distributed engine's gradient sync (DDP buckets or ZeRO-2) → global-norm clip →
+//! → the distributed strategy's gradient sync (DDP buckets or ZeRO-2) → global-norm clip →
 //! AdamW/SGD with upstream's parameter groups → MultiStep/StepLR per epoch; checkpoints with
 //! checksums and auto-resume (mid-epoch after a SIGTERM); COCO mAP validation; `status.json`
 //! (JSON lines in TAO's KPI shape) and `experiment.yaml`; a wall-clock budget

@@ -1,5 +1,5 @@
 //! The training engine: a [`Trainer`] holds one rank's run (detector, optimizer, distributed
-//! engine, loss scaler, schedule, progress) and has a method for each thing a run does — a step,
+//! strategy, loss scaler, schedule, progress) and has a method for each thing a run does — a step,
 //! an epoch's end, a validation, a checkpoint. [`super::train`] drives it epoch by epoch.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +19,7 @@ use crate::coco_eval;
 use crate::criterion::{local_num_boxes, normalizer};
 use crate::detector::{build_model, Built, Detector};
 use crate::device::{pick_device, share_cpu_threads};
-use crate::engine::Engine;
+use crate::strategy::Strategy;
 use crate::matcher::Target;
 use crate::optim::Optim;
 use crate::predict::predict;
@@ -68,7 +68,7 @@ pub struct Trainer<'c, D> {
     data: TrainData,
     built: Built<D>,
     optim: Optim,
-    engine: Engine<'c>,
+    strategy: Strategy<'c>,
     amp: Amp,
     /// The schedule: the spec's, or fitted to `train.max_minutes` as the run measures itself.
     plan: Plan,
@@ -89,7 +89,7 @@ pub struct Trainer<'c, D> {
 
 impl<'c, D: Detector> Trainer<'c, D> {
     /// Sets the run up: device, data, detector, optimizer, resume (or pretrained weights), the
-    /// distributed engine; writes `experiment.yaml` and the STARTED status.
+    /// distributed strategy; writes `experiment.yaml` and the STARTED status.
     pub fn new(spec: &'c ExperimentSpec, comm: &'c Communicator) -> Result<Self, TrainerError> {
         let (rank, nworld) = (comm.rank(), comm.world());
         let device = pick_device(comm.local_rank())?;
@@ -150,7 +150,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
             .iter()
             .map(|(_, t)| t.shallow_clone())
             .collect();
-        let mut engine = Engine::new(
+        let mut strategy = Strategy::new(
             spec.train.distributed_strategy,
             comm,
             &built.params,
@@ -158,13 +158,13 @@ impl<'c, D: Detector> Trainer<'c, D> {
         )?;
         let mut amp = Amp::new(spec.train.precision, device);
         if let Some(ck) = &resume {
-            engine.load_state(&mut optim, &built.params, &ck.tensors)?;
+            strategy.load_state(&mut optim, &built.params, &ck.tensors)?;
             amp.load_state(&ck.tensors);
         }
         drop(resume);
         tracing::info!(
-            strategy = engine.name(),
-            optimizer_state_bytes_per_rank = engine.state_bytes_per_rank(&optim, &built.params),
+            strategy = strategy.name(),
+            optimizer_state_bytes_per_rank = strategy.state_bytes_per_rank(&optim, &built.params),
             "distributed engine ready"
         );
         let spec_yaml = spec.to_yaml();
@@ -203,7 +203,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
             data,
             built,
             optim,
-            engine,
+            strategy,
             amp,
             plan,
             budget,
@@ -281,7 +281,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
     }
 
     /// One optimizer step on `batch`: the box count averaged over ranks, forward + loss +
-    /// backward, the engine's gradient sync, clip and update, the loss scaler, then one
+    /// backward, the strategy's gradient sync, clip and update, the loss scaler, then one
     /// all-reduce of the losses and of the stop and out-of-time flags.
     fn step(&mut self, batch: &Batch, stop_here: bool) -> Result<StepResult, TrainerError> {
         let (comm, device, spec) = (self.comm, self.device, self.spec);
@@ -315,7 +315,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
                 loss_scale: scale,
             },
         )?;
-        let report = self.engine.step(
+        let report = self.strategy.step(
             &mut self.optim,
             &self.built.params,
             spec.train.clip_grad_norm,
@@ -429,7 +429,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
     /// Collective under fsdp (the sharded state is gathered), so every rank calls it; rank 0
     /// writes.
     pub fn save(&self, epoch: u32, step: usize, names: &[&str]) -> Result<(), TrainerError> {
-        let state = self.engine.state_tensors(&self.optim, &self.built.params)?;
+        let state = self.strategy.state_tensors(&self.optim, &self.built.params)?;
         if self.comm.rank() != 0 {
             return Ok(());
         }

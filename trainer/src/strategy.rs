@@ -1,4 +1,5 @@
-//! The engines of `train.distributed_strategy`, between backward and the next forward:
+//! The distributed strategies of `train.distributed_strategy` (Lightning's `Strategy`), between
+//! backward and the next forward:
 //!
 //! - `ddp`: gradients averaged across ranks in buckets ([`ddetr_collective::ddp::Ddp`]), then
 //!   every rank runs the whole optimizer over every parameter (replicated optimizer state).
@@ -12,7 +13,7 @@
 //!   parameters. Checkpoints hold the full state under the same names as `ddp`'s (gathered), so
 //!   a checkpoint resumes under either strategy and any world size.
 //!
-//! Both engines optionally unscale the gradients first (fp16's dynamic loss scaling) and report a
+//! Both strategies optionally unscale the gradients first (fp16's dynamic loss scaling) and report a
 //! non-finite gradient norm, in which case the update is skipped, as torch's GradScaler does.
 
 use std::collections::BTreeMap;
@@ -25,7 +26,7 @@ use crate::optim::{Optim, Param};
 use crate::spec::DistributedStrategy;
 use crate::TrainerError;
 
-/// What one [`Engine::step`] did.
+/// What one [`Strategy::step`] did.
 #[derive(Debug, Clone, Copy)]
 pub struct StepReport {
     /// Global gradient norm after unscaling, before clipping (NaN when not computed).
@@ -34,14 +35,14 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
-/// The engine of one training run.
-pub enum Engine<'c> {
+/// The distributed strategy of one training run.
+pub enum Strategy<'c> {
     Ddp(Ddp<'c>),
     Sharded(Sharded<'c>),
 }
 
-impl<'c> Engine<'c> {
-    /// Broadcasts the parameters and buffers from rank 0 and sets the engine up.
+impl<'c> Strategy<'c> {
+    /// Broadcasts the parameters and buffers from rank 0 and sets the strategy up.
     pub fn new(
         strategy: DistributedStrategy,
         comm: &'c Communicator,
@@ -51,17 +52,17 @@ impl<'c> Engine<'c> {
         let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
         Ok(match strategy {
             DistributedStrategy::Ddp => {
-                Engine::Ddp(Ddp::new(comm, &tensors, buffers, BucketConfig::default())?)
+                Strategy::Ddp(Ddp::new(comm, &tensors, buffers, BucketConfig::default())?)
             }
-            DistributedStrategy::Fsdp => Engine::Sharded(Sharded::new(comm, params, buffers)?),
+            DistributedStrategy::Fsdp => Strategy::Sharded(Sharded::new(comm, params, buffers)?),
         })
     }
 
     /// "ddp" or "fsdp".
     pub fn name(&self) -> &'static str {
         match self {
-            Engine::Ddp(_) => "ddp",
-            Engine::Sharded(_) => "fsdp",
+            Strategy::Ddp(_) => "ddp",
+            Strategy::Sharded(_) => "fsdp",
         }
     }
 
@@ -76,7 +77,7 @@ impl<'c> Engine<'c> {
         inv_scale: f64,
     ) -> Result<StepReport, TrainerError> {
         match self {
-            Engine::Ddp(ddp) => {
+            Strategy::Ddp(ddp) => {
                 let tensors: Vec<Tensor> =
                     params.iter().map(|p| p.tensor.shallow_clone()).collect();
                 ddp.sync_gradients(&tensors)?;
@@ -104,7 +105,7 @@ impl<'c> Engine<'c> {
                 optim.step(params);
                 Ok(report)
             }
-            Engine::Sharded(s) => s.step(optim, params, clip, inv_scale),
+            Strategy::Sharded(s) => s.step(optim, params, clip, inv_scale),
         }
     }
 
@@ -116,12 +117,12 @@ impl<'c> Engine<'c> {
         params: &[Param],
     ) -> Result<Vec<(String, Tensor)>, TrainerError> {
         match self {
-            Engine::Ddp(_) => Ok(optim.state_tensors(params)),
-            Engine::Sharded(s) => s.state_tensors(optim, params),
+            Strategy::Ddp(_) => Ok(optim.state_tensors(params)),
+            Strategy::Sharded(s) => s.state_tensors(optim, params),
         }
     }
 
-    /// Restores what [`Engine::state_tensors`] saved (by either strategy, at any world size).
+    /// Restores what [`Strategy::state_tensors`] saved (by either strategy, at any world size).
     pub fn load_state(
         &mut self,
         optim: &mut Optim,
@@ -129,8 +130,8 @@ impl<'c> Engine<'c> {
         saved: &BTreeMap<String, Tensor>,
     ) -> Result<(), TrainerError> {
         match self {
-            Engine::Ddp(_) => optim.load_state(params, saved),
-            Engine::Sharded(s) => s.load_state(optim, params, saved),
+            Strategy::Ddp(_) => optim.load_state(params, saved),
+            Strategy::Sharded(s) => s.load_state(optim, params, saved),
         }
     }
 
@@ -138,8 +139,8 @@ impl<'c> Engine<'c> {
     pub fn state_bytes_per_rank(&self, optim: &Optim, params: &[Param]) -> usize {
         let per_elem = optim.state_elems_per_param() * 4;
         match self {
-            Engine::Ddp(_) => params.iter().map(|p| p.tensor.numel()).sum::<usize>() * per_elem,
-            Engine::Sharded(s) => s.shard as usize * per_elem,
+            Strategy::Ddp(_) => params.iter().map(|p| p.tensor.numel()).sum::<usize>() * per_elem,
+            Strategy::Sharded(s) => s.shard as usize * per_elem,
         }
     }
 }
