@@ -95,6 +95,51 @@ pub fn convert(cfg: &ConvertConfig) -> Result<ConvertSummary> {
     let results_dir = PathBuf::from(required(&cfg.results_dir, "results_dir")?);
     let image_dir_name = required(&cfg.image_dir_name, "image_dir_name")?;
     let label_dir_name = required(&cfg.label_dir_name, "label_dir_name")?;
+    check_partitioning(cfg)?;
+    let mapping = read_mapping(cfg)?;
+    let sources = read_input_source(input_source)?;
+    fs::create_dir_all(&results_dir).map_err(|e| DatasetError::io(&results_dir, e))?;
+
+    // First pass over the labels: the category table (the mapping's targets, or every class seen).
+    let roots = sources
+        .iter()
+        .map(|src| list_frames(cfg, src, image_dir_name))
+        .collect::<Result<Vec<_>>>()?;
+    let category_ids = category_table(&roots, &mapping, label_dir_name)?;
+
+    let stats = results_dir.join("stats.txt");
+    let (next_image, next_ann) = read_stats(&stats)?;
+    let categories = category_json(&category_ids);
+    let mut converter = Converter {
+        cfg,
+        image_dir_name,
+        label_dir_name,
+        mapping: &mapping,
+        categories: &categories,
+        next_image,
+        next_ann,
+        summary: ConvertSummary {
+            categories: category_ids,
+            ..ConvertSummary::default()
+        },
+    };
+    let mut rng = Rng::new(SHUFFLE_SEED);
+    for root in roots {
+        converter.convert_source(root, &results_dir, &stats, &mut rng)?;
+    }
+    let summary = converter.summary;
+    if summary.unmapped + summary.invalid > 0 {
+        tracing::warn!(
+            "convert skipped {} object(s) of unmapped classes and {} with x1 >= x2 or y1 >= y2",
+            summary.unmapped,
+            summary.invalid
+        );
+    }
+    Ok(summary)
+}
+
+/// `partition_mode` with `num_partitions`, and `val_split`, are a combination this converter runs.
+fn check_partitioning(cfg: &ConvertConfig) -> Result<()> {
     match (cfg.partition_mode, cfg.num_partitions) {
         (None, 0 | 1) => {}
         (Some(PartitionMode::Random), 2) => {}
@@ -114,7 +159,13 @@ pub fn convert(cfg: &ConvertConfig) -> Result<ConvertSummary> {
             cfg.val_split
         )));
     }
-    let mapping: BTreeMap<String, String> = match &cfg.mapping_path {
+    Ok(())
+}
+
+/// `mapping_path`'s `{kitti_class: target_class}` with lower-cased KITTI classes; empty without
+/// one.
+fn read_mapping(cfg: &ConvertConfig) -> Result<BTreeMap<String, String>> {
+    Ok(match &cfg.mapping_path {
         Some(p) if !p.is_empty() => {
             let bytes = fs::read(p).map_err(|e| DatasetError::io(p, e))?;
             let m: BTreeMap<String, String> = serde_json::from_slice(&bytes).map_err(|e| DatasetError::MalformedJson {
@@ -126,52 +177,81 @@ pub fn convert(cfg: &ConvertConfig) -> Result<ConvertSummary> {
             m.into_iter().map(|(k, v)| (k.to_lowercase(), v)).collect()
         }
         _ => BTreeMap::new(),
-    };
+    })
+}
+
+/// The dataset folders `input_source` lists, one a line (blank lines and `#` comments skipped).
+fn read_input_source(input_source: &str) -> Result<Vec<String>> {
     let sources_text =
         fs::read_to_string(input_source).map_err(|e| DatasetError::io(input_source, e))?;
-    let sources: Vec<&str> = sources_text
+    let sources: Vec<String> = sources_text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
         .collect();
     if sources.is_empty() {
         return Err(DatasetError::InvalidArgument(format!(
             "convert.input_source {input_source} lists no dataset folders"
         )));
     }
-    fs::create_dir_all(&results_dir).map_err(|e| DatasetError::io(&results_dir, e))?;
+    Ok(sources)
+}
 
-    // First pass over the labels: the category table (the mapping's targets, or every class seen).
-    let mut summary = ConvertSummary::default();
-    let mut roots = Vec::new();
-    for src in &sources {
-        let root = match &cfg.data_root {
-            Some(d) if !d.is_empty() => Path::new(d).join(src),
-            _ => PathBuf::from(src),
-        };
-        let name = Path::new(src)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| src.to_string());
-        let images_dir = root.join(image_dir_name);
-        let mut frames: Vec<String> = fs::read_dir(&images_dir)
-            .map_err(|e| DatasetError::io(&images_dir, e))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(cfg.image_extension.as_str()))
-                    .map(str::to_string)
-            })
-            .collect();
-        frames.sort();
-        roots.push((src.to_string(), root, name, frames));
-    }
+/// One dataset folder of `input_source` and its frames.
+struct SourceRoot {
+    /// As listed in `input_source` (image file names start with it).
+    src: String,
+    /// `src` under `data_root`.
+    root: PathBuf,
+    /// `src`'s last component: the output folder and file name prefix.
+    name: String,
+    /// File names without `image_extension`, sorted.
+    frames: Vec<String>,
+}
+
+/// Lists the frames of `src`: its images with `image_extension` under `image_dir_name`.
+fn list_frames(cfg: &ConvertConfig, src: &str, image_dir_name: &str) -> Result<SourceRoot> {
+    let root = match &cfg.data_root {
+        Some(d) if !d.is_empty() => Path::new(d).join(src),
+        _ => PathBuf::from(src),
+    };
+    let name = Path::new(src)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| src.to_string());
+    let images_dir = root.join(image_dir_name);
+    let mut frames: Vec<String> = fs::read_dir(&images_dir)
+        .map_err(|e| DatasetError::io(&images_dir, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(cfg.image_extension.as_str()))
+                .map(str::to_string)
+        })
+        .collect();
+    frames.sort();
+    Ok(SourceRoot {
+        src: src.to_string(),
+        root,
+        name,
+        frames,
+    })
+}
+
+/// Target class → category id (1.. in sorted order of the names): the mapping's targets, or
+/// without a mapping every class the labels of `roots` use.
+fn category_table(
+    roots: &[SourceRoot],
+    mapping: &BTreeMap<String, String>,
+    label_dir_name: &str,
+) -> Result<BTreeMap<String, u32>> {
     let targets: BTreeSet<String> = if mapping.is_empty() {
         let mut seen = BTreeSet::new();
-        for (_, root, _, frames) in &roots {
-            for f in frames {
-                for obj in read_labels(&root.join(label_dir_name).join(format!("{f}.txt")))? {
+        for r in roots {
+            for f in &r.frames {
+                for obj in read_labels(&r.root.join(label_dir_name).join(format!("{f}.txt")))? {
                     seen.insert(obj.class);
                 }
             }
@@ -180,136 +260,191 @@ pub fn convert(cfg: &ConvertConfig) -> Result<ConvertSummary> {
     } else {
         mapping.values().cloned().collect()
     };
-    summary.categories = targets
+    Ok(targets
         .iter()
         .enumerate()
         .map(|(i, t)| (t.clone(), i as u32 + 1))
-        .collect();
-    let categories: Vec<CategoryJson> = summary
-        .categories
+        .collect())
+}
+
+/// The `categories` array every shard carries.
+fn category_json(category_ids: &BTreeMap<String, u32>) -> Vec<CategoryJson> {
+    category_ids
         .iter()
         .map(|(name, &id)| CategoryJson {
             supercategory: name.clone(),
             id,
             name: name.clone(),
         })
-        .collect();
+        .collect()
+}
 
-    let stats = results_dir.join("stats.txt");
-    let (mut next_image, mut next_ann) = read_stats(&stats)?;
-    let mut rng = Rng::new(SHUFFLE_SEED);
-    for (src, root, name, frames) in roots {
-        let parts = cfg.num_partitions.max(1) as usize;
-        let mut partitions: Vec<Vec<String>> = vec![Vec::new(); parts];
-        if parts == 1 {
-            partitions[0] = frames;
-        } else {
-            let n_val = (cfg.val_split as f64 / 100.0 * frames.len() as f64) as usize;
-            partitions[0] = frames[..n_val].to_vec();
-            partitions[1] = frames[n_val..].to_vec();
-            for p in &mut partitions {
-                rng.shuffle(p);
-            }
-        }
+/// The frames of one source in partitions, each shuffled: one partition, or two where fold 0 is
+/// the first `val_split`% of the sorted frames.
+fn partition_frames(cfg: &ConvertConfig, frames: Vec<String>, rng: &mut Rng) -> Vec<Vec<String>> {
+    let parts = cfg.num_partitions.max(1) as usize;
+    let mut partitions: Vec<Vec<String>> = vec![Vec::new(); parts];
+    if parts == 1 {
+        partitions[0] = frames;
+    } else {
+        let n_val = (cfg.val_split as f64 / 100.0 * frames.len() as f64) as usize;
+        partitions[0] = frames[..n_val].to_vec();
+        partitions[1] = frames[n_val..].to_vec();
         for p in &mut partitions {
             rng.shuffle(p);
         }
-        let out_dir = results_dir.join(&name);
+    }
+    for p in &mut partitions {
+        rng.shuffle(p);
+    }
+    partitions
+}
+
+/// The frames of shard `s` of `shards` of a partition of `len` frames: equal cuts, the last shard
+/// takes the remainder.
+fn shard_range(len: usize, shards: usize, s: usize) -> std::ops::Range<usize> {
+    let size = len / shards;
+    let end = if s + 1 < shards { (s + 1) * size } else { len };
+    s * size..end
+}
+
+/// `<name>[-fold-PPP-of-NNN][-shard-SSSSS-of-NNNNN].json`: the fold only with several partitions,
+/// the shard only when `num_shards` is not 0.
+fn shard_file_name(name: &str, p: usize, parts: usize, s: usize, num_shards: u32) -> String {
+    let mut file = name.to_string();
+    if parts > 1 {
+        file += &format!("-fold-{p:03}-of-{parts:03}");
+    }
+    if num_shards != 0 {
+        file += &format!("-shard-{s:05}-of-{num_shards:05}");
+    }
+    format!("{file}.json")
+}
+
+/// One conversion under way: the spec's settings, the class mapping and category table, the ids
+/// the next image and annotation get, and what has been written so far.
+struct Converter<'a> {
+    cfg: &'a ConvertConfig,
+    image_dir_name: &'a str,
+    label_dir_name: &'a str,
+    mapping: &'a BTreeMap<String, String>,
+    categories: &'a [CategoryJson],
+    next_image: u64,
+    next_ann: u64,
+    summary: ConvertSummary,
+}
+
+impl Converter<'_> {
+    /// Writes every shard of every partition of one source under `results_dir/<name>/`, then
+    /// appends the ids the next source starts at to `stats`.
+    fn convert_source(
+        &mut self,
+        root: SourceRoot,
+        results_dir: &Path,
+        stats: &Path,
+        rng: &mut Rng,
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        let parts = cfg.num_partitions.max(1) as usize;
+        let partitions = partition_frames(cfg, root.frames, rng);
+        let out_dir = results_dir.join(&root.name);
         fs::create_dir_all(&out_dir).map_err(|e| DatasetError::io(&out_dir, e))?;
         let shards = cfg.num_shards.max(1) as usize;
         for (p, partition) in partitions.iter().enumerate() {
-            let size = partition.len() / shards;
             for s in 0..shards {
-                let end = if s + 1 < shards {
-                    (s + 1) * size
-                } else {
-                    partition.len()
-                };
-                let shard = &partition[s * size..end];
-                let mut file = name.clone();
-                if parts > 1 {
-                    file += &format!("-fold-{p:03}-of-{parts:03}");
-                }
-                if cfg.num_shards != 0 {
-                    file += &format!("-shard-{s:05}-of-{:05}", cfg.num_shards);
-                }
-                let path = out_dir.join(format!("{file}.json"));
-                let mut json = ShardJson {
-                    images: Vec::new(),
-                    annotations: Vec::new(),
-                    categories: &categories,
-                };
-                for frame in shard {
-                    let image_path = root
-                        .join(image_dir_name)
-                        .join(format!("{frame}{}", cfg.image_extension));
-                    let bytes =
-                        fs::read(&image_path).map_err(|e| DatasetError::io(&image_path, e))?;
-                    let info = crate::image::probe(&bytes).map_err(|reason| {
-                        DatasetError::CorruptImage {
-                            name: image_path.display().to_string(),
-                            reason,
-                        }
-                    })?;
-                    let image_id = next_image;
-                    next_image += 1;
-                    json.images.push(ImageJson {
-                        id: image_id,
-                        file_name: format!("{src}/{image_dir_name}/{frame}{}", cfg.image_extension),
-                        height: info.height,
-                        width: info.width,
-                    });
-                    for obj in read_labels(&root.join(label_dir_name).join(format!("{frame}.txt")))?
-                    {
-                        let target = if mapping.is_empty() {
-                            Some(&obj.class)
-                        } else {
-                            mapping.get(&obj.class)
-                        };
-                        let Some(target) = target else {
-                            summary.unmapped += 1;
-                            continue;
-                        };
-                        let [x1, y1, x2, y2] = obj.ltrb;
-                        if !(x1 < x2 && y1 < y2) {
-                            summary.invalid += 1;
-                            continue;
-                        }
-                        let bbox = [x1, y1, x2 - x1, y2 - y1];
-                        json.annotations.push(AnnJson {
-                            image_id,
-                            category_id: summary.categories[target],
-                            id: next_ann,
-                            bbox,
-                            area: bbox[2] * bbox[3],
-                            iscrowd: 0,
-                        });
-                        next_ann += 1;
-                    }
-                }
-                summary.images += json.images.len() as u64;
-                summary.annotations += json.annotations.len() as u64;
-                fs::write(
-                    &path,
-                    serde_json::to_vec(&json).expect("shards always serialize"),
-                )
-                .map_err(|e| DatasetError::io(&path, e))?;
-                summary.files.push(path);
+                let shard = &partition[shard_range(partition.len(), shards, s)];
+                let path = out_dir.join(shard_file_name(&root.name, p, parts, s, cfg.num_shards));
+                self.write_shard(&root.src, &root.root, shard, &path)?;
             }
         }
-        let line = format!("{name},{next_image},{next_ann}\n");
-        let mut text = fs::read_to_string(&stats).unwrap_or_default();
-        text.push_str(&line);
-        fs::write(&stats, text).map_err(|e| DatasetError::io(&stats, e))?;
+        append_stats(stats, &root.name, self.next_image, self.next_ann)
     }
-    if summary.unmapped + summary.invalid > 0 {
-        tracing::warn!(
-            "convert skipped {} object(s) of unmapped classes and {} with x1 >= x2 or y1 >= y2",
-            summary.unmapped,
-            summary.invalid
-        );
+
+    /// Writes the COCO JSON of `frames` (of the source listed as `src`, found at `root`) to
+    /// `path`.
+    fn write_shard(
+        &mut self,
+        src: &str,
+        root: &Path,
+        frames: &[String],
+        path: &Path,
+    ) -> Result<()> {
+        let mut json = ShardJson {
+            images: Vec::new(),
+            annotations: Vec::new(),
+            categories: self.categories,
+        };
+        for frame in frames {
+            let image = self.image(src, root, frame)?;
+            let image_id = image.id;
+            json.images.push(image);
+            for obj in read_labels(&root.join(self.label_dir_name).join(format!("{frame}.txt")))? {
+                if let Some(ann) = self.annotation(&obj, image_id) {
+                    json.annotations.push(ann);
+                }
+            }
+        }
+        self.summary.images += json.images.len() as u64;
+        self.summary.annotations += json.annotations.len() as u64;
+        fs::write(
+            path,
+            serde_json::to_vec(&json).expect("shards always serialize"),
+        )
+        .map_err(|e| DatasetError::io(path, e))?;
+        self.summary.files.push(path.to_path_buf());
+        Ok(())
     }
-    Ok(summary)
+
+    /// The image entry of `frame`, with the next image id and the size its file header says.
+    fn image(&mut self, src: &str, root: &Path, frame: &str) -> Result<ImageJson> {
+        let (cfg, image_dir_name) = (self.cfg, self.image_dir_name);
+        let image_path = root
+            .join(image_dir_name)
+            .join(format!("{frame}{}", cfg.image_extension));
+        let bytes = fs::read(&image_path).map_err(|e| DatasetError::io(&image_path, e))?;
+        let info = crate::image::probe(&bytes).map_err(|reason| DatasetError::CorruptImage {
+            name: image_path.display().to_string(),
+            reason,
+        })?;
+        let image_id = self.next_image;
+        self.next_image += 1;
+        Ok(ImageJson {
+            id: image_id,
+            file_name: format!("{src}/{image_dir_name}/{frame}{}", cfg.image_extension),
+            height: info.height,
+            width: info.width,
+        })
+    }
+
+    /// The annotation of one labelled object of image `image_id`, with the next annotation id;
+    /// `None` (counted) for an unmapped class or a box without positive area.
+    fn annotation(&mut self, obj: &KittiObject, image_id: u64) -> Option<AnnJson> {
+        let target = if self.mapping.is_empty() {
+            Some(&obj.class)
+        } else {
+            self.mapping.get(&obj.class)
+        };
+        let Some(target) = target else {
+            self.summary.unmapped += 1;
+            return None;
+        };
+        let [x1, y1, x2, y2] = obj.ltrb;
+        if !(x1 < x2 && y1 < y2) {
+            self.summary.invalid += 1;
+            return None;
+        }
+        let bbox = [x1, y1, x2 - x1, y2 - y1];
+        let ann = AnnJson {
+            image_id,
+            category_id: self.summary.categories[target],
+            id: self.next_ann,
+            bbox,
+            area: bbox[2] * bbox[3],
+            iscrowd: 0,
+        };
+        self.next_ann += 1;
+        Some(ann)
+    }
 }
 
 /// The ids the next source starts at: the last line of `stats.txt`, or 0 and 0.
@@ -325,6 +460,14 @@ fn read_stats(stats: &Path) -> Result<(u64, u64)> {
         (Some(i), Some(a)) => Ok((i, a)),
         _ => Err(bad_label(stats, format!("last line '{last}' is not name,image_id,annotation_id; delete the file to restart ids at 0"))),
     }
+}
+
+/// Appends `name,next_image,next_ann` to `stats.txt`: where the next source's ids start.
+fn append_stats(stats: &Path, name: &str, next_image: u64, next_ann: u64) -> Result<()> {
+    let line = format!("{name},{next_image},{next_ann}\n");
+    let mut text = fs::read_to_string(stats).unwrap_or_default();
+    text.push_str(&line);
+    fs::write(stats, text).map_err(|e| DatasetError::io(stats, e))
 }
 
 struct KittiObject {

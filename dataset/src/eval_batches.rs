@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use crate::config::AugmentationConfig;
-use crate::sampler::Batch;
+use crate::sampler::IndexBatch;
 use crate::transforms::{size_with_aspect_ratio, EVAL_MAX_SIZE};
 
 /// (height, width) of a `width` × `height` image after the val/test transform.
@@ -42,11 +42,11 @@ pub fn group_by_size<T: Copy>(items: &[(T, (u32, u32))], batch_size: usize) -> V
 }
 
 /// The sampler batches of `indices` (cache indices with their transformed sizes) grouped by size.
-pub fn size_grouped_batches(indices: &[(usize, (u32, u32))], batch_size: usize) -> Vec<Batch> {
+pub fn size_grouped_batches(indices: &[(usize, (u32, u32))], batch_size: usize) -> Vec<IndexBatch> {
     group_by_size(indices, batch_size)
         .into_iter()
         .enumerate()
-        .map(|(step, indices)| Batch {
+        .map(|(step, indices)| IndexBatch {
             step,
             indices,
             padding: 0,

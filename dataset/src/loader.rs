@@ -30,7 +30,7 @@ use crate::eval_batches::{eval_size, size_grouped_batches};
 use crate::image::decode_rgb8;
 use crate::layout;
 use crate::rng::Rng;
-use crate::sampler::{DistributedSampler, Mode};
+use crate::sampler::{DistributedSampler, IndexBatch, Mode};
 use crate::transforms::{self, Sample, EVAL_MAX_SIZE};
 
 /// How many other images are tried in place of one that cannot be read.
@@ -200,7 +200,7 @@ pub struct Loader {
     sampler: DistributedSampler,
     /// Evaluation with `eval_padding: none`: this rank's batches, grouped by transformed size
     /// ([`crate::eval_batches`]); `None` where the sampler's batches are used as they are.
-    size_grouped: Option<Vec<crate::sampler::Batch>>,
+    size_grouped: Option<Vec<IndexBatch>>,
     workers: usize,
     prefetch: usize,
 }
@@ -277,11 +277,11 @@ impl Loader {
     /// The batches of `epoch` from `start_step` (a resumed run's step offset) on, prefetched by
     /// the worker threads. Dropping the iterator stops and joins them.
     pub fn epoch(&self, epoch: u64, start_step: usize) -> EpochIter {
-        let jobs: Vec<crate::sampler::Batch> = match &self.size_grouped {
+        let jobs: Vec<IndexBatch> = match &self.size_grouped {
             Some(b) => b.iter().skip(start_step).cloned().collect(),
             None => self.sampler.batches(epoch, start_step).collect(),
         };
-        let (job_tx, job_rx) = mpsc::channel::<crate::sampler::Batch>();
+        let (job_tx, job_rx) = mpsc::channel::<IndexBatch>();
         let (res_tx, res_rx) = mpsc::channel::<(usize, Result<Batch>)>();
         let job_rx = Arc::new(Mutex::new(job_rx));
         let handles = (0..self.workers)
@@ -404,7 +404,7 @@ impl Shared {
         Err(first_err.expect("at least one attempt"))
     }
 
-    fn batch(&self, job: crate::sampler::Batch, epoch: u64) -> Result<Batch> {
+    fn batch(&self, job: IndexBatch, epoch: u64) -> Result<Batch> {
         let samples = job
             .indices
             .iter()
@@ -567,8 +567,8 @@ pub fn collate(
 pub struct EpochIter {
     shared: Arc<Shared>,
     epoch: u64,
-    jobs: std::vec::IntoIter<crate::sampler::Batch>,
-    job_tx: Option<mpsc::Sender<crate::sampler::Batch>>,
+    jobs: std::vec::IntoIter<IndexBatch>,
+    job_tx: Option<mpsc::Sender<IndexBatch>>,
     results: mpsc::Receiver<(usize, Result<Batch>)>,
     ready: BTreeMap<usize, Result<Batch>>,
     next_step: Option<usize>,

@@ -5,8 +5,8 @@
 //! multiple of the world size; rank r takes positions r, r + world, …; full batches only, so every
 //! rank runs the same number of steps. Evaluation keeps the file order and the last partial batch;
 //! its padding entries (repeats that make the ranks' shares equal) are counted in
-//! [`Batch::padding`] so they are not scored twice. A resumed run starts at a step offset and sees
-//! exactly the batches the interrupted run had not yet seen.
+//! [`IndexBatch::padding`] so they are not scored twice. A resumed run starts at a step offset and
+//! sees exactly the batches the interrupted run had not yet seen.
 
 use crate::error::{DatasetError, Result};
 use crate::rng::Rng;
@@ -28,10 +28,11 @@ pub struct DistributedSampler {
     mode: Mode,
 }
 
-/// One step's sample indices on this rank; the last `padding` of them repeat earlier samples
-/// (only in evaluation, at the end of the epoch).
+/// One step's sample indices on this rank, which the loader turns into a
+/// [`crate::loader::Batch`]; the last `padding` of them repeat earlier samples (only in
+/// evaluation, at the end of the epoch).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Batch {
+pub struct IndexBatch {
     pub step: usize,
     pub indices: Vec<usize>,
     pub padding: usize,
@@ -109,14 +110,18 @@ impl DistributedSampler {
     }
 
     /// The batches of `epoch` from step `start_step` on (0 for a fresh epoch).
-    pub fn batches(&self, epoch: u64, start_step: usize) -> impl Iterator<Item = Batch> + 'static {
+    pub fn batches(
+        &self,
+        epoch: u64,
+        start_step: usize,
+    ) -> impl Iterator<Item = IndexBatch> + 'static {
         let indices = self.indices(epoch);
         let real = (self.rank..self.len).step_by(self.world).count();
         let (b, steps) = (self.batch_size, self.steps_per_epoch());
         (start_step.min(steps)..steps).map(move |step| {
             let lo = step * b;
             let hi = (lo + b).min(indices.len());
-            Batch {
+            IndexBatch {
                 step,
                 indices: indices[lo..hi].to_vec(),
                 padding: hi.saturating_sub(real.max(lo)),
@@ -164,7 +169,7 @@ mod tests {
             let counts: Vec<(usize, bool)> = all_ranks(len, world, batch, Mode::Train { seed: 0 })
                 .iter()
                 .map(|s| {
-                    let batches: Vec<Batch> = s.batches(0, 0).collect();
+                    let batches: Vec<IndexBatch> = s.batches(0, 0).collect();
                     (
                         batches.len(),
                         batches
@@ -199,9 +204,9 @@ mod tests {
     #[test]
     fn resuming_at_a_step_gives_the_remaining_batches() {
         let s = DistributedSampler::new(64, 2, 1, 4, Mode::Train { seed: 9 }).unwrap();
-        let full: Vec<Batch> = s.batches(5, 0).collect();
+        let full: Vec<IndexBatch> = s.batches(5, 0).collect();
         for k in 0..=full.len() + 1 {
-            let resumed: Vec<Batch> = s.batches(5, k).collect();
+            let resumed: Vec<IndexBatch> = s.batches(5, k).collect();
             assert_eq!(resumed.as_slice(), &full[k.min(full.len())..]);
         }
         assert_eq!(
@@ -214,11 +219,11 @@ mod tests {
     fn eval_marks_padding_and_keeps_the_partial_batch() {
         // 7 images on 2 ranks: rank 0 gets 0 2 4 6, rank 1 gets 1 3 5 + padding (0).
         let r1 = DistributedSampler::new(7, 2, 1, 3, Mode::Eval).unwrap();
-        let b: Vec<Batch> = r1.batches(0, 0).collect();
+        let b: Vec<IndexBatch> = r1.batches(0, 0).collect();
         assert_eq!(b.len(), 2);
         assert_eq!(
             b[0],
-            Batch {
+            IndexBatch {
                 step: 0,
                 indices: vec![1, 3, 5],
                 padding: 0
@@ -226,17 +231,17 @@ mod tests {
         );
         assert_eq!(
             b[1],
-            Batch {
+            IndexBatch {
                 step: 1,
                 indices: vec![0],
                 padding: 1
             }
         );
         let r0 = DistributedSampler::new(7, 2, 0, 3, Mode::Eval).unwrap();
-        let b: Vec<Batch> = r0.batches(0, 0).collect();
+        let b: Vec<IndexBatch> = r0.batches(0, 0).collect();
         assert_eq!(
             b[1],
-            Batch {
+            IndexBatch {
                 step: 1,
                 indices: vec![6],
                 padding: 0

@@ -272,7 +272,47 @@ pub fn resolve(args: &Args, env: &Env, host: &mut dyn Host) -> Result<World, Lau
     let cores = host.cores().max(1);
 
     // Trainers per node and device first: WORLD_SIZE's reading depends on them.
-    let slots: Sourced<Slots> = if let Some(s) = args.gpus_per_node {
+    let slots = resolve_slots(args, &vars)?;
+    let device_choice = resolve_device_choice(args, &vars)?;
+    let Placement {
+        device,
+        nproc,
+        gpus,
+    } = place_trainers(args, slots, device_choice, cores, host, &mut notices)?;
+
+    let nodes = resolve_nodes(args, &vars, &nproc)?;
+    check_world_fits(&nodes, &nproc)?;
+    notices.extend(ignored_world_size(&vars, &nodes, &nproc));
+    let node_rank = resolve_node_rank(args, &vars, &nodes)?;
+    let master_addr = resolve_master_addr(args, &vars, &nodes)?;
+    let master_port = resolve_master_port(args, &vars, &nodes, host)?;
+    let job_id = vars.first::<String>(
+        &[
+            "DDETR_JOB_ID",
+            "TORCHELASTIC_RUN_ID",
+            "SLURM_JOB_ID",
+            "PET_RDZV_ID",
+        ],
+        "",
+    )?;
+
+    Ok(World {
+        nodes,
+        node_rank,
+        nproc_per_node: nproc,
+        device,
+        gpus,
+        cores,
+        master_addr,
+        master_port,
+        job_id,
+        notices,
+    })
+}
+
+/// Trainers per node as asked: `--gpus-per-node`, `--nproc-per-node`, the environment, or `auto`.
+fn resolve_slots(args: &Args, vars: &Vars) -> Result<Sourced<Slots>, LaunchError> {
+    Ok(if let Some(s) = args.gpus_per_node {
         sourced(s, "--gpus-per-node")
     } else if let Some(s) = args.nproc_per_node {
         sourced(s, "--nproc-per-node")
@@ -280,107 +320,167 @@ pub fn resolve(args: &Args, env: &Env, host: &mut dyn Host) -> Result<World, Lau
         s
     } else {
         sourced(Slots::Auto, "default")
-    };
-    let device_choice: Sourced<DeviceChoice> = match args.device {
+    })
+}
+
+/// The device as asked: `--device`, `DDETR_DEVICE`, or `auto`.
+fn resolve_device_choice(args: &Args, vars: &Vars) -> Result<Sourced<DeviceChoice>, LaunchError> {
+    Ok(match args.device {
         Some(d) => sourced(d, "--device"),
         None => vars
             .parse("DDETR_DEVICE", "one of auto, cpu, cuda")?
             .unwrap_or_else(|| sourced(DeviceChoice::Auto, "default")),
-    };
+    })
+}
+
+/// Where the trainers compute, how many run on this node, and the GPUs counted on the way.
+struct Placement {
+    device: Sourced<Device>,
+    nproc: Sourced<u32>,
+    gpus: Option<usize>,
+}
+
+/// The device and trainers per node from what was asked; counts the GPUs unless the device is
+/// `cpu`, and falls back to the CPU (with a notice) when `auto` finds none.
+fn place_trainers(
+    args: &Args,
+    slots: Sourced<Slots>,
+    device_choice: Sourced<DeviceChoice>,
+    cores: usize,
+    host: &mut dyn Host,
+    notices: &mut Vec<String>,
+) -> Result<Placement, LaunchError> {
     let gpus_asked = args.gpus_per_node.is_some();
-    let mut gpus_seen = None;
-    let (device, nproc) = match device_choice.value {
+    match device_choice.value {
         DeviceChoice::Cpu => {
             if gpus_asked {
                 return Err(LaunchError::GpusOnCpu {
                     device_source: device_choice.source,
                 });
             }
-            let nproc = match slots.value {
-                Slots::Count(n) => sourced(n, slots.source),
-                Slots::Auto => {
-                    sourced(cores as u32, format!("{} (one per CPU core)", slots.source))
-                }
-            };
-            (sourced(Device::Cpu, device_choice.source), nproc)
+            Ok(Placement {
+                device: sourced(Device::Cpu, device_choice.source),
+                nproc: trainers_on_cpu(slots, cores, "one per CPU core"),
+                gpus: None,
+            })
         }
         DeviceChoice::Auto | DeviceChoice::Cuda => {
             let probe = host.gpus();
             let g = probe.count();
-            gpus_seen = Some(g);
-            let must_cuda = device_choice.value == DeviceChoice::Cuda;
-            if g == 0 {
-                if must_cuda {
-                    return Err(LaunchError::NoGpu {
-                        asked_by: format!("--device cuda (from {})", device_choice.source),
-                        reason: probe.reason(),
-                    });
-                }
-                if gpus_asked {
-                    if let Slots::Count(n) = slots.value {
-                        return Err(LaunchError::NoGpu {
-                            asked_by: format!("--gpus-per-node {n}"),
-                            reason: probe.reason(),
-                        });
-                    }
-                }
-                let nproc = match slots.value {
-                    Slots::Count(n) => sourced(n, slots.source),
-                    Slots::Auto => sourced(
-                        cores as u32,
-                        format!("{} (no GPU: one per CPU core)", slots.source),
-                    ),
-                };
-                notices.push(format!(
-                    "no CUDA GPU ({}): running {} trainer(s) on CPU",
-                    probe.reason(),
-                    nproc.value
-                ));
-                (
-                    sourced(Device::Cpu, format!("{} (no GPU)", device_choice.source)),
-                    nproc,
-                )
+            let (device, nproc) = if g == 0 {
+                no_gpu_fallback(slots, device_choice, gpus_asked, cores, &probe, notices)?
             } else {
-                let nproc = match slots.value {
-                    Slots::Count(n) if n as usize > g => {
-                        return Err(LaunchError::TooFewGpus {
-                            procs: n,
-                            procs_source: slots.source,
-                            gpus: g,
-                        })
-                    }
-                    Slots::Count(n) => sourced(n, slots.source),
-                    Slots::Auto => sourced(g as u32, format!("{} (one per GPU)", slots.source)),
-                };
-                (
-                    sourced(
-                        Device::Cuda,
-                        format!("{} ({g} GPU(s))", device_choice.source),
-                    ),
-                    nproc,
-                )
-            }
+                trainers_on_gpus(slots, device_choice, g)?
+            };
+            Ok(Placement {
+                device,
+                nproc,
+                gpus: Some(g),
+            })
         }
-    };
+    }
+}
 
-    let nodes = resolve_nodes(args, &vars, &nproc)?;
+/// The slots' count, or for `auto` one trainer per CPU core (`why` names that in the source).
+fn trainers_on_cpu(slots: Sourced<Slots>, cores: usize, why: &str) -> Sourced<u32> {
+    match slots.value {
+        Slots::Count(n) => sourced(n, slots.source),
+        Slots::Auto => sourced(cores as u32, format!("{} ({why})", slots.source)),
+    }
+}
+
+/// No GPU was found: an error when CUDA or a GPU count was asked for, else the CPU with a notice.
+fn no_gpu_fallback(
+    slots: Sourced<Slots>,
+    device_choice: Sourced<DeviceChoice>,
+    gpus_asked: bool,
+    cores: usize,
+    probe: &GpuProbe,
+    notices: &mut Vec<String>,
+) -> Result<(Sourced<Device>, Sourced<u32>), LaunchError> {
+    if device_choice.value == DeviceChoice::Cuda {
+        return Err(LaunchError::NoGpu {
+            asked_by: format!("--device cuda (from {})", device_choice.source),
+            reason: probe.reason(),
+        });
+    }
+    if gpus_asked {
+        if let Slots::Count(n) = slots.value {
+            return Err(LaunchError::NoGpu {
+                asked_by: format!("--gpus-per-node {n}"),
+                reason: probe.reason(),
+            });
+        }
+    }
+    let nproc = trainers_on_cpu(slots, cores, "no GPU: one per CPU core");
+    notices.push(format!(
+        "no CUDA GPU ({}): running {} trainer(s) on CPU",
+        probe.reason(),
+        nproc.value
+    ));
+    Ok((
+        sourced(Device::Cpu, format!("{} (no GPU)", device_choice.source)),
+        nproc,
+    ))
+}
+
+/// `gpus` GPUs were found: the slots' count if there are enough of them, or one per GPU.
+fn trainers_on_gpus(
+    slots: Sourced<Slots>,
+    device_choice: Sourced<DeviceChoice>,
+    gpus: usize,
+) -> Result<(Sourced<Device>, Sourced<u32>), LaunchError> {
+    let nproc = match slots.value {
+        Slots::Count(n) if n as usize > gpus => {
+            return Err(LaunchError::TooFewGpus {
+                procs: n,
+                procs_source: slots.source,
+                gpus,
+            })
+        }
+        Slots::Count(n) => sourced(n, slots.source),
+        Slots::Auto => sourced(gpus as u32, format!("{} (one per GPU)", slots.source)),
+    };
+    Ok((
+        sourced(
+            Device::Cuda,
+            format!("{} ({gpus} GPU(s))", device_choice.source),
+        ),
+        nproc,
+    ))
+}
+
+/// The world size (nodes × trainers per node) must fit in 32 bits.
+fn check_world_fits(nodes: &Sourced<u32>, nproc: &Sourced<u32>) -> Result<(), LaunchError> {
     if nodes.value.checked_mul(nproc.value).is_none() {
         return Err(LaunchError::BadValue {
-            var: nodes.source,
+            var: nodes.source.clone(),
             value: nodes.value.to_string(),
             expected: "a node count whose product with the trainers per node fits in 32 bits",
         });
     }
-    if let Some(ws) = vars.get("WORLD_SIZE") {
-        let fits = |n: u32| ws == n.to_string() || ws == (n * nproc.value).to_string();
-        if !nodes.source.contains("WORLD_SIZE") && !fits(nodes.value) {
-            notices.push(format!(
-                "WORLD_SIZE={ws} is ignored: {} nodes from {} win",
-                nodes.value, nodes.source
-            ));
-        }
-    }
+    Ok(())
+}
 
+/// A notice when `WORLD_SIZE` is set but neither gave the node count nor agrees with it.
+fn ignored_world_size(vars: &Vars, nodes: &Sourced<u32>, nproc: &Sourced<u32>) -> Option<String> {
+    let ws = vars.get("WORLD_SIZE")?;
+    let fits = |n: u32| ws == n.to_string() || ws == (n * nproc.value).to_string();
+    if !nodes.source.contains("WORLD_SIZE") && !fits(nodes.value) {
+        return Some(format!(
+            "WORLD_SIZE={ws} is ignored: {} nodes from {} win",
+            nodes.value, nodes.source
+        ));
+    }
+    None
+}
+
+/// This node's rank: the flag, the environment in precedence order, or 0 on a single node.
+fn resolve_node_rank(
+    args: &Args,
+    vars: &Vars,
+    nodes: &Sourced<u32>,
+) -> Result<Sourced<u32>, LaunchError> {
     let node_rank = if let Some(r) = args.node_rank {
         sourced(r, "--node-rank")
     } else if let Some(r) = vars.first(
@@ -401,7 +501,7 @@ pub fn resolve(args: &Args, env: &Env, host: &mut dyn Host) -> Result<World, Lau
     } else {
         return Err(LaunchError::MissingNodeRank {
             nodes: nodes.value,
-            nodes_source: nodes.source,
+            nodes_source: nodes.source.clone(),
         });
     };
     if node_rank.value >= nodes.value {
@@ -409,15 +509,23 @@ pub fn resolve(args: &Args, env: &Env, host: &mut dyn Host) -> Result<World, Lau
             rank: node_rank.value,
             rank_source: node_rank.source,
             nodes: nodes.value,
-            nodes_source: nodes.source,
+            nodes_source: nodes.source.clone(),
         });
     }
+    Ok(node_rank)
+}
 
-    let master_addr = if let Some(a) = &args.master_addr {
+/// Node 0's address: the flag, the environment, Slurm's first host, or loopback on one node.
+fn resolve_master_addr(
+    args: &Args,
+    vars: &Vars,
+    nodes: &Sourced<u32>,
+) -> Result<Sourced<String>, LaunchError> {
+    Ok(if let Some(a) = &args.master_addr {
         sourced(a.clone(), "--master-addr")
     } else if let Some(a) = vars.first::<String>(&["DDETR_MASTER_ADDR", "MASTER_ADDR"], "")? {
         a
-    } else if let Some(first) = slurm_first_host(&vars)? {
+    } else if let Some(first) = slurm_first_host(vars)? {
         first
     } else if let Some(a) = vars.parse::<String>("PET_MASTER_ADDR", "")? {
         a
@@ -426,15 +534,24 @@ pub fn resolve(args: &Args, env: &Env, host: &mut dyn Host) -> Result<World, Lau
     } else {
         return Err(LaunchError::MissingMasterAddr {
             nodes: nodes.value,
-            nodes_source: nodes.source,
+            nodes_source: nodes.source.clone(),
         });
-    };
+    })
+}
 
-    let master_port = if let Some(p) = args.master_port {
+/// The rendezvous port: the flag, the environment, Slurm's job id, a free port on one node, or
+/// torchrun's default.
+fn resolve_master_port(
+    args: &Args,
+    vars: &Vars,
+    nodes: &Sourced<u32>,
+    host: &mut dyn Host,
+) -> Result<Sourced<u16>, LaunchError> {
+    Ok(if let Some(p) = args.master_port {
         sourced(p, "--master-port")
     } else if let Some(p) = vars.first(&["DDETR_MASTER_PORT", "MASTER_PORT"], PORT)? {
         p
-    } else if let Some(p) = slurm_port(&vars) {
+    } else if let Some(p) = slurm_port(vars) {
         p
     } else if let Some(p) = vars.parse("PET_MASTER_PORT", PORT)? {
         p
@@ -443,29 +560,6 @@ pub fn resolve(args: &Args, env: &Env, host: &mut dyn Host) -> Result<World, Lau
         sourced(port, "free port (one node)")
     } else {
         sourced(DEFAULT_MASTER_PORT, "default")
-    };
-
-    let job_id = vars.first::<String>(
-        &[
-            "DDETR_JOB_ID",
-            "TORCHELASTIC_RUN_ID",
-            "SLURM_JOB_ID",
-            "PET_RDZV_ID",
-        ],
-        "",
-    )?;
-
-    Ok(World {
-        nodes,
-        node_rank,
-        nproc_per_node: nproc,
-        device,
-        gpus: gpus_seen,
-        cores,
-        master_addr,
-        master_port,
-        job_id,
-        notices,
     })
 }
 

@@ -3,11 +3,15 @@
 //! (`DDETR_RDZV=quic://host:port`, authenticated with `DDETR_JOB_TOKEN`).
 //!
 //! [`proto`] is the wire format and the token proofs, [`core`] the state machine (no sockets, no
-//! clock), [`net`] the tokio + quinn shell: [`Server`] and the blocking [`Client`].
+//! clock), and the tokio + quinn shell around it is [`Server`] (`server.rs`), the blocking
+//! [`Client`] (`client.rs`), their TLS (`tls.rs`) and, in [`net`], what both ends agree on.
 
+mod client;
 pub mod core;
 pub mod net;
 pub mod proto;
+mod server;
+mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;

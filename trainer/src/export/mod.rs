@@ -151,6 +151,16 @@ struct Refs {
     dim: i64,
 }
 
+/// What the encoder and decoder read as constants at the fixed input size.
+struct LevelConstants {
+    /// The flattened position embeddings, level embeddings added.
+    pos: V,
+    /// The encoder's reference points.
+    refs: Refs,
+    /// Every level's valid ratio (all ones: the export has no padding).
+    valid_ratios: Tensor,
+}
+
 /// Graph builder: nodes in execution order, initializers, fresh names.
 struct Writer {
     opset: u32,
@@ -637,12 +647,32 @@ impl Writer {
     /// The whole model → ModelProto bytes.
     fn model(mut self, model: &DeformableDetr, opts: &ExportOptions) -> Vec<u8> {
         let (h, w) = (opts.input_height as i64, opts.input_width as i64);
-        let tc = model.config.transformer;
-        let d = tc.d_model;
+        let features = self.backbone(model, (h, w));
+        let srcs = self.input_levels(model, &features);
+        let shapes: Vec<(i64, i64)> = srcs.iter().map(|(_, s)| *s).collect();
+        let constants = self.level_constants(model, &shapes);
+        let memory = self.flatten_levels(&srcs, model.config.transformer.d_model);
+        let memory = self.encoder(model, memory, &constants, &shapes);
+        let (query_pos, tgt) = self.decoder_queries(model);
+        let reference = self.initial_reference(model, &query_pos);
+        let (tgt, head_reference) = self.decoder(
+            model,
+            tgt,
+            &query_pos,
+            reference,
+            &memory,
+            &shapes,
+            &constants.valid_ratios,
+        );
+        self.heads(model, &tgt, head_reference);
+        self.finish(model, opts)
+    }
 
-        // Backbone.
+    /// The backbone's body from the input: the stem, then every stage. Returns the stages the
+    /// model returns (`return_stages`) with their spatial sizes.
+    fn backbone(&mut self, model: &DeformableDetr, input_hw: (i64, i64)) -> Vec<(V, (i64, i64))> {
         let body = &model.backbone.body;
-        let mut hw = (h, w);
+        let mut hw = input_hw;
         let x = self.conv(INPUT_NAME, &body.conv1, "backbone.0.body.conv1", &mut hw);
         let x = self.frozen_bn(&x, &body.bn1, "backbone.0.body.bn1");
         let x = self.op("Relu", &[&x], &[]);
@@ -668,14 +698,21 @@ impl Writer {
             }
             stage_outs.push((x.clone(), hw));
         }
-        let features: Vec<(V, (i64, i64))> = model
+        model
             .backbone
             .return_stages
             .iter()
             .map(|&s| stage_outs[s].clone())
-            .collect();
+            .collect()
+    }
 
-        // input_proj and the extra levels.
+    /// `input_proj` of every backbone feature, then the extra levels (the first from the last
+    /// backbone feature, each next one from the level before), with their spatial sizes.
+    fn input_levels(
+        &mut self,
+        model: &DeformableDetr,
+        features: &[(V, (i64, i64))],
+    ) -> Vec<(V, (i64, i64))> {
         let mut srcs: Vec<(V, (i64, i64))> = Vec::new();
         for (l, (feat, fhw)) in features.iter().enumerate() {
             let mut lhw = *fhw;
@@ -692,10 +729,13 @@ impl Writer {
             let v = self.input_proj(&input, model, l, &mut lhw);
             srcs.push((v, lhw));
         }
-        let shapes: Vec<(i64, i64)> = srcs.iter().map(|(_, s)| *s).collect();
-        let len_in: i64 = shapes.iter().map(|&(a, b)| a * b).sum();
+        srcs
+    }
 
-        // Constants from the model's own code at this input size, with no padding.
+    /// Constants from the model's own code at this input size, with no padding: the flattened
+    /// position embeddings (level embeddings added), the valid ratios and the encoder's reference
+    /// points.
+    fn level_constants(&mut self, model: &DeformableDetr, shapes: &[(i64, i64)]) -> LevelConstants {
         let masks: Vec<Tensor> = shapes
             .iter()
             .map(|&(a, b)| Tensor::zeros([1, a, b], (Kind::Bool, Device::Cpu)))
@@ -721,13 +761,22 @@ impl Writer {
                 .collect::<Vec<_>>(),
             1,
         );
-        let enc_refs = DeformableTransformer::encoder_reference_points(&shapes, &valid_ratios);
+        let enc_refs = DeformableTransformer::encoder_reference_points(shapes, &valid_ratios);
         let enc_refs = Refs {
             v: self.tensor("encoder_reference_points", &enc_refs),
             dim: 2,
         };
+        LevelConstants {
+            pos: pos_flatten,
+            refs: enc_refs,
+            valid_ratios,
+        }
+    }
 
-        // Flatten.
+    /// The levels flattened to `[N, H·W, d]` and concatenated along the sequence: the encoder's
+    /// input.
+    fn flatten_levels(&mut self, srcs: &[(V, (i64, i64))], d: i64) -> V {
+        let len_in: i64 = srcs.iter().map(|(_, (a, b))| a * b).sum();
         let flat: Vec<V> = srcs
             .iter()
             .map(|(v, (a, b))| {
@@ -736,30 +785,44 @@ impl Writer {
             })
             .collect();
         let flat_refs: Vec<&str> = flat.iter().map(String::as_str).collect();
-        let mut memory = if flat.len() == 1 {
+        let memory = if flat.len() == 1 {
             flat[0].clone()
         } else {
             self.op("Concat", &flat_refs, &[("axis", Attr::Int(1))])
         };
         debug_assert!(len_in > 0);
+        memory
+    }
 
+    /// Every encoder layer over the flattened levels: the memory the decoder attends to.
+    fn encoder(
+        &mut self,
+        model: &DeformableDetr,
+        mut memory: V,
+        constants: &LevelConstants,
+        shapes: &[(i64, i64)],
+    ) -> V {
         for (i, layer) in model.transformer.encoder.iter().enumerate() {
             memory = self.encoder_layer(
                 layer,
                 &format!("transformer.encoder.layers.{i}"),
                 &memory,
-                &pos_flatten,
-                &enc_refs,
-                &shapes,
+                &constants.pos,
+                &constants.refs,
+                shapes,
             );
         }
+        memory
+    }
 
-        // Decoder inputs: query_embed split into (query_pos, tgt), expanded to the batch.
+    /// Decoder inputs: `query_embed` split into (query_pos, tgt), each expanded to the batch.
+    fn decoder_queries(&mut self, model: &DeformableDetr) -> (V, V) {
+        let tc = model.config.transformer;
+        let (d, nq) = (tc.d_model, tc.num_queries);
         let qe = model
             .query_embed
             .as_ref()
             .expect("single-stage models have query_embed");
-        let nq = tc.num_queries;
         let parts = qe.split(d, 1);
         let batch = self.op(
             "Shape",
@@ -771,21 +834,43 @@ impl Writer {
         let qp_c = self.tensor("query_embed.query_pos", &parts[0].unsqueeze(0));
         let tgt_c = self.tensor("query_embed.tgt", &parts[1].unsqueeze(0));
         let query_pos = self.op("Expand", &[&qp_c, &target_shape], &[]);
-        let mut tgt = self.op("Expand", &[&tgt_c, &target_shape], &[]);
+        let tgt = self.op("Expand", &[&tgt_c, &target_shape], &[]);
+        (query_pos, tgt)
+    }
+
+    /// The first decoder layer's reference points: `sigmoid(reference_points(query_pos))`.
+    fn initial_reference(&mut self, model: &DeformableDetr, query_pos: &str) -> Refs {
         let rp = model
             .transformer
             .reference_points
             .as_ref()
             .expect("reference_points exists without two-stage");
-        let r = self.linear(&query_pos, rp, "transformer.reference_points");
-        let mut reference = Refs {
+        let r = self.linear(query_pos, rp, "transformer.reference_points");
+        Refs {
             v: self.op("Sigmoid", &[&r], &[]),
             dim: 2,
-        };
+        }
+    }
+
+    /// Every decoder layer, each reading its reference points scaled by the valid ratios, and with
+    /// box refinement refining them after every layer but the last. Returns the last layer's
+    /// output and the reference points it read (the heads add to them).
+    #[allow(clippy::too_many_arguments)]
+    fn decoder(
+        &mut self,
+        model: &DeformableDetr,
+        mut tgt: V,
+        query_pos: &str,
+        mut reference: Refs,
+        memory: &str,
+        shapes: &[(i64, i64)],
+        valid_ratios: &Tensor,
+    ) -> (V, Option<Refs>) {
+        let nq = model.config.transformer.num_queries;
         let vr2 = self.tensor("valid_ratios", &valid_ratios.unsqueeze(1));
         let vr4 = self.tensor(
             "valid_ratios_box",
-            &Tensor::cat(&[&valid_ratios, &valid_ratios], -1).unsqueeze(1),
+            &Tensor::cat(&[valid_ratios, valid_ratios], -1).unsqueeze(1),
         );
         let axes2 = self.ints(&[2], &[1]);
         let n_dec = model.transformer.decoder.len();
@@ -807,57 +892,78 @@ impl Writer {
                 layer,
                 &format!("transformer.decoder.layers.{lid}"),
                 &tgt,
-                &query_pos,
+                query_pos,
                 &ref_input,
-                &memory,
-                &shapes,
+                memory,
+                shapes,
                 nq,
             );
             if model.heads.refine && lid + 1 < n_dec {
                 // The last layer's refined reference feeds nothing the export returns.
-                let delta = self.mlp(&tgt, model.heads.bbox(lid), &format!("bbox_embed.{lid}"));
-                let inv = self.inverse_sigmoid(&reference.v);
-                let unact = if reference.dim == 4 {
-                    self.binary("Add", &delta, &inv)
-                } else {
-                    let xy = self.slice(&delta, -1, 0, 2);
-                    let xy = self.binary("Add", &xy, &inv);
-                    let rest = self.slice(&delta, -1, 2, 4);
-                    self.op("Concat", &[&xy, &rest], &[("axis", Attr::Int(-1))])
-                };
-                reference = Refs {
-                    v: self.op("Sigmoid", &[&unact], &[]),
-                    dim: 4,
-                };
+                reference = self.refine_reference(model, lid, &tgt, &reference);
             }
         }
+        (tgt, head_reference)
+    }
 
-        // Heads of the last decoder layer.
-        let last = n_dec - 1;
+    /// Box refinement after decoder layer `lid`:
+    /// `sigmoid(bbox_embed[lid](tgt) + inverse_sigmoid(reference))`, a box from then on.
+    fn refine_reference(
+        &mut self,
+        model: &DeformableDetr,
+        lid: usize,
+        tgt: &str,
+        reference: &Refs,
+    ) -> Refs {
+        let delta = self.mlp(tgt, model.heads.bbox(lid), &format!("bbox_embed.{lid}"));
+        let inv = self.inverse_sigmoid(&reference.v);
+        let unact = self.offset_reference(&delta, &inv, reference.dim);
+        Refs {
+            v: self.op("Sigmoid", &[&unact], &[]),
+            dim: 4,
+        }
+    }
+
+    /// `delta + inverse_sigmoid(reference)` as the model adds them: every coordinate for a box
+    /// reference (`dim` 4), only the centre for a point.
+    fn offset_reference(&mut self, delta: &str, inv: &str, dim: i64) -> V {
+        if dim == 4 {
+            self.binary("Add", delta, inv)
+        } else {
+            let xy = self.slice(delta, -1, 0, 2);
+            let xy = self.binary("Add", &xy, inv);
+            let rest = self.slice(delta, -1, 2, 4);
+            self.op("Concat", &[&xy, &rest], &[("axis", Attr::Int(-1))])
+        }
+    }
+
+    /// The class and box heads of the last decoder layer on its output `tgt` (boxes relative to
+    /// the reference points it read), written to the graph's outputs.
+    fn heads(&mut self, model: &DeformableDetr, tgt: &str, head_reference: Option<Refs>) {
+        let last = model.transformer.decoder.len() - 1;
         let head_ref = head_reference.expect("at least one decoder layer");
         let inv = self.inverse_sigmoid(&head_ref.v);
         let cls_idx = if model.heads.refine { last } else { 0 };
         let logits = self.linear(
-            &tgt,
+            tgt,
             model.heads.class(last),
             &format!("class_embed.{cls_idx}"),
         );
         let delta = self.mlp(
-            &tgt,
+            tgt,
             model.heads.bbox(last),
             &format!("bbox_embed.{cls_idx}"),
         );
-        let coord = if head_ref.dim == 4 {
-            self.binary("Add", &delta, &inv)
-        } else {
-            let xy = self.slice(&delta, -1, 0, 2);
-            let xy = self.binary("Add", &xy, &inv);
-            let rest = self.slice(&delta, -1, 2, 4);
-            self.op("Concat", &[&xy, &rest], &[("axis", Attr::Int(-1))])
-        };
+        let coord = self.offset_reference(&delta, &inv, head_ref.dim);
         self.op_into("Identity", &[&logits], &[], OUTPUT_LOGITS);
         self.op_into("Sigmoid", &[&coord], &[], OUTPUT_BOXES);
+    }
 
+    /// The graph's input and outputs declared (the batch axis dynamic when
+    /// `opts.batch_size < 0`) → ModelProto bytes.
+    fn finish(self, model: &DeformableDetr, opts: &ExportOptions) -> Vec<u8> {
+        let (h, w) = (opts.input_height as i64, opts.input_width as i64);
+        let nq = model.config.transformer.num_queries;
         let batch_dim = if opts.batch_size < 0 {
             Dim::Param("batch".into())
         } else {
