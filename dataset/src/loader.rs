@@ -43,7 +43,7 @@ thread_local! {
 
 /// One image's training target (upstream's `target` dict).
 #[derive(Debug)]
-pub struct Target {
+pub struct ImageTarget {
     /// Category ids, int64 `[n]`.
     pub labels: Tensor,
     /// Normalized (cx, cy, w, h) of the transformed image, float `[n, 4]`.
@@ -64,7 +64,7 @@ pub struct Batch {
     pub images: Tensor,
     /// `[B, H, W]` bool, true on padding.
     pub mask: Tensor,
-    pub targets: Vec<Target>,
+    pub targets: Vec<ImageTarget>,
     /// Cache indices of the images (after any replacement).
     pub indices: Vec<usize>,
     /// The last `padding` images repeat earlier ones (evaluation only): do not score them.
@@ -539,7 +539,7 @@ pub fn collate(
                 .flatten()
                 .collect();
             let labels: Vec<i64> = s.labels.iter().map(|&l| l as i64).collect();
-            Target {
+            ImageTarget {
                 labels: Tensor::from_slice(&labels),
                 boxes: Tensor::from_slice(&boxes).view([labels.len() as i64, 4]),
                 image_id: m.image_id,
