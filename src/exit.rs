@@ -28,9 +28,12 @@ pub struct UsageError(pub String);
 
 /// The exit code for an error: 2 when anything in its chain is a usage or spec error, else 1.
 pub fn code_for(err: &anyhow::Error) -> u8 {
-    let usage = err
-        .chain()
-        .any(|e| e.is::<SpecError>() || e.is::<UsageError>() || e.is::<clap::Error>());
+    let usage = err.chain().any(|e| {
+        e.is::<SpecError>()
+            || e.is::<UsageError>()
+            || e.is::<ddetr_bench::UsageError>()
+            || e.is::<clap::Error>()
+    });
     if usage {
         USAGE
     } else {

@@ -5,7 +5,7 @@
 //! under official keys with the transformers key map ([`weights`], reading `torch.save` archives
 //! through [`torch_pickle`]), the checkpoints the tasks take in every published layout
 //! ([`model_checkpoint`]), the tasks ([`train`], [`inference`]) with their progress display
-//! ([`progress`]) and PNG curves ([`plot`]), and the training-step benchmark ([`mod@bench`]).
+//! ([`progress`]) and PNG curves ([`plot`]).
 //!
 //! Numerics are pinned by golden fixtures: `tests/golden/make_model_fixtures.py` (transformers'
 //! Deformable DETR set to the official semantics, plus the official criterion and scipy's
@@ -14,7 +14,6 @@
 //! to regenerate.
 
 pub mod amp;
-pub mod bench;
 pub mod budget;
 pub mod checkpoint;
 pub mod coco_eval;
