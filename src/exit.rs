@@ -31,6 +31,7 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
     let usage = err.chain().any(|e| {
         e.is::<SpecError>()
             || e.is::<UsageError>()
+            || e.is::<ddetr_bench::UsageError>()
             || e.is::<clap::Error>()
             || e.downcast_ref::<TrainerError>()
                 .is_some_and(TrainerError::is_usage)

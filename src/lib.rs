@@ -2,7 +2,7 @@
 //! CLI it execs; `ddetr-launch`), the full command line, the exit-code contract, and
 //! `ddetr doctor`. This library is the full CLI's: the front and `ddetr-launch` do not use it (it
 //! links libtorch). Everything else lives in the crates: `launcher`, `collective-core`,
-//! `collective`, `dataset`, `trainer`.
+//! `collective`, `dataset`, `trainer`, and `bench` (the `ddetr bench` harness).
 
 pub mod cli;
 pub mod doctor;

@@ -62,3 +62,24 @@ fn bench_collective_rejects_a_world_of_one_as_usage() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--nproc 2 or more"));
 }
+
+#[test]
+fn a_failing_rank_is_one_error_line_with_its_last_stderr() {
+    let out = ddetr()
+        .args(["bench", "collective", "--nproc", "2", "--sizes", "64K"])
+        .arg("--no-peer")
+        .env("DDETR_COLLECTIVE_TIMEOUT_S", "bad")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: bench collective ranks: rank "),
+        "{err}"
+    );
+    assert!(
+        last.contains("last stderr: error: config: DDETR_COLLECTIVE_TIMEOUT_S=\"bad\""),
+        "{err}"
+    );
+}

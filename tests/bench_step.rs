@@ -128,3 +128,36 @@ fn non_square_sizes_run_ours_alone_and_bad_flags_fail_with_one_line() {
         assert!(out.stdout.is_empty(), "{args:?} ran something");
     }
 }
+
+#[test]
+fn without_a_peers_folder_ours_runs_alone_and_one_line_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let absent = dir.path().join("no-peers");
+    let out = Command::new(env!("CARGO_BIN_EXE_ddetr"))
+        .args(["bench", "step", "--batch", "1", "--size", "64"])
+        .args(["--steps", "1", "--rounds", "1"])
+        .env("DDETR_PEERS_DIR", &absent)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said: Vec<&str> = stdout.lines().filter(|l| l.starts_with("peer")).collect();
+    assert_eq!(
+        said,
+        [format!(
+            "peer: unavailable (DDETR_PEERS_DIR={} not found): ours only",
+            absent.display()
+        )],
+        "{stdout}"
+    );
+    let last = stdout.lines().last().unwrap();
+    assert!(kv(last, "step_s=").parse::<f64>().unwrap() > 0.0, "{last}");
+    assert!(
+        !last.contains("peer_") && !last.contains("ratio="),
+        "{last}"
+    );
+}

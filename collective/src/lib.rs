@@ -14,8 +14,7 @@
 //!
 //! Modules: [`store`] (bootstrap stores, from the core), [`comm`] (the communicator over tch
 //! tensors, its CPU backend a [`CpuGroup`]), [`nccl`] (runtime-loaded NCCL),
-//! [`ddp`] (bucketed gradient averaging), [`zero`] (ZeRO-2 sharded AdamW), [`bench`]
-//! (nccl-tests-style bandwidth measurement).
+//! [`ddp`] (bucketed gradient averaging), [`zero`] (ZeRO-2 sharded AdamW).
 //!
 //! Environment knobs: `DDETR_COLLECTIVE_TIMEOUT_S` (per-operation timeout, default 600),
 //! `DDETR_CPU_TRANSPORT` (auto|shm|tcp), `DDETR_CPU_ADDR` (address the TCP transport publishes),
@@ -23,7 +22,6 @@
 //! (direct|split), `DDETR_SHM_SPIN` (spin iterations before sleeping), `DDETR_NCCL_LIB` (path of
 //! libnccl.so.2; build time: `DDETR_NCCL_INCLUDE`, the directory of nccl.h).
 
-pub mod bench;
 pub mod comm;
 pub mod cuda_runtime;
 pub mod ddp;

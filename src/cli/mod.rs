@@ -1,7 +1,6 @@
 //! The `ddetr` command line (clap derive). Each subcommand parses its flags here and calls into a
 //! library crate; nothing below prints except through the functions in this module.
 
-mod bench;
 mod convert;
 mod dataset;
 mod export;
@@ -37,7 +36,7 @@ pub enum Command {
     Convert(SpecArgs),
     /// Benchmarks: ddetr against its peers, one key=value line last.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(ddetr_bench::BenchCommand),
     /// Train a model: `ddetr train -e spec.yaml [-r dir] [key=value …]` (any world under ddetr-launch).
     Train(SpecArgs),
     /// COCO bbox evaluation of `evaluate.checkpoint` on `dataset.test_data_sources`.
@@ -78,7 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Spec(SpecCommand::Show(args)) => spec::show(&args),
         Command::Spec(SpecCommand::Validate(args)) => spec::validate(&args),
         Command::Dataset(cmd) => dataset::run(&cmd),
-        Command::Bench(cmd) => bench::run(&cmd),
+        Command::Bench(cmd) => ddetr_bench::run(&cmd),
         Command::Train(args) => train::train(&args),
         Command::Evaluate(args) => train::evaluate(&args),
         Command::Inference(args) => inference::run(&args),

@@ -26,7 +26,6 @@
 //! to regenerate.
 
 pub mod amp;
-pub mod bench;
 pub mod checkpoint;
 pub mod coco_eval;
 pub mod criterion;

@@ -10,12 +10,14 @@
 //! | `trainer.rs` | [`Trainer`]: one rank's run, with a method per step, epoch end, validation, checkpoint |
 //! | `data.rs` | the training and validation loaders and the validation ground truth |
 //! | `resume.rs` | which checkpoint a run resumes from, and loading it into the model |
+//! | `update.rs` | one optimizer step (shared with `ddetr bench step`) |
 //! | `budget.rs` | `train.max_minutes`: the schedule fitted to measured seconds (no clock) |
 
 pub mod budget;
 mod data;
 mod resume;
 mod trainer;
+pub mod update;
 
 pub use trainer::{EpochEnd, Trainer};
 

@@ -12,6 +12,7 @@ use tch::{Device, Tensor};
 use super::budget::{self, Budget, Measured, Plan, PROBE_STEPS};
 use super::data::TrainData;
 use super::resume::{find_resume, load_model_tensors};
+use super::update::{optimizer_step, StepState};
 use super::{epoch_checkpoint_name, step_seed, TrainOutcome, LATEST};
 use crate::amp::Amp;
 use crate::checkpoint::{self, CheckpointMeta};
@@ -26,7 +27,6 @@ use crate::predict::predict;
 use crate::progress::{fmt_secs, Display, Progress, StepStats};
 use crate::results::ResultsDir;
 use crate::spec::{ExperimentSpec, LrScheduler, OptimConfig, Precision, Task};
-use crate::step::StepMode;
 use crate::TrainerError;
 
 /// How an epoch's loop ended.
@@ -294,41 +294,23 @@ impl<'c, D: Detector> Trainer<'c, D> {
         let mut nb = Tensor::from_slice(&[local_num_boxes(&targets)]);
         comm.all_reduce(&mut nb, ReduceOp::Sum)?;
         let num_boxes = normalizer(nb.double_value(&[0]) / nworld as f64);
-        for p in &self.built.params {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
         // libtorch's RNG (dropout) is a function of (seed, rank, step), so a run resumed from a
         // mid-epoch checkpoint draws what the uninterrupted run drew.
         tch::manual_seed(step_seed(self.seed, comm.rank(), self.global_step));
-        let scale = self.amp.loss_scale();
-        let losses = self.built.model.forward_backward(
+        let (losses, _) = optimizer_step(
+            &self.built,
+            StepState {
+                strategy: &mut self.strategy,
+                optim: &mut self.optim,
+                amp: &mut self.amp,
+            },
             &images,
             &mask,
             &targets,
             num_boxes,
-            &self.amp,
-            StepMode {
-                activation_checkpoint: spec.train.activation_checkpoint,
-                loss_scale: scale,
-            },
-        )?;
-        let report = self.strategy.step(
-            &mut self.optim,
-            &self.built.params,
             spec.train.clip_grad_norm,
-            1.0 / scale,
+            spec.train.activation_checkpoint,
         )?;
-        if report.skipped {
-            tracing::warn!(
-                step,
-                scale,
-                "fp16 gradients overflowed: step skipped, loss scale halved"
-            );
-        }
-        self.amp.update(report.skipped);
         self.global_step += 1;
         let term = |k: &str| losses.terms.get(k).map_or(0.0, |t| t.double_value(&[]));
         let measured = self.measure(epoch, step + 1);

@@ -1,22 +1,24 @@
-//! The training-step benchmark behind `ddetr bench step`: forward + criterion + backward +
-//! gradient clipping + AdamW on the TAO default model (ResNet-50, 4 levels, 6+6 layers, 300
-//! queries, box refinement, FFN 1024) with random images and five random boxes per image, the
-//! same workload as the peer script `hf_ddetr_step.py`.
+//! The training step behind `ddetr bench step`: the one `ddetr train` runs
+//! ([`optimizer_step`]: gradients zeroed, the detector's forward + criterion + backward under the
+//! fp16 loss scale, the distributed strategy — a world of one — unscaling by 1/scale, clipping to
+//! 0.1 and stepping `Optim` with upstream's parameter groups, the loss scaler's update) on the
+//! model of [`build_model`] at TAO's defaults (ResNet-50, 4 levels, 6+6 layers, 300 queries, box
+//! refinement, FFN 1024). The input is random images with five random boxes per image, the
+//! workload of the peer script `hf_ddetr_step.py`.
 
 use std::time::Instant;
 
-use tch::nn::{self, OptimizerConfig, VarStore};
+use ddetr_collective::Communicator;
+use ddetr_trainer::amp::Amp;
+use ddetr_trainer::criterion::{local_num_boxes, normalizer};
+use ddetr_trainer::detector::{build_model, DeformableDetrDetector};
+use ddetr_trainer::strategy::Strategy;
+use ddetr_trainer::matcher::Target;
+use ddetr_trainer::optim::Optim;
+use ddetr_trainer::spec::{ExperimentSpec, Precision};
+use ddetr_trainer::train::update::{optimizer_step, StepState};
+use ddetr_trainer::TrainerError;
 use tch::{Device, Kind, Tensor};
-
-use crate::amp::Amp;
-use crate::criterion::{local_num_boxes, normalizer, SetCriterion};
-use crate::matcher::Target;
-use crate::model::deformable_detr::DetrConfig;
-use crate::param_groups::{GROUP_BACKBONE, GROUP_LINEAR_PROJ};
-use crate::model::DeformableDetr;
-use crate::spec::{ModelConfig, OptimConfig, Precision};
-use crate::step::{forward_backward, StepMode};
-use crate::TrainerError;
 
 /// COCO's class count (max category id 90 + 1), TAO's default.
 pub const BENCH_NUM_CLASSES: u32 = 91;
@@ -24,6 +26,8 @@ pub const BENCH_NUM_CLASSES: u32 = 91;
 const BOXES_PER_IMAGE: i64 = 5;
 /// Global gradient-norm clip (TAO's `train.clip_grad_norm`).
 const CLIP_GRAD_NORM: f64 = 0.1;
+/// The model's initialisation seed.
+const SEED: i64 = 0;
 
 /// What one benchmark run does.
 #[derive(Debug, Clone, Copy)]
@@ -102,20 +106,24 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
             "precision {name} runs under CUDA autocast only: use fp32 on the CPU"
         )));
     }
-    tch::manual_seed(0);
-    let cfg = ModelConfig::default();
-    let vs = VarStore::new(device);
-    let model = DeformableDetr::new(&vs.root(), DetrConfig::from_spec(&cfg, BENCH_NUM_CLASSES)?);
-    let criterion = SetCriterion::from_spec(&cfg, BENCH_NUM_CLASSES);
-    let optim = OptimConfig::default();
-    let mut opt = nn::AdamW {
-        wd: optim.weight_decay,
-        ..Default::default()
-    }
-    .build(&vs, optim.lr)?;
-    opt.set_lr_group(GROUP_BACKBONE, optim.lr_backbone);
-    opt.set_lr_group(GROUP_LINEAR_PROJ, optim.lr * optim.lr_linear_proj_mult);
-    let params: i64 = vs
+    let spec = bench_spec(activation_checkpoint, precision);
+    let built = build_model::<DeformableDetrDetector>(&spec, device, SEED)?;
+    let mut optim = Optim::new(&spec.train.optim, built.params.len());
+    optim.set_epoch(&spec.train.optim, 0);
+    let comm = Communicator::single();
+    let buffers: Vec<Tensor> = built
+        .buffers
+        .iter()
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
+    let mut strategy = Strategy::new(
+        spec.train.distributed_strategy,
+        &comm,
+        &built.params,
+        &buffers,
+    )?;
+    let params: i64 = built
+        .vs
         .variables()
         .iter()
         .filter(|(k, _)| !k.contains("running_"))
@@ -127,7 +135,7 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
     let targets: Vec<Target> = (0..batch)
         .map(|_| Target {
             labels: Tensor::randint(
-                i64::from(BENCH_NUM_CLASSES),
+                i64::from(spec.dataset.num_classes),
                 [BOXES_PER_IMAGE],
                 (Kind::Int64, device),
             ),
@@ -137,7 +145,7 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
     let num_boxes = normalizer(local_num_boxes(&targets));
     let mut step_s = Vec::with_capacity(steps);
     let mut final_loss = f64::NAN;
-    let mut amp = Amp::new(precision, device);
+    let mut amp = Amp::new(spec.train.precision, device);
     let cuda_index = match device {
         Device::Cuda(i) => Some(i),
         _ => None,
@@ -149,28 +157,27 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
             rss_ok = reset_peak_rss();
             if let Some(index) = cuda_index {
                 tch::Cuda::synchronize(index as i64);
-                if let Err(e) = crate::device_memory::cuda_reset_peak(index) {
+                if let Err(e) = ddetr_trainer::device_memory::cuda_reset_peak(index) {
                     tracing::warn!("peak GPU memory unavailable: {e}");
                 }
             }
         }
         let t0 = Instant::now();
-        opt.zero_grad();
-        let scale = amp.loss_scale();
-        let mode = StepMode {
-            activation_checkpoint,
-            loss_scale: scale,
-        };
-        let losses = forward_backward(
-            &model, &criterion, &images, &mask, &targets, num_boxes, &amp, mode,
+        let (losses, report) = optimizer_step(
+            &built,
+            StepState {
+                strategy: &mut strategy,
+                optim: &mut optim,
+                amp: &mut amp,
+            },
+            &images,
+            &mask,
+            &targets,
+            num_boxes,
+            spec.train.clip_grad_norm,
+            spec.train.activation_checkpoint,
         )?;
-        // fp16: unscale, and skip the update when the gradients overflowed (GradScaler's rule).
-        let skipped = scale != 1.0 && !unscale_finite(&vs, 1.0 / scale);
-        if !skipped {
-            opt.clip_grad_norm(CLIP_GRAD_NORM);
-            opt.step();
-        }
-        amp.update(skipped);
+        let skipped = report.skipped;
         final_loss = losses.total.double_value(&[]);
         if let Some(index) = cuda_index {
             tch::Cuda::synchronize(index as i64);
@@ -190,7 +197,7 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
     }
     // A figure, not a reason to lose the run: where the statistics cannot be read, say so.
     let peak_device = cuda_index.and_then(|index| {
-        crate::device_memory::cuda_peak_allocated(index)
+        ddetr_trainer::device_memory::cuda_peak_allocated(index)
             .map_err(|e| tracing::warn!("peak GPU memory unavailable: {e}"))
             .ok()
     });
@@ -204,47 +211,52 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
     })
 }
 
-/// Multiplies every trainable gradient by `factor`; false when any is not finite (one device
-/// sync: the norms are summed on the device, where a NaN or inf carries through).
-fn unscale_finite(vs: &VarStore, factor: f64) -> bool {
-    tch::no_grad(|| {
-        let norms: Vec<Tensor> = vs
-            .trainable_variables()
-            .iter()
-            .filter_map(|var| {
-                let mut g = var.grad();
-                g.defined().then(|| {
-                    let _ = g.g_mul_scalar_(factor);
-                    g.norm()
-                })
-            })
-            .collect();
-        norms.is_empty()
-            || Tensor::stack(&norms, 0)
-                .sum(Kind::Float)
-                .double_value(&[])
-                .is_finite()
-    })
+/// The spec of the measured run: TAO's defaults (model, AdamW and its groups, `ddp`) with COCO's
+/// classes, clip 0.1, and the asked activation checkpointing and precision.
+fn bench_spec(activation_checkpoint: bool, precision: Precision) -> ExperimentSpec {
+    let mut spec = ExperimentSpec::default();
+    spec.dataset.num_classes = BENCH_NUM_CLASSES;
+    spec.train.clip_grad_norm = CLIP_GRAD_NORM;
+    spec.train.activation_checkpoint = activation_checkpoint;
+    spec.train.precision = precision;
+    spec
 }
 
 #[cfg(test)]
 mod tests {
+    use ddetr_trainer::optim::Param;
+    use ddetr_trainer::spec::{DistributedStrategy, OptimConfig};
+
     use super::*;
 
+    /// The fp16 path of the step: the strategy multiplies the gradients by 1/scale and reports a
+    /// non-finite one, so the update is skipped.
     #[test]
-    fn unscale_divides_the_gradients_and_flags_overflow() {
-        let vs = VarStore::new(Device::Cpu);
-        let w = vs.root().var("w", &[2], nn::Init::Const(1.0));
+    fn the_strategy_unscales_the_gradients_and_flags_overflow() {
+        let comm = Communicator::single();
+        let w = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let params = vec![Param {
+            name: "w".into(),
+            tensor: w.shallow_clone(),
+            group: 0,
+        }];
+        let cfg = OptimConfig::default();
+        let mut optim = Optim::new(&cfg, 1);
+        let mut strategy = Strategy::new(DistributedStrategy::Ddp, &comm, &params, &[]).unwrap();
         (&w * Tensor::from_slice(&[4.0f32, 8.0]))
             .sum(Kind::Float)
             .backward();
-        assert!(unscale_finite(&vs, 0.5));
+        assert!(!strategy.step(&mut optim, &params, 0.0, 0.5).unwrap().skipped);
         assert_eq!(Vec::<f32>::try_from(&w.grad()).unwrap(), [2.0, 4.0]);
+        let _ = w.grad().zero_();
         (&w * Tensor::from_slice(&[f32::INFINITY, 1.0]))
             .sum(Kind::Float)
             .backward();
-        assert!(!unscale_finite(&vs, 0.5));
-        let empty = VarStore::new(Device::Cpu);
-        assert!(unscale_finite(&empty, 0.5));
+        let before = Vec::<f32>::try_from(&w.detach()).unwrap();
+        assert!(strategy.step(&mut optim, &params, 0.0, 0.5).unwrap().skipped);
+        assert_eq!(Vec::<f32>::try_from(&w.detach()).unwrap(), before);
+        let mut empty = Strategy::new(DistributedStrategy::Ddp, &comm, &[], &[]).unwrap();
+        let report = empty.step(&mut Optim::new(&cfg, 0), &[], 0.0, 0.5).unwrap();
+        assert!(!report.skipped);
     }
 }

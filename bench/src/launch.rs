@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 
+use crate::peer::{self, PeerArgs};
+use crate::UsageError;
+
 #[derive(Debug, Clone, Args)]
 pub struct LaunchArgs {
     /// Workers per launch.
@@ -24,16 +27,12 @@ pub struct LaunchArgs {
     /// Launches of each (the medians are reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// The peer worker script.
-    #[arg(long)]
-    peer: Option<PathBuf>,
-    /// Python of the peers venv (its bin/ holds torchrun; default: what venv.sh next to the
-    /// peer script prints).
-    #[arg(long)]
-    python: Option<PathBuf>,
-    /// Skip torchrun.
-    #[arg(long)]
-    no_peer: bool,
+    /// The peer worker script (default: `torchrun_barrier.py` in the peers folder); torchrun is
+    /// the one beside the peers' python.
+    #[arg(long = "peer", value_name = "SCRIPT")]
+    peer_script: Option<PathBuf>,
+    #[command(flatten)]
+    peer: PeerArgs,
 }
 
 fn timed(cmd: &mut Command, what: &str) -> anyhow::Result<Duration> {
@@ -64,9 +63,7 @@ fn median(v: &mut [Duration]) -> f64 {
 
 pub fn run(args: &LaunchArgs) -> anyhow::Result<()> {
     if args.runs == 0 || args.nproc == 0 {
-        bail!(crate::exit::UsageError(
-            "--runs and --nproc must be at least 1".into()
-        ));
+        bail!(UsageError("--runs and --nproc must be at least 1".into()));
     }
     let exe = std::env::current_exe().context("locating this binary")?;
     let launcher = exe.with_file_name("ddetr-launch");
@@ -81,18 +78,20 @@ pub fn run(args: &LaunchArgs) -> anyhow::Result<()> {
         }
     }
     let peer_script = args
-        .peer
+        .peer_script
         .clone()
-        .unwrap_or_else(|| super::peers_dir().join("torchrun_barrier.py"));
-    let torchrun = if args.no_peer {
-        None
-    } else {
-        let python = super::peers_python(
-            args.python.as_deref(),
-            &peer_script.with_file_name("venv.sh"),
-        )?;
-        Some(python.with_file_name("torchrun"))
-    };
+        .unwrap_or_else(|| args.peer.script("torchrun_barrier.py"));
+    let torchrun = args
+        .peer
+        .python(&[&peer_script])
+        .map(|python| python.with_file_name("torchrun"))
+        .filter(|torchrun| {
+            let found = torchrun.is_file();
+            if !found {
+                peer::unavailable(&format!("{} not found", torchrun.display()));
+            }
+            found
+        });
     let nproc = args.nproc.to_string();
     let (mut ours, mut peer, mut bare) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..args.runs {

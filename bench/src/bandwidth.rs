@@ -1,14 +1,13 @@
-//! Collective bandwidth, measured the way nccl-tests reports it (`doc/PERFORMANCE.md`):
-//! algbw = S / t with S the bytes of the whole operation (for all-gather and reduce-scatter the
-//! gathered / scattered array, world × per-rank count), busbw = algbw × 2(n−1)/n for all-reduce
-//! and × (n−1)/n for all-gather and reduce-scatter. The time of an iteration is the slowest
-//! rank's mean.
+//! Collective bandwidth for `ddetr bench collective`, measured the way nccl-tests reports it
+//! (`doc/PERFORMANCE.md`): algbw = S / t with S the bytes of the whole operation (for all-gather
+//! and reduce-scatter the gathered / scattered array, world × per-rank count), busbw = algbw ×
+//! 2(n−1)/n for all-reduce and × (n−1)/n for all-gather and reduce-scatter. The time of an
+//! iteration is the slowest rank's mean.
 
 use std::time::Instant;
 
+use ddetr_collective::{CollectiveError, Communicator, ReduceOp, Result};
 use tch::{Device, Kind, Tensor};
-
-use crate::{CollectiveError, Communicator, ReduceOp, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BenchOp {

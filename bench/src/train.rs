@@ -2,8 +2,8 @@
 //! dir → dataset cache → loader → DDP (a world of one) → the TAO default model (ResNet-50, 4
 //! levels, 6+6 layers, 300 queries, box refinement) → criterion → AdamW with groups → the step's
 //! status — through `ddetr_trainer::train::train` itself, against transformers' Deformable DETR
-//! (`hf_ddetr_step.py` of the peers folder, [`super::peers_dir`]) at the same batch and image
-//! size in the same run.
+//! (`hf_ddetr_step.py` of the peers folder, [`crate::peer`]) at the same batch and image size in
+//! the same run.
 //! `--curve status.json` instead prints a run's val mAP50 against wall-clock minutes.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +14,9 @@ use clap::Args;
 use ddetr_dataset::synth::{self, SynthOptions};
 use ddetr_trainer::process_group::ProcessGroup;
 use ddetr_trainer::train;
+
+use crate::peer::PeerArgs;
+use crate::step::{HfStep, HF_STEP};
 
 /// Flags of `ddetr bench train`.
 #[derive(Debug, Args)]
@@ -27,16 +30,11 @@ pub struct TrainBenchArgs {
     /// Timed steps (after one warm-up step); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// The peer script (default: `hf_ddetr_step.py` in `DDETR_PEERS_DIR`, else in
-    /// `../shared/peers` beside the clone).
-    #[arg(long)]
-    pub peer: Option<PathBuf>,
-    /// Python of the peers venv (default: what the peers' `venv.sh` prints).
-    #[arg(long)]
-    pub python: Option<PathBuf>,
-    /// Measure ours only.
-    #[arg(long)]
-    pub no_peer: bool,
+    /// The peer script (default: `hf_ddetr_step.py` in the peers folder).
+    #[arg(long = "peer", value_name = "SCRIPT")]
+    pub peer_script: Option<PathBuf>,
+    #[command(flatten)]
+    pub peer: PeerArgs,
     /// Instead of timing steps: print val mAP50 against minutes from a run's status.json.
     #[arg(long, value_name = "STATUS_JSON")]
     pub curve: Option<PathBuf>,
@@ -118,14 +116,28 @@ fn step(args: &TrainBenchArgs) -> anyhow::Result<()> {
             .map(|s| format!("{s:.2}"))
             .collect::<Vec<_>>(),
     );
-    if args.no_peer {
+    let script = args
+        .peer_script
+        .clone()
+        .unwrap_or_else(|| args.peer.script(HF_STEP));
+    let Some(python) = args.peer.python(&[&script]) else {
         println!(
             "step_s={median:.3} batch={} size={} threads={threads}",
             args.batch, args.size
         );
         return Ok(());
+    };
+    let peer = HfStep {
+        python: &python,
+        script: &script,
+        batch: i64::from(args.batch),
+        size: i64::from(args.size),
+        steps: args.steps,
+        device: "cpu",
+        amp: "",
     }
-    let peer = run_peer(args)?;
+    .run()?
+    .step_s;
     println!("peer (transformers, random tensors, no loader): median_step={peer:.3}s");
     println!(
         "step_s={median:.3} peer_step_s={peer:.3} ratio={:.3} batch={} size={} threads={threads}",
@@ -134,43 +146,6 @@ fn step(args: &TrainBenchArgs) -> anyhow::Result<()> {
         args.size
     );
     Ok(())
-}
-
-/// Runs the peer at the same batch, size and step count; returns its median step seconds.
-fn run_peer(args: &TrainBenchArgs) -> anyhow::Result<f64> {
-    let peer = args
-        .peer
-        .clone()
-        .unwrap_or_else(|| super::peers_dir().join("hf_ddetr_step.py"));
-    let python = super::peers_python(args.python.as_deref(), &peer.with_file_name("venv.sh"))?;
-    let out = std::process::Command::new(&python)
-        .env("DEVICE", "cpu")
-        .arg(&peer)
-        .args([
-            args.batch.to_string(),
-            args.size.to_string(),
-            args.steps.to_string(),
-        ])
-        .output()
-        .with_context(|| format!("running {} {}", python.display(), peer.display()))?;
-    if !out.status.success() {
-        bail!(
-            "peer {} exited with {}: {}",
-            peer.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let value = stdout
-        .split_whitespace()
-        .filter_map(|kv| kv.strip_prefix("median_step="))
-        .next_back()
-        .map(|v| v.trim_end_matches('s'))
-        .context("peer printed no median_step=")?;
-    value
-        .parse()
-        .with_context(|| format!("peer median_step {value:?} is not a number"))
 }
 
 /// Seconds since the epoch of a status record's `date` (m/d/y) and `time` (H:M:S), UTC.

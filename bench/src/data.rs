@@ -2,14 +2,16 @@
 //!
 //! 1. Train transform throughput on one core: decode (zune-jpeg) → flip/resize/crop (the
 //!    two-tap AVX2 horizontal pass of `ddetr_dataset::upsample` when stretching, else
-//!    fast_image_resize) → u8 batch → normalized float tensor, over 640×480 JPEGs from
-//!    `shared/peers/make_shapes_jpegs.py` (ddetr's synth when the peers' Python is missing), with
-//!    and without the normalize and stage by stage; the peer is
-//!    `shared/peers/torchvision_pipeline.py` (PIL + torchvision) on the same files. Then the
-//!    loader's throughput with 1 and 2 worker threads (`--loader-threads`).
-//! 2. A COCO-train-sized annotation file (`shared/peers/make_big_coco_json.py`): cache build time,
-//!    open time, and the extra resident memory of each additional process that maps the cache
-//!    and reads every record; the peer is pycocotools loading the JSON (`pycocotools_load.py`).
+//!    fast_image_resize) → u8 batch → normalized float tensor, over 640×480 JPEGs from the
+//!    peers' `make_shapes_jpegs.py` (ddetr's synth when the peers' Python is missing), with and
+//!    without the normalize and stage by stage; the peer is the peers' `torchvision_pipeline.py`
+//!    (PIL + torchvision) on the same files. Then the loader's throughput with 1 and 2 worker
+//!    threads (`--loader-threads`).
+//! 2. A COCO-train-sized annotation file (the peers' `make_big_coco_json.py`, run with the
+//!    system `python3`; this part is left out, with a line saying so, where the peers folder is
+//!    absent): cache build time, open time, and the extra resident memory of each additional
+//!    process that maps the cache and reads every record; the peer is pycocotools loading the
+//!    JSON (`pycocotools_load.py`).
 //!
 //! The last line is `key=value` pairs (`imgs_per_s_core=` first).
 
@@ -28,6 +30,8 @@ use ddetr_dataset::synth::{self, SynthOptions};
 use ddetr_dataset::transforms::{self, Sample};
 use ddetr_dataset::{AugmentationConfig, DataSource, DatasetConfig};
 
+use crate::peer::{self, PeerArgs};
+
 #[derive(Debug, Args)]
 pub struct DataBenchArgs {
     /// Synthetic 640x480 JPEGs for the transform benchmark.
@@ -36,16 +40,8 @@ pub struct DataBenchArgs {
     /// Working folder (default: a fresh temporary folder, removed afterwards).
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
-    /// Folder holding the peer scripts (default: `DDETR_PEERS_DIR`, else `../shared/peers`
-    /// beside the clone).
-    #[arg(long, value_name = "DIR")]
-    pub peers: Option<PathBuf>,
-    /// Python with torch/torchvision/pycocotools for the peers (default: the peers' venv.sh).
-    #[arg(long, value_name = "PYTHON")]
-    pub python: Option<PathBuf>,
-    /// Skip the peers (prints only ddetr's figures).
-    #[arg(long)]
-    pub no_peer: bool,
+    #[command(flatten)]
+    pub peer: PeerArgs,
     /// Skip the COCO-train-sized annotation part.
     #[arg(long)]
     pub skip_big: bool,
@@ -93,37 +89,21 @@ fn reader(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a peer script and returns the value of `key=` in its last line.
+/// Runs a peer script on `arg` and returns the figures `keys` of the last line that has the
+/// first of them.
 fn run_peer(python: &Path, script: &Path, arg: &Path, keys: &[&str]) -> anyhow::Result<Vec<f64>> {
-    let out = Command::new(python)
-        .arg(script)
-        .arg(arg)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-    }
-    let line = text.lines().last().unwrap_or("");
-    keys.iter()
-        .map(|k| {
-            line.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-                .and_then(|v| v.parse().ok())
-                .with_context(|| format!("{} printed no {k}= ({line})", script.display()))
-        })
-        .collect()
+    let stdout = peer::output(
+        Command::new(python)
+            .arg(script)
+            .arg(arg)
+            .env("HF_HUB_OFFLINE", "1"),
+        script,
+    )?;
+    let line = peer::line_with(&stdout, keys[0])?;
+    keys.iter().map(|k| peer::figure(line, k)).collect()
 }
 
-pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
+pub fn run(args: &DataBenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.reader {
         return reader(path);
     }
@@ -136,16 +116,10 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
         }
     };
     let mut kv: Vec<(String, String)> = Vec::new();
-    let peers = args.peers.clone().unwrap_or_else(super::peers_dir);
+    let peers = args.peer.dir();
 
     // 1. Transform throughput on one core, on the peer's JPEGs where its Python is there.
-    let python = if args.no_peer {
-        None
-    } else {
-        super::peers_python(args.python.as_deref(), &peers.join("venv.sh"))
-            .map_err(|e| println!("peers: not run ({e:#})"))
-            .ok()
-    };
+    let python = args.peer.python(&[]);
     let shapes = work.join("shapes640");
     if !shapes.join("annotations.json").exists() {
         let made_by_peer = python.as_ref().is_some_and(|py| {
@@ -279,14 +253,20 @@ pub(super) fn data(args: &DataBenchArgs) -> anyhow::Result<()> {
     }
 
     // 2. COCO-train-sized annotations.
-    if !args.skip_big {
-        let big = work.join("big");
-        let json = big.join("instances_train_like.json");
+    let big = work.join("big");
+    let json = big.join("instances_train_like.json");
+    let make_big = peers.join("make_big_coco_json.py");
+    if !args.skip_big && !json.exists() && !make_big.is_file() {
+        println!(
+            "cache of COCO-train-sized annotations: not measured ({} not found)",
+            make_big.display()
+        );
+    } else if !args.skip_big {
         let images = big.join("images");
         if !json.exists() {
             std::fs::create_dir_all(&images)?;
             let status = Command::new("python3")
-                .arg(peers.join("make_big_coco_json.py"))
+                .arg(&make_big)
                 .arg(&json)
                 .status()
                 .context("running make_big_coco_json.py with python3")?;

@@ -1,15 +1,20 @@
 //! `ddetr bench step`: our training step vs the peer (transformers' Deformable DETR,
 //! `hf_ddetr_step.py` of the peers folder) in one run, alternating the two `--rounds` times; the
 //! last line is `key=value` figures with `step_s=` our median and `ratio=` the median of the
-//! rounds' ours/peer.
+//! rounds' ours/peer. The step is `ddetr train`'s ([`crate::training_step`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, ValueEnum};
-use ddetr_trainer::bench::StepBenchConfig;
 use ddetr_trainer::spec::Precision;
+
+use crate::peer::{self, PeerArgs};
+use crate::training_step::{step_bench, StepBenchConfig};
+
+/// The peer script of `bench step` and `bench train`, in the peers folder.
+pub const HF_STEP: &str = "hf_ddetr_step.py";
 
 /// `--precision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -72,15 +77,11 @@ pub struct StepArgs {
     /// CPU threads for both sides (the peer script uses 2).
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
-    /// The peer script; skip the peer with --no-peer.
-    #[arg(long)]
-    pub peer: Option<PathBuf>,
-    /// Python of the peers venv (default: what the peers' `venv.sh` prints).
-    #[arg(long)]
-    pub python: Option<PathBuf>,
-    /// Measure ours only.
-    #[arg(long)]
-    pub no_peer: bool,
+    /// The peer script (default: `hf_ddetr_step.py` in the peers folder).
+    #[arg(long = "peer", value_name = "SCRIPT")]
+    pub peer_script: Option<PathBuf>,
+    #[command(flatten)]
+    pub peer: PeerArgs,
     /// Run both sides on CUDA device 0 instead of the CPU; adds the peak GPU memory of a step
     /// (`torch.cuda.max_memory_allocated` on both sides).
     #[arg(long)]
@@ -100,62 +101,46 @@ pub struct StepArgs {
 }
 
 /// What the peer printed: median step seconds and, on CUDA, its peak memory in GiB.
-struct PeerRun {
-    step_s: f64,
-    peak_gib: Option<f64>,
+pub struct PeerRun {
+    pub step_s: f64,
+    pub peak_gib: Option<f64>,
 }
 
-/// Runs the peer and returns its median step seconds.
-fn run_peer(args: &StepArgs) -> anyhow::Result<PeerRun> {
-    let peer = args
-        .peer
-        .clone()
-        .unwrap_or_else(|| super::peers_dir().join("hf_ddetr_step.py"));
-    let python = super::peers_python(args.python.as_deref(), &peer.with_file_name("venv.sh"))?;
-    let amp = match args.precision {
-        BenchPrecision::Fp32 => "",
-        p => p.name(),
-    };
-    let out = Command::new(&python)
-        .env("DEVICE", if args.cuda { "cuda" } else { "cpu" })
-        .env("AMP", amp)
-        .arg(&peer)
-        .args([
-            args.batch.to_string(),
-            args.size.0.to_string(),
-            args.steps.to_string(),
-        ])
-        .output()
-        .with_context(|| format!("running {} {}", python.display(), peer.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "peer {} exited with {}: {}",
-            peer.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+/// One run of `hf_ddetr_step.py`: `batch` images of `size`² for `steps` timed steps on `device`
+/// ("cpu" or "cuda") with autocast `amp` ("", "fp16" or "bf16").
+pub struct HfStep<'a> {
+    pub python: &'a Path,
+    pub script: &'a Path,
+    pub batch: i64,
+    pub size: i64,
+    pub steps: usize,
+    pub device: &'static str,
+    pub amp: &'static str,
+}
+
+impl HfStep<'_> {
+    /// Runs the peer and returns its median step seconds (and peak GPU memory on CUDA).
+    pub fn run(&self) -> anyhow::Result<PeerRun> {
+        let stdout = peer::output(
+            Command::new(self.python)
+                .env("DEVICE", self.device)
+                .env("AMP", self.amp)
+                .arg(self.script)
+                .args([
+                    self.batch.to_string(),
+                    self.size.to_string(),
+                    self.steps.to_string(),
+                ]),
+            self.script,
+        )?;
+        let line = peer::line_with(&stdout, "median_step")?;
+        Ok(PeerRun {
+            step_s: peer::figure(line, "median_step")?,
+            peak_gib: (self.device == "cuda")
+                .then(|| peer::figure(line, "peak_gib").ok())
+                .flatten(),
+        })
     }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.contains("median_step="))
-        .context("peer printed no median_step=")?;
-    let field = |key: &str| {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key))
-            .map(|v| v.trim_end_matches('s'))
-    };
-    let value = field("median_step=").context("peer printed no median_step=")?;
-    let step_s = value
-        .parse::<f64>()
-        .with_context(|| format!("peer median_step '{value}' is not a number"))?;
-    let peak_gib = if args.cuda {
-        field("peak_gib=").and_then(|v| v.parse::<f64>().ok())
-    } else {
-        None
-    };
-    Ok(PeerRun { step_s, peak_gib })
 }
 
 /// Bytes as GiB.
@@ -163,7 +148,7 @@ fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
-pub fn step(args: &StepArgs) -> anyhow::Result<()> {
+pub fn run(args: &StepArgs) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads);
     let device = if args.cuda {
         if !ddetr_trainer::cuda_runtime::cuda_available() {
@@ -177,7 +162,7 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
         bail!("--rounds 0 measures nothing: give at least 1");
     }
     let (height, width) = args.size;
-    if height != width && !args.no_peer {
+    if height != width && !args.peer.no_peer {
         bail!(
             "--size {height}x{width}: the peer script takes square sizes only; add --no-peer, or give one side (1024 has about 800x1333's pixel count)"
         );
@@ -188,6 +173,24 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
             args.precision.name()
         );
     }
+    let device_name = if args.cuda { "cuda" } else { "cpu" };
+    let script = args
+        .peer_script
+        .clone()
+        .unwrap_or_else(|| args.peer.script(HF_STEP));
+    let python = args.peer.python(&[&script]);
+    let hf = python.as_deref().map(|python| HfStep {
+        python,
+        script: &script,
+        batch: args.batch,
+        size: height,
+        steps: args.steps,
+        device: device_name,
+        amp: match args.precision {
+            BenchPrecision::Fp32 => "",
+            p => p.name(),
+        },
+    });
     let cfg = StepBenchConfig {
         batch: args.batch,
         height,
@@ -204,7 +207,7 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
     };
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
-        let ours = ddetr_trainer::bench::step_bench(cfg)?;
+        let ours = step_bench(cfg)?;
         let peak = ours.peak_rss.map_or("n/a".to_string(), |b| {
             format!("{:.0}", b as f64 / (1u64 << 20) as f64)
         });
@@ -219,7 +222,7 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
         println!(
             "round {}: ddetr: device={} precision={} params={} ({:.1}M) batch={} size={size} activation_checkpoint={} steps={:?} median_step={:.3}s imgs_per_s={:.2} loss={:.3} peak_rss={peak} MiB{gpu}{skipped}",
             round + 1,
-            if args.cuda { "cuda" } else { "cpu" },
+            device_name,
             args.precision.name(),
             ours.params,
             ours.params as f64 / 1e6,
@@ -233,10 +236,8 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
             args.batch as f64 / ours.median_s(),
             ours.final_loss
         );
-        let peer = if args.no_peer {
-            None
-        } else {
-            let p = run_peer(args)?;
+        let peer = if let Some(hf) = &hf {
+            let p = hf.run()?;
             let gpu = p
                 .peak_gib
                 .map_or(String::new(), |g| format!(" peak_gpu={g:.2} GiB"));
@@ -248,6 +249,8 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
                 ours.median_s() / p.step_s
             );
             Some(p)
+        } else {
+            None
         };
         rounds.push((ours, peer, peak));
     }
@@ -266,7 +269,7 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
         "params={params} batch={} size={size} precision={} device={} threads={} activation_checkpoint={} rounds={} peak_rss_mb={peak}",
         args.batch,
         args.precision.name(),
-        if args.cuda { "cuda" } else { "cpu" },
+        device_name,
         args.threads,
         args.activation_checkpoint,
         args.rounds
@@ -279,7 +282,7 @@ pub fn step(args: &StepArgs) -> anyhow::Result<()> {
     if let Some(g) = ours_gpu {
         tail.push_str(&format!(" peak_gpu_gib={g:.3}"));
     }
-    if !args.no_peer {
+    if hf.is_some() {
         let peer_s = median(
             rounds
                 .iter()

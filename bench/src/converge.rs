@@ -6,7 +6,7 @@
 //!   (640×480 JPEGs, 1–6 shapes; 2000 train, 200 val), so no recipe was tuned on them.
 //! - Ours: `ddetr-launch --nproc-per-node N -- train -e SPEC train.max_minutes=M` on that data
 //!   (the tiny spec by default), its curve from `status.json` (a validation every epoch).
-//! - The peer: `trainer/peers/hf_coco_convergence.py` (the tiny configuration of the peers'
+//! - The peer: `bench/peers/hf_coco_convergence.py` (the tiny configuration of the peers'
 //!   `hf_shapes_convergence.py`, shorter side `--size`, pycocotools every `--peer-eval-every`
 //!   minutes) for the same M minutes.
 //!
@@ -21,10 +21,13 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use ddetr_trainer::plot::{chart, Series};
 
-use super::train::{curve_points, minutes_to, CurvePoint};
+use crate::peer::PeerArgs;
+use crate::train::{curve_points, minutes_to, CurvePoint};
 
 /// The peer script, versioned with the benchmark.
-const PEER: &str = include_str!("../../../trainer/peers/hf_coco_convergence.py");
+const PEER: &str = include_str!("../peers/hf_coco_convergence.py");
+/// The peers' generator of the default data.
+const MAKE_SHAPES: &str = "make_shapes_jpegs.py";
 
 #[derive(Debug, Args)]
 pub struct ConvergeArgs {
@@ -57,12 +60,8 @@ pub struct ConvergeArgs {
     /// Output folder.
     #[arg(long, default_value = "results/bench_converge")]
     pub out: PathBuf,
-    /// Python of the peers venv (default: what the peers' venv.sh prints).
-    #[arg(long)]
-    pub python: Option<PathBuf>,
-    /// Train ours only.
-    #[arg(long)]
-    pub no_peer: bool,
+    #[command(flatten)]
+    pub peer: PeerArgs,
 }
 
 pub fn run(args: &ConvergeArgs) -> anyhow::Result<()> {
@@ -72,17 +71,20 @@ pub fn run(args: &ConvergeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let out = std::fs::canonicalize(&args.out)?;
-    let python = if args.no_peer && args.data.is_some() {
-        None
-    } else {
-        Some(super::peers_python(
-            args.python.as_deref(),
-            &super::peers_dir().join("venv.sh"),
-        )?)
-    };
-    let data = match &args.data {
-        Some(d) => std::fs::canonicalize(d).with_context(|| format!("--data {}", d.display()))?,
-        None => generate(python.as_deref().expect("python"), &out.join("data"), args)?,
+    // The default data comes from the peers' generator, so it needs their python even for ours.
+    let (data, python) = match &args.data {
+        Some(d) => (
+            std::fs::canonicalize(d).with_context(|| format!("--data {}", d.display()))?,
+            args.peer.python(&[]),
+        ),
+        None => {
+            let script = args.peer.script(MAKE_SHAPES);
+            let python = args.peer.find_python(&[&script]).map_err(|why| {
+                anyhow::anyhow!("the default data comes from the peers ({why}): pass --data DIR")
+            })?;
+            let data = generate(&python, &script, &out.join("data"), args)?;
+            (data, (!args.peer.no_peer).then_some(python))
+        }
     };
     for split in ["train", "val"] {
         let ann = data.join(split).join("annotations.json");
@@ -96,12 +98,12 @@ pub fn run(args: &ConvergeArgs) -> anyhow::Result<()> {
 
     println!("ours: {} ranks, {} minutes …", args.nproc, args.minutes);
     let ours = train_ours(args, &data, &out)?;
-    let peer = match (&python, args.no_peer) {
-        (Some(py), false) => {
+    let peer = match &python {
+        Some(py) => {
             println!("peer: transformers, {} minutes …", args.minutes);
             Some(train_peer(py, args, &data, &out)?)
         }
-        _ => None,
+        None => None,
     };
 
     print_curve("ours", &ours);
@@ -163,8 +165,12 @@ fn print_curve(name: &str, c: &[CurvePoint]) {
 }
 
 /// Unseen shapes data from the peers' generator (seeds the project's own sets never use).
-fn generate(python: &Path, dir: &Path, args: &ConvergeArgs) -> anyhow::Result<PathBuf> {
-    let script = super::peers_dir().join("make_shapes_jpegs.py");
+fn generate(
+    python: &Path,
+    script: &Path,
+    dir: &Path,
+    args: &ConvergeArgs,
+) -> anyhow::Result<PathBuf> {
     for (split, n, seed) in [
         ("train", args.train_images, "101"),
         ("val", args.val_images, "202"),
@@ -174,7 +180,7 @@ fn generate(python: &Path, dir: &Path, args: &ConvergeArgs) -> anyhow::Result<Pa
             continue;
         }
         let st = Command::new(python)
-            .arg(&script)
+            .arg(script)
             .arg(&d)
             .args([n.to_string().as_str(), seed])
             .stdout(Stdio::null())

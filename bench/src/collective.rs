@@ -1,29 +1,53 @@
-//! `ddetr bench collective`: spawns `--nproc` local ranks of this binary, measures one collective
-//! per size with nccl-tests' formulas (ddetr_collective::bench), then runs torch.distributed's
-//! gloo all-reduce on the same world and sizes (the peer script, `python gloo_allreduce.py N
-//! MiB…`) and prints both. The last line is key=value figures for the largest size.
+//! `ddetr bench collective`: runs `--nproc` local ranks of this binary under the launcher's
+//! supervisor ([`ddetr_launcher::supervise`]: one process group per rank, the env contract of
+//! DESIGN.md with rank 0 hosting the bootstrap store at MASTER_ADDR:MASTER_PORT, stderr tails in
+//! a failure, SIGTERM then SIGKILL on the way out), measures one collective per size with
+//! nccl-tests' formulas ([`crate::bandwidth`]), then runs torch.distributed's gloo all-reduce on
+//! the same world and sizes (the peer script, `python gloo_allreduce.py N MiB…`) and prints both.
+//! The last line is key=value figures for the largest size.
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::exit::UsageError;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use ddetr_collective::bench::{measure, BenchOp, Measurement};
-use ddetr_collective::{CommConfig, Communicator, RankInfo, TcpStore, TcpStoreServer, Transport};
+use ddetr_collective::{Communicator, Transport};
+use ddetr_launcher::bootstrap::Bootstrap;
+use ddetr_launcher::supervise::{self, Outcome, Sinks, StopFlag, TrainerSpec};
+use ddetr_launcher::world::{Host, ThisHost};
 
-/// The peer: torch.distributed (gloo) all-reduce between local processes (a copy of
-/// shared/peers/gloo_allreduce.py; `--gloo-script` runs another).
-const GLOO_PEER: &str = include_str!("../../../collective/peers/gloo_allreduce.py");
+use crate::bandwidth::{measure, BenchOp, Measurement};
+use crate::peer::PeerArgs;
+use crate::UsageError;
+
+/// The peer: torch.distributed (gloo) all-reduce between local processes (a copy of the peers'
+/// gloo_allreduce.py; `--gloo-script` runs another).
+const GLOO_PEER: &str = include_str!("../peers/gloo_allreduce.py");
 /// Bound on the whole run of the ranks.
 const RANKS_LIMIT: Duration = Duration::from_secs(900);
+/// How long a rank gets between SIGTERM and SIGKILL when the run is cut short.
+const RANKS_GRACE: Duration = Duration::from_secs(5);
+/// Rank 0's first stdout line names the backend; then one line per size.
+const BACKEND_LINE: &str = "BACKEND";
+const RESULT_LINE: &str = "RESULT";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
     Cpu,
     Nccl,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Nccl => "nccl",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -43,18 +67,16 @@ pub struct CollectiveArgs {
     /// CPU transport: auto, shm or tcp (tcp over loopback measures the between-nodes path).
     #[arg(long, default_value = "auto")]
     transport: Transport,
-    /// Python with torch for the gloo peer (default: the venv that holds our libtorch).
-    #[arg(long)]
-    python: Option<PathBuf>,
     /// Peer script to run instead of the built-in copy of gloo_allreduce.py.
     #[arg(long, env = "DDETR_GLOO_PEER")]
     gloo_script: Option<PathBuf>,
-    /// Skip the gloo peer.
-    #[arg(long)]
-    no_peer: bool,
-    /// Internal: run as one rank, with the parent's store at this address.
+    // The gloo peer needs only torch: where the peers' venv is unavailable it runs with the
+    // python of the venv that holds ddetr's libtorch.
+    #[command(flatten)]
+    peer: PeerArgs,
+    /// Internal: run as one rank of the launcher's env contract.
     #[arg(long, hide = true)]
-    worker: Option<String>,
+    worker: bool,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -71,18 +93,18 @@ fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 fn human(bytes: usize) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{}MiB", bytes >> 20)
-    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
         format!("{}KiB", bytes >> 10)
     } else {
         format!("{bytes}B")
     }
 }
 
-pub fn run(args: CollectiveArgs) -> anyhow::Result<()> {
-    if let Some(addr) = &args.worker {
-        return worker(&args, addr);
+pub fn run(args: &CollectiveArgs) -> anyhow::Result<()> {
+    if args.worker {
+        return worker(args);
     }
     if args.nproc < 2 {
         return Err(UsageError(format!(
@@ -103,7 +125,7 @@ pub fn run(args: CollectiveArgs) -> anyhow::Result<()> {
             bail!("--backend nccl --nproc {} needs {} CUDA GPUs but {gpus} are visible: use --backend cpu here, or fewer processes", args.nproc, args.nproc);
         }
     }
-    let (backend, ours) = run_ranks(&args)?;
+    let (backend, ours) = run_ranks(args)?;
     println!(
         "ddetr {} nproc={} backend={}",
         args.op.name(),
@@ -120,20 +142,16 @@ pub fn run(args: CollectiveArgs) -> anyhow::Result<()> {
             m.iters
         );
     }
-    let peer = if args.no_peer {
+    let peer = if args.peer.no_peer {
         Err("skipped (--no-peer)".to_string())
     } else if args.op != BenchOp::AllReduce || args.backend != Backend::Cpu {
         Err(format!(
             "no figure: the gloo peer script measures CPU all_reduce only (this run: {} on {})",
             args.op.name(),
-            if args.backend == Backend::Cpu {
-                "cpu"
-            } else {
-                "nccl"
-            }
+            args.backend.name()
         ))
     } else {
-        run_gloo(&args)
+        run_gloo(args)
     };
     match &peer {
         Ok(lines) => {
@@ -170,104 +188,83 @@ pub fn run(args: CollectiveArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kills the ranks still running when dropped.
-struct Ranks(Vec<Child>);
-
-impl Drop for Ranks {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
+/// Runs the ranks under the launcher's supervisor and returns the backend and the figures rank 0
+/// printed.
 fn run_ranks(args: &CollectiveArgs) -> anyhow::Result<(String, Vec<Measurement>)> {
-    let server = TcpStoreServer::bind("127.0.0.1:0")?;
     let exe = std::env::current_exe().context("cannot find this executable to spawn the ranks")?;
+    let port = ThisHost
+        .free_port()
+        .context("cannot find a free port for the ranks' store")?;
     let sizes: Vec<String> = args.sizes.iter().map(|s| s.to_string()).collect();
-    let mut ranks = Ranks(Vec::new());
-    for rank in 0..args.nproc {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["bench", "collective", "--op", args.op.name(), "--nproc"])
-            .arg(args.nproc.to_string())
-            .arg("--backend")
-            .arg(if args.backend == Backend::Cpu {
-                "cpu"
-            } else {
-                "nccl"
-            })
-            .arg("--transport")
-            .arg(match args.transport {
+    let nproc = args.nproc.to_string();
+    let spec = TrainerSpec {
+        program: exe,
+        args: [
+            "bench",
+            "collective",
+            "--op",
+            args.op.name(),
+            "--nproc",
+            nproc.as_str(),
+            "--backend",
+            args.backend.name(),
+            "--transport",
+            match args.transport {
                 Transport::Auto => "auto",
                 Transport::Shm => "shm",
                 Transport::Tcp => "tcp",
-            })
-            .arg("--sizes")
-            .arg(sizes.join(","))
-            .arg("--worker")
-            .arg(server.addr().to_string())
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", args.nproc.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("LOCAL_WORLD_SIZE", args.nproc.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .stdout(if rank == 0 {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stderr(Stdio::inherit());
-        ranks.0.push(
-            cmd.spawn()
-                .with_context(|| format!("cannot spawn rank {rank}"))?,
-        );
-    }
-    let stdout = ranks.0[0].stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
-    });
-    let deadline = Instant::now() + RANKS_LIMIT;
-    let mut done = vec![false; args.nproc];
-    while done.iter().any(|d| !d) {
-        for (rank, child) in ranks.0.iter_mut().enumerate() {
-            if done[rank] {
-                continue;
+            },
+            "--sizes",
+            sizes.join(",").as_str(),
+            "--worker",
+        ]
+        .map(OsString::from)
+        .to_vec(),
+        // The supervisor adds RANK, LOCAL_RANK and DDETR_RESTART_COUNT. An empty DDETR_RDZV keeps
+        // the ranks off a rendezvous this process may have inherited: they meet at rank 0's store.
+        env: [
+            ("WORLD_SIZE", nproc.clone()),
+            ("LOCAL_WORLD_SIZE", nproc.clone()),
+            ("NODE_RANK", "0".into()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
+            ("MASTER_PORT", port.to_string()),
+            ("DDETR_RDZV", String::new()),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .to_vec(),
+        node_rank: 0,
+        nproc: args.nproc as u32,
+        first_rank: 0,
+        log_dir: None,
+        max_restarts: 0,
+        grace: RANKS_GRACE,
+    };
+    // Rank 0's figures are read back from its stdout; the ranks' stderr goes to ours, prefixed.
+    let stdout = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let sinks = Sinks {
+        out: stdout.clone(),
+        err: Arc::new(Mutex::new(std::io::stderr())),
+    };
+    let stop = StopFlag::default();
+    let (finished, wait) = mpsc::channel::<()>();
+    let watchdog = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            if wait.recv_timeout(RANKS_LIMIT) == Err(mpsc::RecvTimeoutError::Timeout) {
+                stop.request(libc::SIGALRM);
             }
-            if let Some(status) = child.try_wait()? {
-                if !status.success() {
-                    bail!("bench rank {rank} failed ({status}); its error is printed above");
-                }
-                done[rank] = true;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the bench ranks did not finish within {RANKS_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        })
+    };
+    let outcome = supervise::supervise(&spec, &sinks, &stop);
+    drop(finished);
+    let _ = watchdog.join();
+    match outcome.context("bench collective ranks")? {
+        Outcome::Completed => {}
+        Outcome::Signalled(_) => bail!("the bench ranks did not finish within {RANKS_LIMIT:?}"),
     }
-    let lines = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("rank 0's output reader panicked"))?;
-    let mut backend = String::from("unknown");
-    let mut out = Vec::new();
-    for l in lines {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        match f.as_slice() {
-            ["BACKEND", b] => backend = b.to_string(),
-            ["RESULT", bytes, iters, t, alg, bus] => out.push(Measurement {
-                bytes: bytes.parse()?,
-                iters: iters.parse()?,
-                time_s: t.parse()?,
-                algbw_gbps: alg.parse()?,
-                busbw_gbps: bus.parse()?,
-            }),
-            _ => {}
-        }
-    }
+    let text =
+        String::from_utf8_lossy(&stdout.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let (backend, out) = rank0_report(&text)?;
     if out.len() != args.sizes.len() {
         bail!(
             "rank 0 reported {} of {} sizes",
@@ -278,27 +275,54 @@ fn run_ranks(args: &CollectiveArgs) -> anyhow::Result<(String, Vec<Measurement>)
     Ok((backend, out))
 }
 
-fn worker(args: &CollectiveArgs, store_addr: &str) -> anyhow::Result<()> {
-    let info = RankInfo::from_env()?;
-    let store = TcpStore::connect(store_addr, Duration::from_secs(30))?;
-    let mut cfg = CommConfig::from_env()?;
-    cfg.transport = args.transport;
+/// The backend and figures in rank 0's lines of the supervisor's stdout (`[rank 0] RESULT …`).
+fn rank0_report(text: &str) -> anyhow::Result<(String, Vec<Measurement>)> {
+    let mut backend = String::from("unknown");
+    let mut out = Vec::new();
+    for l in text.lines().filter_map(|l| l.strip_prefix("[rank 0] ")) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            [BACKEND_LINE, b] => backend = b.to_string(),
+            [RESULT_LINE, bytes, iters, t, alg, bus] => out.push(Measurement {
+                bytes: bytes.parse()?,
+                iters: iters.parse()?,
+                time_s: t.parse()?,
+                algbw_gbps: alg.parse()?,
+                busbw_gbps: bus.parse()?,
+            }),
+            _ => {}
+        }
+    }
+    Ok((backend, out))
+}
+
+/// One rank: joins the world from the launcher's env, builds the communicator, measures every
+/// size; rank 0 prints the backend and one line per size.
+fn worker(args: &CollectiveArgs) -> anyhow::Result<()> {
+    // Kept to the end: rank 0 hosts the store the others bootstrap from.
+    let mut boot = Bootstrap::from_env()?;
+    boot.cfg.transport = args.transport;
+    let info = boot.info;
+    let store = boot
+        .store
+        .as_deref()
+        .context("a bench rank runs in a world of at least 2 (WORLD_SIZE)")?;
     let (comm, device) = match args.backend {
-        Backend::Cpu => (Communicator::cpu(&store, info, &cfg)?, tch::Device::Cpu),
+        Backend::Cpu => (Communicator::cpu(store, info, &boot.cfg)?, tch::Device::Cpu),
         Backend::Nccl => (
-            Communicator::nccl(&store, info, &cfg)?,
+            Communicator::nccl(store, info, &boot.cfg)?,
             tch::Device::Cuda(info.local_rank),
         ),
     };
     if info.rank == 0 {
-        println!("BACKEND {}", comm.backend_name());
+        println!("{BACKEND_LINE} {}", comm.backend_name());
     }
     for &bytes in &args.sizes {
         let m = measure(&comm, args.op, bytes, device)
             .with_context(|| format!("{} of {}", args.op.name(), human(bytes)))?;
         if info.rank == 0 {
             println!(
-                "RESULT {} {} {} {} {}",
+                "{RESULT_LINE} {} {} {} {} {}",
                 m.bytes, m.iters, m.time_s, m.algbw_gbps, m.busbw_gbps
             );
         }
@@ -313,7 +337,9 @@ struct GlooLine {
     busbw_gbps: f64,
 }
 
-fn default_python() -> PathBuf {
+/// The python of the venv that holds ddetr's libtorch (the gloo peer needs only torch), else
+/// `python3`.
+fn libtorch_python() -> PathBuf {
     if let Some(v) = std::env::var_os("VIRTUAL_ENV") {
         let p = PathBuf::from(v).join("bin/python");
         if p.exists() {
@@ -354,7 +380,11 @@ fn run_gloo(args: &CollectiveArgs) -> Result<Vec<GlooLine>, String> {
             tmp.path().to_path_buf()
         }
     };
-    let python = args.python.clone().unwrap_or_else(default_python);
+    // `--python`, else the peers' venv, else ours.
+    let python = args
+        .peer
+        .find_python(&[])
+        .unwrap_or_else(|_| libtorch_python());
     let out = Command::new(&python)
         .arg(&script)
         .arg(args.nproc.to_string())
