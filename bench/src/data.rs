@@ -117,12 +117,45 @@ pub fn run(args: &DataBenchArgs) -> anyhow::Result<()> {
     };
     let mut kv: Vec<(String, String)> = Vec::new();
     let peers = args.peer.dir();
+    let python = args.peer.python(&[]);
 
     // 1. Transform throughput on one core, on the peer's JPEGs where its Python is there.
-    let python = args.peer.python(&[]);
     let shapes = work.join("shapes640");
+    let c = shapes_cache(args, python.as_deref(), &peers, &shapes, &work)?;
+    tch::set_num_threads(1);
+    // TAO's default augmentation, without fixed_padding (the peer does not pad either).
+    let mut config = DatasetConfig {
+        batch_size: 1,
+        workers: 0,
+        ..DatasetConfig::default()
+    };
+    config.augmentation.fixed_padding = false;
+    let (ours, worker) = transform_throughput(&c, &config, &mut kv)?;
+    if let Some(py) = &python {
+        transform_peer(py, &peers, &shapes, ours, worker, &mut kv);
+    }
+    loader_throughput(&c, &config, &args.loader_threads, &mut kv)?;
+
+    // 2. COCO-train-sized annotations.
+    if !args.skip_big {
+        big_annotations(args, python.as_deref(), &peers, &work, &mut kv)?;
+    }
+    let line: Vec<String> = kv.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("{}", line.join(" "));
+    Ok(())
+}
+
+/// The 640×480 JPEG set (the peer's generator where its Python runs, else `ddetr dataset
+/// synth`) and its packed cache.
+fn shapes_cache(
+    args: &DataBenchArgs,
+    python: Option<&Path>,
+    peers: &Path,
+    shapes: &Path,
+    work: &Path,
+) -> anyhow::Result<Arc<Cache>> {
     if !shapes.join("annotations.json").exists() {
-        let made_by_peer = python.as_ref().is_some_and(|py| {
+        let made_by_peer = python.is_some_and(|py| {
             Command::new(py)
                 .arg(peers.join("make_shapes_jpegs.py"))
                 .arg(&shapes)
@@ -141,7 +174,7 @@ pub fn run(args: &DataBenchArgs) -> anyhow::Result<()> {
                 args.images
             );
             synth::generate(
-                &shapes,
+                shapes,
                 &SynthOptions {
                     images: args.images,
                     width: 640,
@@ -158,25 +191,26 @@ pub fn run(args: &DataBenchArgs) -> anyhow::Result<()> {
         image_dir: shapes.join("images").display().to_string(),
         json_file: shapes.join("annotations.json").display().to_string(),
     };
-    let c = Arc::new(cache::ensure(
+    Ok(Arc::new(cache::ensure(
         &[src],
         &CacheOptions {
             path: Some(work.join("shapes640.ddetr-cache")),
             pack_images: true,
             ..Default::default()
         },
-    )?);
-    tch::set_num_threads(1);
-    // TAO's default augmentation, without fixed_padding (the peer does not pad either).
-    let mut config = DatasetConfig {
-        batch_size: 1,
-        workers: 0,
-        ..DatasetConfig::default()
-    };
-    config.augmentation.fixed_padding = false;
+    )?))
+}
+
+/// The train transform over every image on one core: with and without the float normalize
+/// (images per second).
+fn transform_throughput(
+    c: &Arc<Cache>,
+    config: &DatasetConfig,
+    kv: &mut Vec<(String, String)>,
+) -> anyhow::Result<(f64, f64)> {
     let aug = config.augmentation.clone();
     let mode = LoaderMode::Train { seed: 0 };
-    let loader = Loader::new(c.clone(), &config, mode, 1, 0)?;
+    let loader = Loader::new(c.clone(), config, mode, 1, 0)?;
     // Warm the page cache and the allocator with a few images, then time a full pass: the
     // worker's part (decode, transform, collate into the u8 batch) and the normalization to the
     // float model input (on the CPU here; on the training device when there is one).
@@ -201,7 +235,7 @@ pub fn run(args: &DataBenchArgs) -> anyhow::Result<()> {
     println!(
         "  without the normalize (a data worker's share when training on a GPU): {worker:.1} img/s"
     );
-    let stages = stage_breakdown(&c, &aug)?;
+    let stages = stage_breakdown(c, &aug)?;
     println!(
         "  per image: decode {:.2} ms, transform (resize/crop) {:.2} ms, collate (layout, flip, pad) {:.2} ms, normalize {:.2} ms",
         stages[0], stages[1], stages[2], stages[3]
@@ -209,30 +243,48 @@ pub fn run(args: &DataBenchArgs) -> anyhow::Result<()> {
     kv.push(("imgs_per_s_core".into(), format!("{ours:.1}")));
     kv.push(("worker_imgs_per_s_core".into(), format!("{worker:.1}")));
 
-    if let Some(py) = &python {
-        match run_peer(
-            py,
-            &peers.join("torchvision_pipeline.py"),
-            &shapes,
-            &["imgs_per_s_per_core"],
-        ) {
-            Ok(v) => {
-                println!(
-                    "peer torchvision_pipeline.py (PIL + torchvision), 1 core: {:.1} img/s  → ddetr {:.2}x with the CPU normalize, {:.2}x without",
-                    v[0],
-                    ours / v[0],
-                    worker / v[0]
-                );
-                kv.push(("peer_imgs_per_s_core".into(), format!("{:.1}", v[0])));
-                kv.push(("ratio".into(), format!("{:.2}", ours / v[0])));
-                kv.push(("worker_ratio".into(), format!("{:.2}", worker / v[0])));
-            }
-            Err(e) => println!("peer torchvision_pipeline.py: not run ({e:#})"),
-        }
-    }
+    Ok((ours, worker))
+}
 
-    // Loader throughput with N worker threads (batches of 4, u8 batches as the trainer gets them).
-    for &threads in &args.loader_threads {
+/// The peer's transform (PIL + torchvision) on the same JPEGs; a failure is one line.
+fn transform_peer(
+    python: &Path,
+    peers: &Path,
+    shapes: &Path,
+    ours: f64,
+    worker: f64,
+    kv: &mut Vec<(String, String)>,
+) {
+    match run_peer(
+        python,
+        &peers.join("torchvision_pipeline.py"),
+        shapes,
+        &["imgs_per_s_per_core"],
+    ) {
+        Ok(v) => {
+            println!(
+                "peer torchvision_pipeline.py (PIL + torchvision), 1 core: {:.1} img/s  → ddetr {:.2}x with the CPU normalize, {:.2}x without",
+                v[0],
+                ours / v[0],
+                worker / v[0]
+            );
+            kv.push(("peer_imgs_per_s_core".into(), format!("{:.1}", v[0])));
+            kv.push(("ratio".into(), format!("{:.2}", ours / v[0])));
+            kv.push(("worker_ratio".into(), format!("{:.2}", worker / v[0])));
+        }
+        Err(e) => println!("peer torchvision_pipeline.py: not run ({e:#})"),
+    }
+}
+
+/// The loader with each thread count (batches of 4, u8 batches as the trainer gets them).
+fn loader_throughput(
+    c: &Arc<Cache>,
+    config: &DatasetConfig,
+    threads_list: &[usize],
+    kv: &mut Vec<(String, String)>,
+) -> anyhow::Result<()> {
+    let mode = LoaderMode::Train { seed: 0 };
+    for &threads in threads_list {
         let cfg = DatasetConfig {
             batch_size: 4,
             workers: threads as u32,
@@ -252,16 +304,29 @@ pub fn run(args: &DataBenchArgs) -> anyhow::Result<()> {
         ));
     }
 
-    // 2. COCO-train-sized annotations.
+    Ok(())
+}
+
+/// A cache of COCO-train-sized annotations: build and open times, the memory each extra reader
+/// process adds, against pycocotools loading the same JSON.
+fn big_annotations(
+    args: &DataBenchArgs,
+    python: Option<&Path>,
+    peers: &Path,
+    work: &Path,
+    kv: &mut Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let big = work.join("big");
     let json = big.join("instances_train_like.json");
     let make_big = peers.join("make_big_coco_json.py");
-    if !args.skip_big && !json.exists() && !make_big.is_file() {
+    if !json.exists() && !make_big.is_file() {
         println!(
             "cache of COCO-train-sized annotations: not measured ({} not found)",
             make_big.display()
         );
-    } else if !args.skip_big {
+        return Ok(());
+    }
+    {
         let images = big.join("images");
         if !json.exists() {
             std::fs::create_dir_all(&images)?;
@@ -339,7 +404,7 @@ pub fn run(args: &DataBenchArgs) -> anyhow::Result<()> {
         kv.push(("cache_open_ms".into(), format!("{open_ms:.2}")));
         kv.push(("reader_extra_rss_mib".into(), format!("{rss_mib:.1}")));
         kv.push(("reader_extra_private_mib".into(), format!("{anon_mib:.1}")));
-        if let Some(py) = &python {
+        if let Some(py) = python {
             match run_peer(
                 py,
                 &peers.join("pycocotools_load.py"),
@@ -358,8 +423,6 @@ pub fn run(args: &DataBenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let line: Vec<String> = kv.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("{}", line.join(" "));
     Ok(())
 }
 

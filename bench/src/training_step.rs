@@ -12,10 +12,10 @@ use ddetr_collective::Communicator;
 use ddetr_trainer::amp::Amp;
 use ddetr_trainer::criterion::{local_num_boxes, normalizer};
 use ddetr_trainer::detector::{build_model, DeformableDetrDetector};
-use ddetr_trainer::strategy::Strategy;
 use ddetr_trainer::matcher::Target;
 use ddetr_trainer::optim::Optim;
 use ddetr_trainer::spec::{ExperimentSpec, Precision};
+use ddetr_trainer::strategy::Strategy;
 use ddetr_trainer::train::update::{optimizer_step, StepState};
 use ddetr_trainer::TrainerError;
 use tch::{Device, Kind, Tensor};
@@ -246,14 +246,24 @@ mod tests {
         (&w * Tensor::from_slice(&[4.0f32, 8.0]))
             .sum(Kind::Float)
             .backward();
-        assert!(!strategy.step(&mut optim, &params, 0.0, 0.5).unwrap().skipped);
+        assert!(
+            !strategy
+                .step(&mut optim, &params, 0.0, 0.5)
+                .unwrap()
+                .skipped
+        );
         assert_eq!(Vec::<f32>::try_from(&w.grad()).unwrap(), [2.0, 4.0]);
         let _ = w.grad().zero_();
         (&w * Tensor::from_slice(&[f32::INFINITY, 1.0]))
             .sum(Kind::Float)
             .backward();
         let before = Vec::<f32>::try_from(&w.detach()).unwrap();
-        assert!(strategy.step(&mut optim, &params, 0.0, 0.5).unwrap().skipped);
+        assert!(
+            strategy
+                .step(&mut optim, &params, 0.0, 0.5)
+                .unwrap()
+                .skipped
+        );
         assert_eq!(Vec::<f32>::try_from(&w.detach()).unwrap(), before);
         let mut empty = Strategy::new(DistributedStrategy::Ddp, &comm, &[], &[]).unwrap();
         let report = empty.step(&mut Optim::new(&cfg, 0), &[], 0.0, 0.5).unwrap();

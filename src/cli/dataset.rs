@@ -89,7 +89,6 @@ fn parse_size(s: &str) -> Result<(u32, u32), UsageError> {
     ))
 }
 
-
 fn parse_split(s: &str) -> anyhow::Result<Split> {
     Ok(s.parse::<Split>()?)
 }

@@ -26,10 +26,10 @@ use fast_image_resize::Resizer;
 use image::RgbImage;
 use tch::Device;
 
-use crate::input_sizes::InputSizes;
-use crate::spec::{ExperimentSpec, Task};
 use crate::detector::{build_model, DeformableDetrDetector, Detector};
 use crate::device::pick_device;
+use crate::input_sizes::InputSizes;
+use crate::spec::{ExperimentSpec, Task};
 use crate::TrainerError;
 
 /// Image extensions inference reads (TAO's `VALID_IMAGE_EXTENSIONS` that the decoders handle),
@@ -346,11 +346,9 @@ pub fn inference_detector<D: Detector>(
     let built = build_model::<D>(spec, device, 0)?;
     D::load_checkpoint(&built.vs, ckpt)?;
     let painter = Painter {
-        font: FontRef::try_from_slice(dejavu::sans::regular()).map_err(|e| {
-            TrainerError::Draw {
-                what: "with the embedded DejaVu font".into(),
-                reason: e.to_string(),
-            }
+        font: FontRef::try_from_slice(dejavu::sans::regular()).map_err(|e| TrainerError::Draw {
+            what: "with the embedded DejaVu font".into(),
+            reason: e.to_string(),
         })?,
         outline: inf.outline_width,
         colours,
@@ -461,11 +459,9 @@ fn batches(
     }
     let mut sized = Vec::with_capacity(images.len());
     for (i, path) in images.iter().enumerate() {
-        let info = probe(&read(path)?).map_err(|reason| {
-            TrainerError::BadImage {
-                path: path.clone(),
-                reason,
-            }
+        let info = probe(&read(path)?).map_err(|reason| TrainerError::BadImage {
+            path: path.clone(),
+            reason,
         })?;
         sized.push((i, eval_size(info.width, info.height, aug)));
     }
@@ -491,10 +487,9 @@ fn write_outputs(
         text.push('\n');
     }
     let label_path = labels_dir.join(format!("{stem}.txt"));
-    std::fs::write(&label_path, text)
-        .map_err(|e| TrainerError::io("write", &label_path, e))?;
-    let mut img = RgbImage::from_raw(rgb.width, rgb.height, rgb.data)
-        .ok_or_else(|| TrainerError::Draw {
+    std::fs::write(&label_path, text).map_err(|e| TrainerError::io("write", &label_path, e))?;
+    let mut img =
+        RgbImage::from_raw(rgb.width, rgb.height, rgb.data).ok_or_else(|| TrainerError::Draw {
             what: path.display().to_string(),
             reason: "decoded size mismatch".into(),
         })?;
@@ -502,11 +497,10 @@ fn write_outputs(
         painter.draw(&mut img, d, *id);
     }
     let out = images_dir.join(path.file_name().unwrap_or_default());
-    img.save(&out)
-        .map_err(|e| TrainerError::Draw {
-            what: out.display().to_string(),
-            reason: e.to_string(),
-        })
+    img.save(&out).map_err(|e| TrainerError::Draw {
+        what: out.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

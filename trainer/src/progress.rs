@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-
 /// How often the log-line mode reports within an epoch.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 

@@ -23,10 +23,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use common::*;
 use ddetr_trainer::amp::Amp;
 use ddetr_trainer::criterion::{local_num_boxes, normalizer, SetCriterion};
+use ddetr_trainer::detector::{build_model, DeformableDetrDetector};
 use ddetr_trainer::matcher::Target;
 use ddetr_trainer::spec::{ExperimentSpec, ModelConfig, Precision};
 use ddetr_trainer::step::{forward_backward, StepMode};
-use ddetr_trainer::detector::{build_model, DeformableDetrDetector};
 
 type Built = ddetr_trainer::detector::Built<DeformableDetrDetector>;
 use tch::{Device, Kind, Tensor};
@@ -308,7 +308,8 @@ fn check_step(built: &Built, fx: &BTreeMap<String, Tensor>, activation_checkpoin
 #[test]
 fn trainable_parameters_equal_the_reference() {
     let fx = read_fixture(FIXTURE);
-    let built = build_model::<DeformableDetrDetector>(&spec(), Device::Cpu, 0).expect("model builds");
+    let built =
+        build_model::<DeformableDetrDetector>(&spec(), Device::Cpu, 0).expect("model builds");
     let ours: BTreeSet<String> = built.params.iter().map(|p| p.name.clone()).collect();
     let theirs = reference_trainable(&fx);
     assert_eq!(

@@ -11,8 +11,8 @@ use super::deformable_transformer::{
 };
 use super::position_encoding::PositionEmbeddingSine;
 use super::{default_bias, default_weight, inverse_sigmoid, linear, xavier_uniform};
-use crate::spec::ModelConfig;
 use crate::param_groups::GROUP_BACKBONE;
+use crate::spec::ModelConfig;
 use crate::TrainerError;
 
 /// Focal-loss prior: class logits start at −log((1 − π)/π), π = 0.01 (RetinaNet §4.1).

@@ -24,10 +24,19 @@ pub struct TrainData {
 }
 
 impl TrainData {
-    pub fn open(spec: &ExperimentSpec, comm: &Communicator, seed: i64) -> Result<Self, TrainerError> {
+    pub fn open(
+        spec: &ExperimentSpec,
+        comm: &Communicator,
+        seed: i64,
+    ) -> Result<Self, TrainerError> {
         let (rank, nworld) = (comm.rank(), comm.world());
         let local_rank = comm.local_rank() as u32;
-        let train_cache = Arc::new(ensure_split(&spec.dataset, Split::Train, local_rank, false)?);
+        let train_cache = Arc::new(ensure_split(
+            &spec.dataset,
+            Split::Train,
+            local_rank,
+            false,
+        )?);
         let global_batch = spec.dataset.batch_size as usize * nworld;
         if train_cache.len() < global_batch {
             return Err(TrainerError::Config(format!(
@@ -47,7 +56,13 @@ impl TrainData {
             let c = Arc::new(ensure_split(&spec.dataset, Split::Val, local_rank, false)?);
             let mut vcfg = spec.dataset.clone();
             vcfg.batch_size = spec.dataset.batch_size.max(1);
-            val = Some(Loader::new(c.clone(), &vcfg, LoaderMode::Eval, nworld, rank)?);
+            val = Some(Loader::new(
+                c.clone(),
+                &vcfg,
+                LoaderMode::Eval,
+                nworld,
+                rank,
+            )?);
             if rank == 0 {
                 ground_truth = Some(coco_eval::ground_truth(&c)?);
                 warn_scale_mismatch(&spec.dataset.augmentation, &c);

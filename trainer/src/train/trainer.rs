@@ -20,13 +20,13 @@ use crate::coco_eval;
 use crate::criterion::{local_num_boxes, normalizer};
 use crate::detector::{build_model, Built, Detector};
 use crate::device::{pick_device, share_cpu_threads};
-use crate::strategy::Strategy;
 use crate::matcher::Target;
 use crate::optim::Optim;
 use crate::predict::predict;
 use crate::progress::{fmt_secs, Display, Progress, StepStats};
 use crate::results::ResultsDir;
 use crate::spec::{ExperimentSpec, LrScheduler, OptimConfig, Precision, Task};
+use crate::strategy::Strategy;
 use crate::TrainerError;
 
 /// How an epoch's loop ended.
@@ -233,7 +233,11 @@ impl<'c, D: Detector> Trainer<'c, D> {
         self.optim.set_epoch(&self.plan.optim, epoch);
         self.epoch_start = Instant::now();
         self.losses = EpochLosses::default();
-        let first = if epoch == self.start.0 { self.start.1 } else { 0 };
+        let first = if epoch == self.start.0 {
+            self.start.1
+        } else {
+            0
+        };
         self.progress.start_epoch(epoch);
         let steps = self.data.train.steps_per_epoch();
         for batch in self.data.train.epoch(u64::from(epoch), first) {
@@ -314,8 +318,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
         self.global_step += 1;
         let term = |k: &str| losses.terms.get(k).map_or(0.0, |t| t.double_value(&[]));
         let measured = self.measure(epoch, step + 1);
-        let out_of_time =
-            matches!((&self.budget, &measured), (Some(b), Some(m)) if b.must_stop(m));
+        let out_of_time = matches!((&self.budget, &measured), (Some(b), Some(m)) if b.must_stop(m));
         let mut agg = Tensor::from_slice(&[
             losses.total.double_value(&[]),
             term("loss_ce"),
@@ -411,7 +414,9 @@ impl<'c, D: Detector> Trainer<'c, D> {
     /// Collective under fsdp (the sharded state is gathered), so every rank calls it; rank 0
     /// writes.
     pub fn save(&self, epoch: u32, step: usize, names: &[&str]) -> Result<(), TrainerError> {
-        let state = self.strategy.state_tensors(&self.optim, &self.built.params)?;
+        let state = self
+            .strategy
+            .state_tensors(&self.optim, &self.built.params)?;
         if self.comm.rank() != 0 {
             return Ok(());
         }

@@ -57,7 +57,10 @@ pub fn optimizer_step<D: Detector>(
         .strategy
         .step(state.optim, &built.params, clip, 1.0 / scale)?;
     if report.skipped {
-        tracing::warn!(scale, "fp16 gradients overflowed: step skipped, loss scale halved");
+        tracing::warn!(
+            scale,
+            "fp16 gradients overflowed: step skipped, loss scale halved"
+        );
     }
     state.amp.update(report.skipped);
     Ok((losses, report))
