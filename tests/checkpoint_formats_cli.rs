@@ -4,13 +4,17 @@
 //! below. The log names the layout in one line; a spec of another shape is one error line (exit
 //! 2) naming the field. The formats themselves are tested in trainer/tests/checkpoint_formats.rs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
 
-const SPEC: &str = "configs/shapes_tiny.yaml";
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::{assert_one_error_line, ddetr_in, output, root, text, tiny_task, TINY_64};
 
 /// `configs/shapes_tiny.yaml` turned into the fixture's model (ResNet-18, d 32, 8 heads, 2+2
-/// layers, 4 levels, box refinement, 12 queries, 5 classes) on a few 64×64 images.
+/// layers, 4 levels, box refinement, 12 queries, 5 classes); with `TINY_64`, on a few 64×64
+/// images.
 const TINY_MODEL: &[&str] = &[
     "model.hidden_dim=32",
     "model.nheads=8",
@@ -23,48 +27,24 @@ const TINY_MODEL: &[&str] = &[
     "model.dec_n_points=2",
     "model.backbone_from_scratch=false",
     "dataset.num_classes=5",
-    "dataset.batch_size=2",
-    "dataset.workers=1",
-    "dataset.augmentation.scales=[64]",
-    "dataset.augmentation.train_random_resize=[56,64]",
-    "dataset.augmentation.train_random_crop_min=48",
-    "dataset.augmentation.train_random_crop_max=64",
-    "dataset.augmentation.random_resize_max_size=64",
-    "dataset.augmentation.test_random_resize=64",
     "dataset.test_data_sources={image_dir: data/images, json_file: data/annotations.json}",
 ];
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn tao_checkpoint() -> PathBuf {
     root().join("trainer/tests/golden/ckpt_tao_l4_refine.pth")
 }
 
-fn ddetr(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddetr"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env("DDETR_LOG", "info")
-        .stdin(Stdio::null())
-        .output()
-        .expect("ddetr runs")
+fn ddetr<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> Output {
+    output(ddetr_in(dir).args(args).env("DDETR_LOG", "info"))
 }
 
-/// `ddetr <task> -e SPEC -r r TINY_MODEL… extra…` in `dir`.
+/// `ddetr <task> -e configs/shapes_tiny.yaml -r r TINY_MODEL… TINY_64… extra…` in `dir`.
 fn task(dir: &Path, task: &str, extra: &[&str]) -> Output {
-    let spec = root().join(SPEC);
-    let mut args = vec![task, "-e", spec.to_str().unwrap(), "-r", "r"];
-    args.extend_from_slice(TINY_MODEL);
-    args.extend_from_slice(extra);
-    ddetr(dir, &args)
+    ddetr(dir, &tiny_task(task, "r", &[TINY_MODEL, TINY_64, extra]))
 }
 
 fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    text(&out.stderr)
 }
 
 #[test]
@@ -92,11 +72,7 @@ fn evaluate_and_export_take_a_tao_lightning_checkpoint() {
 
     // The same checkpoint against a spec of another depth: one line, exit 2, the field named.
     let out = task(d, "evaluate", &[&ck, "model.dec_layers=3"]);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "{err}");
-    assert!(errors[0].contains("set model.dec_layers to 2"), "{err}");
+    assert_one_error_line(out.status, &stderr(&out), 2, "set model.dec_layers to 2");
 
     let onnx = d.join("m.onnx");
     let out = task(

@@ -1,19 +1,10 @@
 //! End-to-end checks of the `ddetr` binary: the spec commands, doctor, and the exit-code contract.
 
+mod common;
+
 use std::process::{Command, Output};
 
-fn ddetr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddetr"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .expect("ddetr runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{ddetr_at_root as ddetr, ddetr_bin, text};
 
 #[test]
 fn spec_show_prints_the_resolved_spec_with_overrides() {
@@ -121,7 +112,7 @@ fn libtorch_cuda_is_opened_where_a_driver_is_present_and_only_there() {
         .expect("c++ runs (scripts/setup.sh installs g++)");
     assert!(built.success());
     let run = |fake_driver: bool| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddetr"));
+        let mut cmd = Command::new(ddetr_bin());
         cmd.arg("doctor").env("LD_DEBUG", "files");
         if fake_driver {
             cmd.env("LD_LIBRARY_PATH", dir.path());

@@ -1,23 +1,20 @@
 //! `ddetr dataset synth|cache|inspect` and `ddetr convert` through the real binary: output,
 //! exit codes (0 ok, 1 bad data, 2 usage) and one-line errors.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::{ddetr_in, output};
 
 fn ddetr(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddetr"))
-        .args(args)
-        .current_dir(dir)
-        .env("DDETR_LOG", "warn")
-        .output()
-        .unwrap()
+    output(ddetr_in(dir).args(args).env("DDETR_LOG", "warn"))
 }
 
+/// (stdout, stderr).
 fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    (common::text(&o.stdout), common::text(&o.stderr))
 }
 
 const SPEC: &str = "dataset:

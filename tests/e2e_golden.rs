@@ -14,16 +14,16 @@
 //! transformers checkpoint is rebuilt here from its manifest of transformers' keys (the fill rule
 //! is shared with the script), so nothing large is committed.
 
-#[path = "../trainer/tests/common/mod.rs"]
 mod common;
+#[path = "../trainer/tests/common/mod.rs"]
+mod golden;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::e2e::{e2e_dir, meta, reference, write_transformers_checkpoint, RefDetections};
+use common::{ddetr_bin, launch_bin, one_node_launch, serial};
+use golden::e2e::{e2e_dir, meta, reference, write_transformers_checkpoint, RefDetections};
 
 const SCORE_TOL: f64 = 1e-4;
 const BOX_TOL_PX: f64 = 1e-2;
@@ -32,35 +32,6 @@ const BOX_TOL_PX: f64 = 1e-2;
 const STATS_TOL: f64 = 1e-4;
 /// Upper bound for one run (ResNet-50 at ~1 MP per image on 2 cores).
 const PATIENCE: Duration = Duration::from_secs(900);
-
-/// The runs share the machine's cores: one at a time.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn bin(name: &str) -> String {
-    match std::env::var("DDETR_BIN_DIR") {
-        Ok(d) => format!("{d}/{name}"),
-        Err(_) if name == "ddetr" => env!("CARGO_BIN_EXE_ddetr").to_string(),
-        Err(_) => env!("CARGO_BIN_EXE_ddetr-launch").to_string(),
-    }
-}
-
-/// A child killed on drop; stderr to a file.
-struct Proc {
-    child: Child,
-    err: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// One case's working folder: the transformers checkpoint, the annotations beside which the
 /// dataset cache goes, and a spec.
@@ -140,46 +111,22 @@ inference:
     }
 
     /// Runs `ddetr <task> -e spec` (under `ddetr-launch` with `world` > 1); returns the stderr.
+    /// The runs share the machine's cores: one at a time.
     fn run(&self, task: &str, spec: &Path, world: u32) -> String {
         let _serial = serial();
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let err = self.path().join(format!("run{n}.err"));
-        let mut cmd = if world == 1 {
-            Command::new(bin("ddetr"))
+        let (program, mut args) = if world == 1 {
+            (ddetr_bin(), Vec::new())
         } else {
-            let mut c = Command::new(bin("ddetr-launch"));
-            c.args(["--nodes", "1", "--nproc-per-node", &world.to_string()])
-                .args(["--device", "cpu", "--"]);
-            c
+            (launch_bin(), one_node_launch(world))
         };
-        cmd.arg(task)
-            .arg("-e")
-            .arg(spec)
-            .current_dir(self.path())
-            .env_remove("RANK")
-            .env_remove("WORLD_SIZE")
-            .env("DDETR_DEVICE", "cpu")
-            .env("DDETR_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).unwrap());
-        let mut p = Proc {
-            child: cmd.spawn().unwrap(),
-            err,
-        };
-        let t = Instant::now();
-        let st = loop {
-            if let Some(st) = p.child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                t.elapsed() < PATIENCE,
-                "ddetr {task} did not finish in time"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let stderr = std::fs::read_to_string(&p.err).unwrap_or_default();
+        args.extend([task.to_string(), "-e".into(), spec.display().to_string()]);
+        let (st, stderr) = common::run(
+            self.path(),
+            &program,
+            &args,
+            &[("DDETR_DEVICE", "cpu")],
+            PATIENCE,
+        );
         assert!(st.success(), "ddetr {task} failed ({st}):\n{stderr}");
         stderr
     }

@@ -3,9 +3,12 @@
 //! answered with one line and the right exit code. The numerics of the graph against ddetr's
 //! forward are checked in trainer/tests/onnx_export.rs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::{assert_one_error_line, ddetr_at_root as ddetr, text, tiny_spec};
 use ddetr_trainer::model::deformable_detr::DetrConfig;
 use ddetr_trainer::model::DeformableDetr;
 use tch::nn::VarStore;
@@ -13,23 +16,9 @@ use tch::Device;
 
 const SPEC: &str = "configs/shapes_tiny.yaml";
 
-fn ddetr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddetr"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .expect("ddetr runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// Saves a freshly initialised model of the spec (with `num_classes`) as a checkpoint.
 fn checkpoint(dir: &Path, num_classes: u32) -> PathBuf {
-    let spec_path = Path::new(env!("CARGO_MANIFEST_DIR")).join(SPEC);
-    let spec = ddetr_trainer::spec::load(&spec_path, &[], None)
+    let spec = ddetr_trainer::spec::load(&tiny_spec(), &[], None)
         .unwrap()
         .spec;
     let vs = VarStore::new(Device::Cpu);
@@ -51,18 +40,7 @@ fn export(ckpt: &Path, onnx: &str, extra: &[&str]) -> Output {
 }
 
 fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line: {err}"));
-    assert!(line.contains(needle), "{line}");
-    assert_eq!(
-        err.lines().filter(|l| l.starts_with("error")).count(),
-        1,
-        "{err}"
-    );
+    assert_one_error_line(out.status, &text(&out.stderr), code, needle);
 }
 
 #[test]

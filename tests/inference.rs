@@ -2,121 +2,33 @@
 //! (64×64 images): one short 2-epoch training gives the checkpoint and the status.json whose
 //! curves must be drawn; inference then writes one annotated image and one KITTI label file per
 //! image, boxes inside the image and scores at or above the threshold; bad inputs give one line.
-//! Every child is killed on drop, even when a test fails.
+//! Every child is stopped on drop, even when a test fails.
+
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use common::{
+    assert_one_error_line, ddetr_bin, run, tiny_task, tiny_workdir as workdir, TINY_64, TINY_TRAIN,
+    TINY_VAL_IMAGES as VAL_IMAGES,
+};
 
 /// Upper bound for one run here.
 const PATIENCE: Duration = Duration::from_secs(400);
 
-/// The tiny spec's overrides (the demo spec at 64×64, batch 2, 2 epochs).
-const TINY: &[&str] = &[
-    "dataset.batch_size=2",
-    "dataset.workers=1",
-    "dataset.augmentation.scales=[64]",
-    "dataset.augmentation.train_random_resize=[56,64]",
-    "dataset.augmentation.train_random_crop_min=48",
-    "dataset.augmentation.train_random_crop_max=64",
-    "dataset.augmentation.random_resize_max_size=64",
-    "dataset.augmentation.test_random_resize=64",
-    "train.num_epochs=2",
-    "train.validation_interval=1",
-    "dataset.train_data_sources=[{image_dir: data/train/images, json_file: data/train/annotations.json}]",
-    "dataset.val_data_sources=[{image_dir: data/val/images, json_file: data/val/annotations.json}]",
+/// Inference on the tiny val set's images.
+const INFER: &[&str] = &[
     "dataset.infer_data_sources={image_dir: [data/val/images], classmap: data/val/label_map.txt}",
 ];
 
-const VAL_IMAGES: usize = 6;
 const SIDE: f64 = 64.0;
-
-fn ddetr_bin() -> String {
-    match std::env::var("DDETR_BIN_DIR") {
-        Ok(d) => format!("{d}/ddetr"),
-        Err(_) => env!("CARGO_BIN_EXE_ddetr").to_string(),
-    }
-}
-
-fn spec() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shapes_tiny.yaml")
-}
-
-/// A work dir with the tiny train (12 images) and val (6 images) sets.
-fn workdir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (split, n, seed) in [("train", 12, "1"), ("val", VAL_IMAGES, "2")] {
-        let st = Command::new(ddetr_bin())
-            .args(["dataset", "synth", "--out", &format!("data/{split}")])
-            .args([
-                "--images",
-                &n.to_string(),
-                "--size",
-                "64x64",
-                "--seed",
-                seed,
-            ])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    dir
-}
-
-/// A child whose stderr goes to a file; killed on drop.
-struct Proc {
-    child: Child,
-    err: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Runs `ddetr <task> -e spec -r <results> TINY… extra…` to the end; returns (status, stderr).
 fn ddetr(dir: &Path, task: &str, results: &str, extra: &[&str]) -> (ExitStatus, String) {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let err = dir.join(format!("run{n}.err"));
-    let mut p = Proc {
-        child: Command::new(ddetr_bin())
-            .arg(task)
-            .arg("-e")
-            .arg(spec())
-            .args(["-r", results])
-            .args(TINY)
-            .args(extra)
-            .current_dir(dir)
-            .env_remove("RANK")
-            .env_remove("WORLD_SIZE")
-            .env("DDETR_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap(),
-        err,
-    };
-    let t = Instant::now();
-    let st = loop {
-        if let Some(st) = p.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t.elapsed() < PATIENCE,
-            "ddetr {task} did not finish in time"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (st, std::fs::read_to_string(&p.err).unwrap_or_default())
+    let args = tiny_task(task, results, &[TINY_64, TINY_TRAIN, INFER, extra]);
+    run(dir, &ddetr_bin(), args, &[], PATIENCE)
 }
 
 /// One parsed KITTI label line: (class, box, score).
@@ -251,10 +163,7 @@ fn training_draws_its_curves_and_inference_writes_an_image_and_a_kitti_file_per_
 /// Exactly one `error:` line containing `want`, exit code 2.
 fn fails_with(d: &Path, extra: &[&str], want: &str) {
     let (st, err) = ddetr(d, "inference", "x", extra);
-    assert_eq!(st.code(), Some(2), "{extra:?}:\n{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].contains(want), "wanted {want:?} in {:?}", lines[0]);
+    assert_one_error_line(st, &err, 2, want);
 }
 
 #[test]

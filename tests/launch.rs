@@ -3,16 +3,20 @@
 //! signal forwarding, and that no trainer or grandchild outlives the agent. Every test is bounded
 //! in time and its Drop guard kills whatever is left.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
+
+use common::{launch_bin, read_pid, signal, Proc};
 
 /// Upper bound for anything a test waits on.
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// One agent run in its own temp dir; stdout/stderr go to files there.
 struct Agent {
-    child: Child,
+    proc: Proc,
     dir: tempfile::TempDir,
 }
 
@@ -23,28 +27,21 @@ impl Agent {
 
     fn start_env(flags: &[&str], script: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let out = std::fs::File::create(dir.path().join("agent.out")).unwrap();
-        let err = std::fs::File::create(dir.path().join("agent.err")).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddetr-launch"));
+        let mut cmd = Command::new(launch_bin());
         for (flag, default) in [("--device", "cpu"), ("--trainer-bin", "/bin/sh")] {
             if !flags.contains(&flag) {
                 cmd.args([flag, default]);
             }
         }
-        let child = cmd
-            .args(flags)
+        cmd.args(flags)
             .args(["--", "-c", script])
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("D", dir.path())
             .envs(env.iter().copied())
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("ddetr-launch starts");
-        Agent { child, dir }
+            .current_dir(dir.path());
+        let proc = Proc::spawn(&mut cmd, &dir.path().join("agent"));
+        Agent { proc, dir }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -53,26 +50,15 @@ impl Agent {
 
     /// Waits for the agent to exit (panics after `limit`).
     fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t.elapsed() < limit,
-                "ddetr-launch still running after {limit:?}: {}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.proc.wait(limit)
     }
 
     fn stdout(&self) -> String {
-        std::fs::read_to_string(self.path("agent.out")).unwrap_or_default()
+        self.proc.stdout()
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(self.path("agent.err")).unwrap_or_default()
+        self.proc.stderr()
     }
 
     /// Waits until the trainers have written all of `names` (non-empty) in the temp dir.
@@ -91,33 +77,19 @@ impl Agent {
         }
     }
 
-    /// The pid a worker wrote (the file can exist a moment before its content does).
+    /// The pid a worker wrote.
     fn pid(&self, name: &str) -> i32 {
-        let t = Instant::now();
-        loop {
-            let text = std::fs::read_to_string(self.path(name)).unwrap_or_default();
-            if let Ok(pid) = text.trim().parse() {
-                return pid;
-            }
-            assert!(t.elapsed() < PATIENCE, "{name} holds no pid: {text:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        read_pid(&self.path(name), PATIENCE)
     }
 
     fn signal(&self, sig: &str, pid: i32) {
-        let ok = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
+        signal(sig, pid);
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.stop();
         // Whatever the trainers recorded: their groups and their grandchildren.
         if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
             for e in entries.flatten() {
@@ -141,32 +113,9 @@ impl Drop for Agent {
     }
 }
 
-/// Alive and not a zombie.
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .next();
-            state != Some("Z")
-        }
-        Err(_) => false,
-    }
-}
-
 /// Waits (bounded) for every pid to be gone; true when they all are.
 fn all_gone(pids: &[i32]) -> bool {
-    let t = Instant::now();
-    while pids.iter().any(|p| alive(*p)) {
-        if t.elapsed() > Duration::from_secs(2) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
+    common::all_gone(pids, Duration::from_secs(2))
 }
 
 fn log(dir: &Path, rank: u32) -> String {
@@ -313,7 +262,7 @@ fn sigterm_to_the_agent_reaches_every_trainer_and_it_exits_143_within_the_grace(
     );
     a.wait_files(&["pid_0", "pid_1", "gc_0", "gc_1"]);
     let t = Instant::now();
-    a.signal("-TERM", a.child.id() as i32);
+    a.signal("-TERM", a.proc.id() as i32);
     let st = a.wait(PATIENCE);
     let took = t.elapsed();
     assert_eq!(st.code(), Some(143), "{}", a.stderr());
@@ -342,7 +291,7 @@ fn sigint_to_the_agent_exits_130_and_a_trainer_ignoring_sigterm_is_killed_after_
     let mut a = Agent::start(&["--nproc-per-node", "1", "--grace", "0.5"], script);
     a.wait_files(&["pid_0"]);
     let t = Instant::now();
-    a.signal("-INT", a.child.id() as i32);
+    a.signal("-INT", a.proc.id() as i32);
     let st = a.wait(PATIENCE);
     assert_eq!(st.code(), Some(130), "{}", a.stderr());
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
@@ -442,7 +391,7 @@ fn usage_errors_exit_2_with_one_line() {
 #[test]
 fn ddetr_launch_does_not_link_libtorch() {
     let out = Command::new("ldd")
-        .arg(env!("CARGO_BIN_EXE_ddetr-launch"))
+        .arg(launch_bin())
         .output()
         .expect("ldd runs");
     let libs = String::from_utf8_lossy(&out.stdout);
@@ -456,25 +405,25 @@ fn ddetr_launch_does_not_link_libtorch() {
 /// `ddetr-torch`, is the one that links libtorch.
 #[test]
 fn ddetr_front_does_not_link_libtorch_but_the_full_cli_does() {
-    let ldd = |bin: &str| {
+    let ldd = |bin: &Path| {
         let out = Command::new("ldd").arg(bin).output().expect("ldd runs");
         assert!(out.status.success(), "{out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let front = ldd(env!("CARGO_BIN_EXE_ddetr"));
+    let front = ldd(&common::ddetr_bin());
     assert!(front.contains("libc.so"), "{front}");
     assert!(
         !front.contains("torch") && !front.contains("cuda"),
         "{front}"
     );
-    let full = ldd(env!("CARGO_BIN_EXE_ddetr-torch"));
+    let full = ldd(&common::bin("ddetr-torch"));
     assert!(full.contains("libtorch"), "{full}");
 }
 
 #[test]
 fn device_cuda_without_a_gpu_is_one_line_and_exit_2() {
     // CUDA_VISIBLE_DEVICES=-1 hides every GPU, so this holds on GPU machines too.
-    let out = Command::new(env!("CARGO_BIN_EXE_ddetr-launch"))
+    let out = Command::new(launch_bin())
         .args(["--device", "cuda", "--dry-run"])
         .env_clear()
         .env("CUDA_VISIBLE_DEVICES", "-1")

@@ -6,10 +6,14 @@
 //! guards kill every agent (and with it, by PDEATHSIG, its trainers) and delete the namespaces
 //! even when an assertion fails.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use common::{alive, ddetr_bin, launch_bin, Proc};
 
 /// Upper bound for anything a test waits on.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -115,52 +119,27 @@ impl Drop for Net {
 
 /// One agent; its output goes to files in the job's temp dir.
 struct Agent {
-    child: Child,
+    proc: Proc,
     node: usize,
-    dir: PathBuf,
 }
 
 impl Agent {
+    /// Waits for the agent to exit (panics with its stderr after `limit`).
     fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if t.elapsed() > limit {
-                let _ = self.child.kill();
-                panic!(
-                    "agent of node {} still running after {limit:?}; stderr:\n{}",
-                    self.node,
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.proc.wait(limit)
     }
 
     fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join(format!("agent{}.err", self.node)))
-            .unwrap_or_default()
+        self.proc.stderr()
     }
 
     fn stdout(&self) -> String {
-        std::fs::read_to_string(self.dir.join(format!("agent{}.out", self.node)))
-            .unwrap_or_default()
+        self.proc.stdout()
     }
 
     fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        unsafe { libc::kill(self.proc.id() as i32, sig) };
     }
 }
 
@@ -170,10 +149,6 @@ struct Job {
     dir: tempfile::TempDir,
     net: Net,
     port: u16,
-}
-
-fn launcher() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ddetr-launch"))
 }
 
 impl Job {
@@ -191,9 +166,7 @@ impl Job {
     /// Starts node `node`'s agent with `flags` (before `--`) and trainer arguments `args`.
     fn start(&mut self, node: usize, flags: &[&str], args: &[&str], env: &[(&str, &str)]) {
         let d = self.dir.path();
-        let out = std::fs::File::create(d.join(format!("agent{node}.out"))).unwrap();
-        let err = std::fs::File::create(d.join(format!("agent{node}.err"))).unwrap();
-        let mut cmd = self.net.command(node, &launcher());
+        let mut cmd = self.net.command(node, &launch_bin());
         let port = self.port.to_string();
         let rank = node.to_string();
         let hb = HB.to_string();
@@ -222,15 +195,10 @@ impl Job {
             .env("DDETR_JOB_TOKEN", "multi-node-test-token")
             .env("OMP_NUM_THREADS", "1")
             .envs(env.iter().copied())
-            .current_dir(d)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = cmd.spawn().expect("ddetr-launch starts");
+            .current_dir(d);
         self.agents.push(Agent {
-            child,
+            proc: Proc::spawn(&mut cmd, &d.join(format!("agent{node}"))),
             node,
-            dir: d.to_path_buf(),
         });
     }
 
@@ -264,40 +232,14 @@ impl Job {
     }
 }
 
-/// The pid a worker wrote to `path` (the file can exist a moment before its content does).
+/// The pid a worker wrote to `path`.
 fn read_pid(path: &Path) -> i32 {
-    let t = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Ok(pid) = text.trim().parse() {
-            return pid;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{} holds no pid: {text:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    // Zombies count as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X"))
-        }
-        Err(_) => false,
-    }
+    common::read_pid(path, Duration::from_secs(10))
 }
 
 #[test]
 fn two_nodes_pass_a_barrier_and_all_reduce_over_the_cpu_backend() {
-    let ddetr = PathBuf::from(env!("CARGO_BIN_EXE_ddetr"));
+    let ddetr = ddetr_bin();
     let mut job = Job::new();
     let trainer = ddetr.to_str().unwrap().to_string();
     for node in 0..2 {
@@ -402,11 +344,10 @@ fn kill_one_agent(victim: usize, expect: &str) {
     let err = survivor.stderr();
     assert!(err.contains(expect), "{err}");
     // No trainer of either node survives (the victim's die of PDEATHSIG).
-    let t = Instant::now();
-    while trainers.iter().any(|p| alive(*p)) && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(!trainers.iter().any(|p| alive(*p)), "a trainer survived");
+    assert!(
+        common::all_gone(&trainers, Duration::from_secs(5)),
+        "a trainer survived"
+    );
 }
 
 #[test]

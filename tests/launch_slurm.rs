@@ -8,9 +8,13 @@
 //! missing, or Slurm not installable (no network to Debian's mirror). Set DDETR_SLURM_SCRIPT to
 //! use another cluster script.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+use common::{launch_bin, root};
 
 const PATIENCE: Duration = Duration::from_secs(180);
 
@@ -60,11 +64,10 @@ fn sbatch_runs_the_example_on_two_nodes_through_the_rendezvous() {
         return;
     }
     let script = std::env::var("DDETR_SLURM_SCRIPT").unwrap_or_else(|_| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/tools/local-slurm.sh"
-        )
-        .into()
+        root()
+            .join("../shared/tools/local-slurm.sh")
+            .display()
+            .to_string()
     });
     if !Path::new(&script).exists() {
         eprintln!("SKIPPED: {script} does not exist (set DDETR_SLURM_SCRIPT)");
@@ -85,11 +88,9 @@ fn sbatch_runs_the_example_on_two_nodes_through_the_rendezvous() {
         Some(StopCluster(script.clone()))
     };
 
-    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_ddetr-launch"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let sbatch_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/slurm.sbatch");
+    let launcher = launch_bin();
+    let bin_dir = launcher.parent().unwrap();
+    let sbatch_file = root().join("examples/slurm.sbatch");
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("job.out");
     let submitted = run(Command::new("sbatch")
@@ -100,7 +101,7 @@ fn sbatch_runs_the_example_on_two_nodes_through_the_rendezvous() {
         .arg(format!("--output={}", out_file.display()))
         .arg(&sbatch_file)
         .args(["bench", "barrier", "--all-reduce"])
-        .env("DDETR_BIN", &bin_dir)
+        .env("DDETR_BIN", bin_dir)
         .env("DDETR_NPROC_PER_NODE", "2")
         .env("DDETR_DEVICE", "cpu")
         .env("OMP_NUM_THREADS", "1"))

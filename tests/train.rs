@@ -1,179 +1,37 @@
 //! End-to-end checks of `ddetr train` / `ddetr evaluate` on a tiny synthetic set (64×64 images,
 //! a dozen of them, a few steps per epoch): outputs and mAP, world-2 DDP against world-1 with the
-//! doubled batch, SIGTERM → checkpoint → resume, a corrupt latest checkpoint, and the bad-input
-//! lines. Every child is killed by a Drop guard, even when a test fails.
+//! doubled batch, SIGTERM → checkpoint → resume, SIGINT → 130, a corrupt latest checkpoint, and
+//! the bad-input lines. Every child is stopped by a Drop guard, even when a test fails.
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use common::{
+    assert_one_error_line, ddetr_bin, launch_bin, one_node_launch as launch_args, serial, signal,
+    tiny_task, tiny_workdir as workdir, Proc, TINY_64, TINY_TRAIN,
+};
 use ddetr_trainer::checkpoint;
 
 /// Upper bound for one training run here.
 const PATIENCE: Duration = Duration::from_secs(400);
 
-/// The tests train one at a time (each run uses every core).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The tiny spec: the demo spec at 64×64 with batch 2 (overrides after `-e`).
-const TINY: &[&str] = &[
-    "dataset.batch_size=2",
-    "dataset.workers=1",
-    "dataset.augmentation.scales=[64]",
-    "dataset.augmentation.train_random_resize=[56,64]",
-    "dataset.augmentation.train_random_crop_min=48",
-    "dataset.augmentation.train_random_crop_max=64",
-    "dataset.augmentation.random_resize_max_size=64",
-    "dataset.augmentation.test_random_resize=64",
-    "train.num_epochs=2",
-    "train.validation_interval=1",
-    "dataset.train_data_sources=[{image_dir: data/train/images, json_file: data/train/annotations.json}]",
-    "dataset.val_data_sources=[{image_dir: data/val/images, json_file: data/val/annotations.json}]",
+/// Evaluation on the tiny val set.
+const TEST: &[&str] = &[
     "dataset.test_data_sources={image_dir: data/val/images, json_file: data/val/annotations.json}",
 ];
 
-/// The binaries under test: cargo's, or those in `DDETR_BIN_DIR` (installed binaries, or a
-/// private copy when several worktrees share one target dir).
-fn ddetr_bin() -> String {
-    match std::env::var("DDETR_BIN_DIR") {
-        Ok(d) => format!("{d}/ddetr"),
-        Err(_) => env!("CARGO_BIN_EXE_ddetr").to_string(),
-    }
-}
-
-fn launch_bin() -> String {
-    match std::env::var("DDETR_BIN_DIR") {
-        Ok(d) => format!("{d}/ddetr-launch"),
-        Err(_) => env!("CARGO_BIN_EXE_ddetr-launch").to_string(),
-    }
-}
-
-fn spec() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shapes_tiny.yaml")
-}
-
-/// A work dir with the tiny train (12 images) and val (6 images) sets.
-fn workdir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (split, n, seed) in [("train", "12", "1"), ("val", "6", "2")] {
-        let st = Command::new(ddetr_bin())
-            .args(["dataset", "synth", "--out", &format!("data/{split}")])
-            .args(["--images", n, "--size", "64x64", "--seed", seed])
-            .current_dir(dir.path())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    dir
-}
-
-/// A child process whose output goes to files; killed on drop.
-struct Proc {
-    child: Child,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn start(dir: &Path, program: &str, args: &[String], env: &[(&str, &str)]) -> Self {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let err = dir.join(format!("run{n}.err"));
-        let child = Command::new(program)
-            .args(args)
-            .current_dir(dir)
-            .env_remove("RANK")
-            .env_remove("WORLD_SIZE")
-            .env_remove("LOCAL_RANK")
-            .env_remove("LOCAL_WORLD_SIZE")
-            .env("DDETR_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join(format!("run{n}.out"))).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, err }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                t.elapsed() < PATIENCE,
-                "run did not finish in {PATIENCE:?}:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(5) {
-                if self.child.try_wait().ok().flatten().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
+/// `<task> -e spec -r <results>`, the tiny spec's overrides, then `extra`.
 fn args(task: &str, results: &str, extra: &[&str]) -> Vec<String> {
-    let mut v = vec![
-        task.to_string(),
-        "-e".into(),
-        spec().display().to_string(),
-        "-r".into(),
-        results.into(),
-    ];
-    v.extend(TINY.iter().map(|s| s.to_string()));
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
-/// `ddetr-launch` on this node with `nproc` CPU trainers, up to the `--`.
-fn launch_args(nproc: u32) -> Vec<String> {
-    [
-        "--nodes",
-        "1",
-        "--nproc-per-node",
-        &nproc.to_string(),
-        "--device",
-        "cpu",
-        "--",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    tiny_task(task, results, &[TINY_64, TINY_TRAIN, TEST, extra])
 }
 
 /// Runs `ddetr <args>` to the end; returns (status, stderr).
 fn ddetr(dir: &Path, a: &[String], env: &[(&str, &str)]) -> (ExitStatus, String) {
-    let mut p = Proc::start(dir, &ddetr_bin(), a, env);
-    let st = p.wait();
-    (st, p.stderr())
+    common::run(dir, &ddetr_bin(), a, env, PATIENCE)
 }
 
 fn ok(dir: &Path, a: &[String]) -> String {
@@ -224,7 +82,7 @@ fn two_ranks_match_one_rank_with_the_doubled_batch_and_write_every_output() {
     let mut a = launch_args(2);
     a.extend(args("train", "w2", &[]));
     let mut p = Proc::start(d, &launch_bin(), &a, &[]);
-    let st = p.wait();
+    let st = p.wait(PATIENCE);
     assert!(st.success(), "ddetr-launch failed ({st}):\n{}", p.stderr());
 
     for w in ["w1", "w2"] {
@@ -273,7 +131,7 @@ fn two_ranks_match_one_rank_with_the_doubled_batch_and_write_every_output() {
     let mut a = launch_args(2);
     a.extend(args("train", "w2f", &["train.distributed_strategy=fsdp"]));
     let mut p = Proc::start(d, &launch_bin(), &a, &[]);
-    let st = p.wait();
+    let st = p.wait(PATIENCE);
     assert!(st.success(), "fsdp run failed ({st}):\n{}", p.stderr());
     assert!(
         p.stderr()
@@ -321,6 +179,34 @@ fn two_ranks_match_one_rank_with_the_doubled_batch_and_write_every_output() {
 }
 
 #[test]
+fn sigint_stops_at_a_step_with_a_checkpoint_and_exits_130() {
+    let _serial = serial();
+    let dir = workdir();
+    let d = dir.path();
+    let a = args(
+        "train",
+        "int",
+        &["train.num_epochs=3", "train.validation_interval=10"],
+    );
+    let mut p = Proc::start(d, &ddetr_bin(), &a, &[]);
+    let t = Instant::now();
+    while !p.stderr().contains("epoch 1/3 step 1/6") {
+        assert!(t.elapsed() < PATIENCE, "no first step:\n{}", p.stderr());
+        assert!(p.running(), "{}", p.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.signal("-INT");
+    let st = p.wait(PATIENCE);
+    // 128 + SIGINT (2): Ctrl-C is told apart from a scheduler's SIGTERM (143).
+    assert_eq!(st.code(), Some(130), "{}", p.stderr());
+    assert!(p.stderr().contains("stopped by a signal"), "{}", p.stderr());
+    let meta = checkpoint::load(&d.join("int/train/dd_model_latest.safetensors"))
+        .unwrap()
+        .meta;
+    assert!(meta.epoch < 3, "checkpoint at {meta:?}");
+}
+
+#[test]
 fn sigterm_writes_a_mid_epoch_checkpoint_and_the_rerun_ends_where_an_uninterrupted_run_does() {
     let _serial = serial();
     let dir = workdir();
@@ -338,14 +224,11 @@ fn sigterm_writes_a_mid_epoch_checkpoint_and_the_rerun_ends_where_an_uninterrupt
     let t = Instant::now();
     while !p.stderr().contains("epoch 1/3 step 1/6") {
         assert!(t.elapsed() < PATIENCE, "no first step:\n{}", p.stderr());
-        assert!(p.child.try_wait().unwrap().is_none(), "{}", p.stderr());
+        assert!(p.running(), "{}", p.stderr());
         std::thread::sleep(Duration::from_millis(20));
     }
-    Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status()
-        .unwrap();
-    let st = p.wait();
+    p.signal("-TERM");
+    let st = p.wait(PATIENCE);
     assert_eq!(st.code(), Some(143), "{}", p.stderr());
     let meta = checkpoint::load(&d.join("cut/train/dd_model_latest.safetensors"))
         .unwrap()
@@ -370,7 +253,7 @@ fn kill_9_of_a_trainer_under_the_launcher_restarts_and_ends_where_an_uninterrupt
     let mut a = launch_args(2);
     a.extend(args("train", "ref", &extra));
     let mut p = Proc::start(d, &launch_bin(), &a, &[]);
-    let st = p.wait();
+    let st = p.wait(PATIENCE);
     assert!(st.success(), "reference run failed ({st}):\n{}", p.stderr());
 
     let mut a = vec!["--max-restarts".to_string(), "1".into()];
@@ -385,20 +268,17 @@ fn kill_9_of_a_trainer_under_the_launcher_restarts_and_ends_where_an_uninterrupt
             "no step of epoch 2:\n{}",
             p.stderr()
         );
-        assert!(p.child.try_wait().unwrap().is_none(), "{}", p.stderr());
+        assert!(p.running(), "{}", p.stderr());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let children = Command::new("pgrep")
-        .args(["-P", &p.child.id().to_string()])
+    let children = std::process::Command::new("pgrep")
+        .args(["-P", &p.id().to_string()])
         .output()
         .unwrap();
     let pids = String::from_utf8_lossy(&children.stdout).to_string();
     let victim = pids.split_whitespace().next().expect("trainer pids");
-    Command::new("kill")
-        .args(["-KILL", victim])
-        .status()
-        .unwrap();
-    let st = p.wait();
+    signal("-KILL", victim.parse().unwrap());
+    let st = p.wait(PATIENCE);
     let err = p.stderr();
     assert!(st.success(), "run with a restart failed ({st}):\n{err}");
     assert!(err.contains("was killed by signal 9 (SIGKILL)"), "{err}");
@@ -450,14 +330,7 @@ fn a_flipped_byte_in_the_latest_checkpoint_falls_back_to_the_previous_one() {
 /// Exactly one `error:` line, containing `want`; exit code `code`.
 fn fails_with(d: &Path, a: &[String], env: &[(&str, &str)], code: i32, want: &str) {
     let (st, err) = ddetr(d, a, env);
-    assert_eq!(st.code(), Some(code), "{a:?}:\n{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(
-        lines[0].contains(want),
-        "{a:?}: wanted {want:?} in {:?}",
-        lines[0]
-    );
+    assert_one_error_line(st, &err, code, want);
 }
 
 #[test]

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -119,6 +121,25 @@ pub fn assert_all_ok(scenario: &str, ranks: &[Rank]) {
             .collect();
         panic!("scenario {scenario} failed:\n{logs}");
     }
+}
+
+/// [`launch`], then [`assert_all_ok`].
+pub fn launch_ok(
+    test_file: &str,
+    scenario: &str,
+    world: usize,
+    env: &[(&str, String)],
+    limit: Duration,
+) {
+    assert_all_ok(
+        &format!("{scenario} (world {world})"),
+        &launch(test_file, scenario, world, env, limit),
+    );
+}
+
+/// In a child: the scenario the parent asked this rank to run.
+pub fn scenario() -> String {
+    std::env::var(SCENARIO).expect("only the multi-process tests run this")
 }
 
 /// In a child: this rank's communicator, built from the env the parent set.
