@@ -178,6 +178,18 @@ fn two_ranks_match_one_rank_with_the_doubled_batch_and_write_every_output() {
     assert!(r.as_array().unwrap()[0]["bbox"].as_array().unwrap().len() == 4);
 }
 
+/// Starts `ddetr train` with `a` and returns once its first step is logged (a 3-epoch run).
+fn start_until_first_step(d: &Path, a: &[String]) -> Proc {
+    let mut p = Proc::start(d, &ddetr_bin(), a, &[]);
+    let t = Instant::now();
+    while !p.stderr().contains("epoch 1/3 step 1/6") {
+        assert!(t.elapsed() < PATIENCE, "no first step:\n{}", p.stderr());
+        assert!(p.running(), "{}", p.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
 #[test]
 fn sigint_stops_at_a_step_with_a_checkpoint_and_exits_130() {
     let _serial = serial();
@@ -188,13 +200,7 @@ fn sigint_stops_at_a_step_with_a_checkpoint_and_exits_130() {
         "int",
         &["train.num_epochs=3", "train.validation_interval=10"],
     );
-    let mut p = Proc::start(d, &ddetr_bin(), &a, &[]);
-    let t = Instant::now();
-    while !p.stderr().contains("epoch 1/3 step 1/6") {
-        assert!(t.elapsed() < PATIENCE, "no first step:\n{}", p.stderr());
-        assert!(p.running(), "{}", p.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut p = start_until_first_step(d, &a);
     p.signal("-INT");
     let st = p.wait(PATIENCE);
     // 128 + SIGINT (2): Ctrl-C is told apart from a scheduler's SIGTERM (143).
@@ -220,13 +226,7 @@ fn sigterm_writes_a_mid_epoch_checkpoint_and_the_rerun_ends_where_an_uninterrupt
     ok(d, &args("train", "ref", &extra));
 
     let a = args("train", "cut", &extra);
-    let mut p = Proc::start(d, &ddetr_bin(), &a, &[]);
-    let t = Instant::now();
-    while !p.stderr().contains("epoch 1/3 step 1/6") {
-        assert!(t.elapsed() < PATIENCE, "no first step:\n{}", p.stderr());
-        assert!(p.running(), "{}", p.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut p = start_until_first_step(d, &a);
     p.signal("-TERM");
     let st = p.wait(PATIENCE);
     assert_eq!(st.code(), Some(143), "{}", p.stderr());

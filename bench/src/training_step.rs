@@ -111,17 +111,7 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
     let mut optim = Optim::new(&spec.train.optim, built.params.len());
     optim.set_epoch(&spec.train.optim, 0);
     let comm = Communicator::single();
-    let buffers: Vec<Tensor> = built
-        .buffers
-        .iter()
-        .map(|(_, t)| t.shallow_clone())
-        .collect();
-    let mut strategy = Strategy::new(
-        spec.train.distributed_strategy,
-        &comm,
-        &built.params,
-        &buffers,
-    )?;
+    let mut strategy = Strategy::for_model(spec.train.distributed_strategy, &comm, &built)?;
     let params: i64 = built
         .vs
         .variables()

@@ -58,6 +58,20 @@ impl<'c> Strategy<'c> {
         })
     }
 
+    /// [`Strategy::new`] over a built detector's trainable parameters and buffers.
+    pub fn for_model<D>(
+        strategy: DistributedStrategy,
+        comm: &'c Communicator,
+        built: &crate::detector::Built<D>,
+    ) -> Result<Self, TrainerError> {
+        let buffers: Vec<Tensor> = built
+            .buffers
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        Self::new(strategy, comm, &built.params, &buffers)
+    }
+
     /// "ddp" or "fsdp".
     pub fn name(&self) -> &'static str {
         match self {

@@ -145,17 +145,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
             );
         }
         tch::manual_seed(seed + rank as i64);
-        let buffers: Vec<Tensor> = built
-            .buffers
-            .iter()
-            .map(|(_, t)| t.shallow_clone())
-            .collect();
-        let mut strategy = Strategy::new(
-            spec.train.distributed_strategy,
-            comm,
-            &built.params,
-            &buffers,
-        )?;
+        let mut strategy = Strategy::for_model(spec.train.distributed_strategy, comm, &built)?;
         let mut amp = Amp::new(spec.train.precision, device);
         if let Some(ck) = &resume {
             strategy.load_state(&mut optim, &built.params, &ck.tensors)?;
