@@ -117,13 +117,12 @@ impl DatasetError {
         }
     }
 
-    /// Whether the invocation is at fault (a bad argument, a spec value the data contradicts)
-    /// rather than the data or the machine: the binaries exit 2 for these.
+    /// Whether the invocation is at fault (a bad argument) rather than the data or the machine:
+    /// the binaries exit 2 for these. (The data contradicting the spec, such as
+    /// [`DatasetError::NumClassesTooSmall`], is the data's here; the trainer, whose model the
+    /// spec's class count sizes, counts it as the spec's.)
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            Self::InvalidArgument(_) | Self::NumClassesTooSmall { .. }
-        )
+        matches!(self, Self::InvalidArgument(_))
     }
 }
 

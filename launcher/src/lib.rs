@@ -24,7 +24,9 @@ pub use supervise::RankFailure;
 
 use std::path::PathBuf;
 
-/// `ddetr-launch`'s exit codes (the same contract as `ddetr`'s, README "Exit codes").
+/// The exit codes of every ddetr binary (README "Exit codes"): here, in the crate that links no
+/// libtorch, so that `ddetr-launch` and the `ddetr` front use them; `ddetr`'s `src/exit.rs`
+/// re-exports them and maps the crates' errors onto them.
 pub mod exit {
     pub const SUCCESS: u8 = 0;
     /// A trainer failed after its restarts, a node was lost, the rendezvous failed.

@@ -151,7 +151,10 @@ impl TrainerError {
             | TrainerError::MissingKeys { .. }
             | TrainerError::UnexpectedKeys { .. }
             | TrainerError::OptimizerState { .. } => true,
-            TrainerError::Dataset(e) => e.is_usage(),
+            // The class count sizes the model: too small for the data is the spec's to fix.
+            TrainerError::Dataset(e) => {
+                e.is_usage() || matches!(e, ddetr_dataset::DatasetError::NumClassesTooSmall { .. })
+            }
             _ => false,
         }
     }
