@@ -8,7 +8,7 @@ use ddetr_trainer::export::{self, ExportError, ExportOptions};
 use ddetr_trainer::model::deformable_detr::DetrConfig;
 use ddetr_trainer::model::DeformableDetr;
 use ddetr_trainer::model_checkpoint;
-use ddetr_trainer::spec::Task;
+use ddetr_trainer::spec::{Architecture, Task};
 use tch::nn::VarStore;
 use tch::Device;
 
@@ -20,6 +20,12 @@ const DEFAULT_ONNX_NAME: &str = "model.onnx";
 
 pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
     let spec = super::spec::resolve(args)?.spec;
+    if spec.architecture() == Architecture::Dino {
+        return Err(UsageError(
+            "ONNX export of DINO is not implemented yet (train, evaluate and inference are): export a deformable_detr model, or run `ddetr dino inference`".into(),
+        )
+        .into());
+    }
     let e = &spec.export;
     let opts = ExportOptions::from_spec(e);
     let checkpoint = e

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// ddetr: Deformable DETR training, evaluation, inference and export — TAO's deformable_detr
-/// tasks in one native binary. Exit codes: 0 ok, 1 runtime failure, 2 usage/spec error.
+/// ddetr: Deformable DETR and DINO training, evaluation, inference and export — TAO's
+/// deformable_detr and dino tasks in one native binary. Exit codes: 0 ok, 1 runtime failure, 2 usage/spec error.
 #[derive(Debug, Parser)]
 #[command(name = "ddetr", version, about, long_about = None)]
 pub struct Cli {
@@ -45,8 +45,49 @@ pub enum Command {
     Inference(SpecArgs),
     /// Export a checkpoint to ONNX (TAO's export task: export.checkpoint, export.onnx_file, …).
     Export(SpecArgs),
+    /// DINO's tasks, as TAO's `dino` entry point: `ddetr dino train -e spec.yaml` is
+    /// `ddetr train -e spec.yaml model_name=dino` (a spec naming another model is refused).
+    #[command(subcommand)]
+    Dino(DinoCommand),
     /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
     Doctor,
+}
+
+/// The tasks of `ddetr dino`.
+#[derive(Debug, Subcommand)]
+pub enum DinoCommand {
+    /// Train DINO (any world under ddetr-launch).
+    Train(SpecArgs),
+    /// COCO bbox evaluation of a DINO `evaluate.checkpoint`.
+    Evaluate(SpecArgs),
+    /// Annotated images and KITTI labels with a DINO `inference.checkpoint`.
+    Inference(SpecArgs),
+    /// Export a DINO checkpoint to ONNX.
+    Export(SpecArgs),
+    /// Resolve, print or check a DINO spec.
+    #[command(subcommand)]
+    Spec(SpecCommand),
+}
+
+impl DinoCommand {
+    /// The task as the generic command it stands for: the same arguments with `model_name=dino`
+    /// first among the overrides.
+    fn into_generic(self) -> Command {
+        let dino = |mut args: SpecArgs| {
+            args.overrides.insert(0, "model_name=dino".into());
+            args
+        };
+        match self {
+            DinoCommand::Train(a) => Command::Train(dino(a)),
+            DinoCommand::Evaluate(a) => Command::Evaluate(dino(a)),
+            DinoCommand::Inference(a) => Command::Inference(dino(a)),
+            DinoCommand::Export(a) => Command::Export(dino(a)),
+            DinoCommand::Spec(SpecCommand::Show(a)) => Command::Spec(SpecCommand::Show(dino(a))),
+            DinoCommand::Spec(SpecCommand::Validate(a)) => {
+                Command::Spec(SpecCommand::Validate(dino(a)))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +124,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inference(args) => inference::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Dino(cmd) => run(Cli {
+            log: cli.log,
+            command: cmd.into_generic(),
+        }),
         Command::Doctor => {
             print!("{}", crate::doctor::render(&crate::doctor::checks()));
             Ok(())

@@ -11,12 +11,12 @@ use ddetr_dataset::loader::{Loader, LoaderMode};
 use ddetr_dataset::{AugmentationConfig, EvalPadding};
 
 use crate::coco_eval::{self, CocoStats, Detection};
-use crate::detector::{build_model, DeformableDetrDetector, Detector};
+use crate::detector::{build_model, DeformableDetrDetector, Detector, DinoDetector};
 use crate::device::pick_device;
 use crate::predict::predict;
 use crate::process_group::ProcessGroup;
 use crate::results::ResultsDir;
-use crate::spec::{ExperimentSpec, Task};
+use crate::spec::{Architecture, ExperimentSpec, Task};
 use crate::TrainerError;
 
 /// What `ddetr evaluate` produced.
@@ -26,12 +26,15 @@ pub struct EvalOutcome {
     pub results_dir: PathBuf,
 }
 
-/// Evaluates Deformable DETR as `spec` says; `None` on ranks other than 0.
+/// Evaluates the spec's architecture as `spec` says; `None` on ranks other than 0.
 pub fn evaluate(
     spec: &ExperimentSpec,
     group: &ProcessGroup,
 ) -> Result<Option<EvalOutcome>, TrainerError> {
-    evaluate_detector::<DeformableDetrDetector>(spec, group)
+    match spec.architecture() {
+        Architecture::DeformableDetr => evaluate_detector::<DeformableDetrDetector>(spec, group),
+        Architecture::Dino => evaluate_detector::<DinoDetector>(spec, group),
+    }
 }
 
 fn evaluate_detector<D: Detector>(

@@ -26,10 +26,10 @@ use fast_image_resize::Resizer;
 use image::RgbImage;
 use tch::Device;
 
-use crate::detector::{build_model, DeformableDetrDetector, Detector};
+use crate::detector::{build_model, DeformableDetrDetector, Detector, DinoDetector};
 use crate::device::pick_device;
 use crate::input_sizes::InputSizes;
-use crate::spec::{ExperimentSpec, Task};
+use crate::spec::{Architecture, ExperimentSpec, Task};
 use crate::TrainerError;
 
 /// Image extensions inference reads (TAO's `VALID_IMAGE_EXTENSIONS` that the decoders handle),
@@ -271,10 +271,13 @@ impl Painter {
     }
 }
 
-/// Runs Deformable DETR inference over `dataset.infer_data_sources` with `inference.checkpoint`
+/// Runs inference with the spec's architecture over `dataset.infer_data_sources` with `inference.checkpoint`
 /// (a world of one).
 pub fn inference(spec: &ExperimentSpec) -> Result<InferenceOutcome, TrainerError> {
-    inference_detector::<DeformableDetrDetector>(spec)
+    match spec.architecture() {
+        Architecture::DeformableDetr => inference_detector::<DeformableDetrDetector>(spec),
+        Architecture::Dino => inference_detector::<DinoDetector>(spec),
+    }
 }
 
 /// Inference with any [`Detector`].

@@ -33,6 +33,7 @@ pub use ddetr_collective::cuda_runtime;
 pub mod detector;
 pub mod device;
 pub mod device_memory;
+pub mod dino_criterion;
 pub mod evaluate;
 pub mod export;
 pub mod inference;

@@ -36,6 +36,7 @@ use tch::nn::VarStore;
 use tch::Tensor;
 use tracing::info;
 
+use crate::spec::Architecture;
 use crate::weights::{self, BACKBONE_BODY_PREFIX};
 use crate::{checkpoint, torch_pickle, TrainerError};
 
@@ -141,6 +142,17 @@ impl fmt::Display for CheckpointReport {
 /// to its variable's device and kind). Strict: a checkpoint of another model is a one-line error
 /// naming the first offending key and the spec field to change. Logs the report at info level.
 pub fn load_for_task(vs: &VarStore, path: &Path) -> Result<CheckpointReport, TrainerError> {
+    load_for_architecture(vs, path, Architecture::DeformableDetr)
+}
+
+/// [`load_for_task`] for a model of `arch`: DINO's layouts are the official IDEA-Research
+/// `{'model': …}` checkpoint (its shared heads stored under every layer's name and the decoder's
+/// aliases), TAO's Lightning `.pth` and ddetr's own; the structure checks name DINO's fields.
+pub fn load_for_architecture(
+    vs: &VarStore,
+    path: &Path,
+    arch: Architecture,
+) -> Result<CheckpointReport, TrainerError> {
     let source = path.display().to_string();
     let raw = read(path)?;
     let (style, prefix) = detect_keys(raw.tensors.iter().map(|(k, _)| k.as_str()))
@@ -164,7 +176,7 @@ pub fn load_for_task(vs: &VarStore, path: &Path) -> Result<CheckpointReport, Tra
         }
     }
     let ck = to_official(stripped, style);
-    let (loaded, aliases) = fit(vs, &source, ck, style == KeyStyle::Transformers)?;
+    let (loaded, aliases) = fit(vs, &source, ck, style == KeyStyle::Transformers, arch)?;
     let report = CheckpointReport {
         path: path.to_path_buf(),
         format,
@@ -375,6 +387,7 @@ fn fit(
     source: &str,
     mut ck: BTreeMap<String, Tensor>,
     tied_class_heads: bool,
+    arch: Architecture,
 ) -> Result<(usize, usize), TrainerError> {
     let total = ck.len();
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
@@ -387,7 +400,7 @@ fn fit(
         }
         _ => true,
     });
-    check_structure(source, &vars, &ck, &dec_alias)?;
+    check_structure(source, &vars, &ck, &dec_alias, arch)?;
 
     // Where each variable comes from: its own key, else the decoder's alias of that head, else
     // (transformers) head 0, to which it ties the class heads and leaves them out of its files.
@@ -462,6 +475,7 @@ fn check_structure(
     vars: &BTreeMap<String, Tensor>,
     ck: &BTreeMap<String, Tensor>,
     dec_alias: &BTreeMap<String, Tensor>,
+    arch: Architecture,
 ) -> Result<(), TrainerError> {
     let extra = |keys: Vec<&String>, hint: String| TrainerError::UnexpectedKeys {
         path: source.to_string(),
@@ -475,6 +489,33 @@ fn check_structure(
         first: keys.first().map(|k| k.to_string()).unwrap_or_default(),
         hint,
     };
+    // The architecture: DINO's anchor-conditioned decoder has `ref_point_head`, Deformable
+    // DETR's does not.
+    let is_dino = |m: &BTreeMap<String, Tensor>| {
+        m.keys()
+            .any(|k| k.starts_with("transformer.decoder.ref_point_head."))
+    };
+    let ck_arch = if is_dino(ck) {
+        Architecture::Dino
+    } else {
+        Architecture::DeformableDetr
+    };
+    if ck_arch != arch {
+        let theirs: Vec<&String> = ck.keys().filter(|k| !vars.contains_key(*k)).collect();
+        return Err(extra(
+            theirs,
+            format!(
+                "the checkpoint is a {} model: set model_name: {} (or run `ddetr{} <task>`)",
+                ck_arch.name(),
+                ck_arch.name(),
+                if ck_arch == Architecture::Dino {
+                    " dino"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
     // Numbered blocks: decoder layers, encoder layers, feature levels (input_proj.N).
     let blocks = [
         (
@@ -518,6 +559,9 @@ fn check_structure(
             .filter(|k| index(k).is_some_and(|i| !in_ck.contains(&i)))
             .collect();
         return Err(lacking(short, hint));
+    }
+    if arch == Architecture::Dino {
+        return check_dino_heads(source, vars, ck);
     }
     // Two-stage: the encoder's proposal layers.
     let ck_two = two_stage_keys(ck);
@@ -597,6 +641,64 @@ fn check_structure(
             heads,
             "the checkpoint has one class and box head shared by all decoder layers (trained without box refinement): set model.with_box_refine to false".into(),
         ));
+    }
+    Ok(())
+}
+
+/// DINO's decoder heads: shared by every layer (the checkpoint's heads N > 0 repeat head 0)
+/// or one per layer, as the model is built (`model.dec_pred_{class,bbox}_embed_share`).
+fn check_dino_heads(
+    source: &str,
+    vars: &BTreeMap<String, Tensor>,
+    ck: &BTreeMap<String, Tensor>,
+) -> Result<(), TrainerError> {
+    for (stem, field) in [
+        ("class_embed.", "model.dec_pred_class_embed_share"),
+        ("bbox_embed.", "model.dec_pred_bbox_embed_share"),
+    ] {
+        let model_shared = !vars
+            .keys()
+            .any(|k| k.starts_with(stem) && head(k).is_some_and(|(_, i, _)| i > 0));
+        let differing: Vec<&String> = ck
+            .iter()
+            .filter(|(k, t)| {
+                k.starts_with(stem)
+                    && head(k).is_some_and(|(_, i, _)| i > 0)
+                    && !head0(k)
+                        .and_then(|h| ck.get(&h))
+                        .is_some_and(|h0| h0.size() == t.size() && h0.equal(t))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        if model_shared && !differing.is_empty() {
+            return Err(TrainerError::UnexpectedKeys {
+                path: source.to_string(),
+                count: differing.len(),
+                first: differing[0].to_string(),
+                hint: format!(
+                    "the checkpoint has a separate {}head per decoder layer: set {field} to false",
+                    stem.trim_end_matches('.').replace('_', " ") + " "
+                ),
+            });
+        }
+        if !model_shared && differing.is_empty() && ck.keys().any(|k| k.starts_with(stem)) {
+            let heads: Vec<&String> = vars
+                .keys()
+                .filter(|k| k.starts_with(stem) && head(k).is_some_and(|(_, i, _)| i > 0))
+                .collect();
+            // Shared heads saved under every layer's name load into per-layer heads too.
+            if heads.iter().any(|k| !ck.contains_key(*k)) {
+                return Err(TrainerError::MissingKeys {
+                    path: source.to_string(),
+                    count: heads.len(),
+                    first: heads[0].to_string(),
+                    hint: format!(
+                        "the checkpoint has one {}head shared by all decoder layers: set {field} to true",
+                        stem.trim_end_matches('.').replace('_', " ") + " "
+                    ),
+                });
+            }
+        }
     }
     Ok(())
 }

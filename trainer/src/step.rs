@@ -23,9 +23,9 @@
 use tch::{Kind, Tensor};
 
 use crate::amp::Amp;
-use crate::criterion::{Losses, SetCriterion};
+use crate::criterion::Losses;
 use crate::matcher::Target;
-use crate::model::DeformableDetr;
+use crate::model::deformable_transformer::EncoderInputs;
 use crate::TrainerError;
 
 /// How one training step computes its gradients.
@@ -37,16 +37,55 @@ pub struct StepMode {
     pub loss_scale: f64,
 }
 
-/// Runs forward, the criterion and backward (gradients accumulate into the parameters'
-/// `.grad`); returns the unscaled losses.
+/// The stages of a backbone → deformable encoder → decoder detector, which the checkpointed
+/// backward runs one at a time (Deformable DETR and DINO both are one).
+pub trait Stages {
+    /// The decoder's predictions.
+    type Output;
+    /// The returned backbone stages' feature maps and their padding masks.
+    fn backbone_features(&self, images: &Tensor, mask: &Tensor) -> Vec<(Tensor, Tensor)>;
+    /// Input projections and position embeddings, flattened for the encoder.
+    fn encoder_inputs(&self, features: &[(Tensor, Tensor)], mask: &Tensor) -> EncoderInputs;
+    fn num_encoder_layers(&self) -> usize;
+    /// Encoder layer `i` on `x` with position embeddings `pos`.
+    fn encoder_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pos: &Tensor,
+        inputs: &EncoderInputs,
+        train: bool,
+    ) -> Tensor;
+    /// The decoder and heads on the encoder output (`targets` feed training-only queries).
+    fn decode(
+        &self,
+        memory: &Tensor,
+        inputs: &EncoderInputs,
+        targets: &[Target],
+        train: bool,
+    ) -> Self::Output;
+
+    /// The whole training forward, one graph.
+    fn forward_train(&self, images: &Tensor, mask: &Tensor, targets: &[Target]) -> Self::Output {
+        let features = self.backbone_features(images, mask);
+        let inputs = self.encoder_inputs(&features, mask);
+        let mut memory = inputs.src.shallow_clone();
+        for i in 0..self.num_encoder_layers() {
+            memory = self.encoder_layer(i, &memory, &inputs.pos, &inputs, true);
+        }
+        self.decode(&memory, &inputs, targets, true)
+    }
+}
+
+/// Runs forward, `loss` and backward (gradients accumulate into the parameters' `.grad`);
+/// returns the unscaled losses.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_backward(
-    model: &DeformableDetr,
-    criterion: &SetCriterion,
+pub fn forward_backward<M: Stages>(
+    model: &M,
+    loss: &dyn Fn(&M::Output) -> Result<Losses, TrainerError>,
     images: &Tensor,
     mask: &Tensor,
     targets: &[Target],
-    num_boxes: f64,
     amp: &Amp,
     mode: StepMode,
 ) -> Result<Losses, TrainerError> {
@@ -63,10 +102,7 @@ pub fn forward_backward(
         }
     };
     if !mode.activation_checkpoint {
-        let losses = amp.autocast(|| {
-            let out = model.forward(images, mask, true);
-            criterion.forward(&out, targets, num_boxes)
-        })?;
+        let losses = amp.autocast(|| loss(&model.forward_train(images, mask, targets)))?;
         backward(&losses.total);
         return Ok(losses);
     }
@@ -80,26 +116,19 @@ pub fn forward_backward(
     let inputs = amp.autocast(|| model.encoder_inputs(&leaves, mask));
     // Encoder layers without autograd; each layer's input kept, each layer's dropout seeded so
     // that its recomputation draws the same masks.
-    let layers = model.transformer.num_encoder_layers();
+    let layers = model.num_encoder_layers();
     let base_seed =
         Tensor::randint(1 << 40, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]);
     let mut xs = vec![inputs.src.detach()];
     tch::no_grad(|| {
         for i in 0..layers {
             tch::manual_seed(base_seed + i as i64);
-            let x = amp.autocast(|| {
-                model
-                    .transformer
-                    .encoder_layer(i, &xs[i], &inputs.pos, &inputs, true)
-            });
+            let x = amp.autocast(|| model.encoder_layer(i, &xs[i], &inputs.pos, &inputs, true));
             xs.push(x);
         }
     });
     let memory = xs[layers].detach().set_requires_grad(true);
-    let losses = amp.autocast(|| {
-        let out = model.decode(&memory, &inputs, true);
-        criterion.forward(&out, targets, num_boxes)
-    })?;
+    let losses = amp.autocast(|| loss(&model.decode(&memory, &inputs, targets, true)))?;
     backward(&losses.total);
     drop(xs.pop());
 
@@ -115,7 +144,7 @@ pub fn forward_backward(
             .expect("one input per layer")
             .set_requires_grad(true);
         tch::manual_seed(base_seed + i as i64);
-        let y = amp.autocast(|| model.transformer.encoder_layer(i, &x, &pos, &inputs, true));
+        let y = amp.autocast(|| model.encoder_layer(i, &x, &pos, &inputs, true));
         (y * &grad).sum(Kind::Float).backward();
         grad = x.grad();
     }

@@ -26,11 +26,10 @@ fn gradients(activation_checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
     let num_boxes = normalizer(local_num_boxes(&targets));
     let losses = forward_backward(
         &model,
-        &criterion,
+        &|out| criterion.forward(out, &targets, num_boxes),
         &images,
         &mask,
         &targets,
-        num_boxes,
         &Amp::new(Precision::Fp32, Device::Cpu),
         StepMode {
             activation_checkpoint,

@@ -202,10 +202,10 @@ fn later_overrides_win_and_results_dir_flag_wins_last() {
 
 #[test]
 fn numeric_override_of_a_string_key_is_taken_as_text() {
-    let s = load("", &["model_name=123", "inference.checkpoint=7"])
+    let s = load("", &["export.onnx_file=123", "inference.checkpoint=7"])
         .unwrap()
         .spec;
-    assert_eq!(s.model_name.as_deref(), Some("123"));
+    assert_eq!(s.export.onnx_file.as_deref(), Some("123"));
     assert_eq!(s.inference.checkpoint.as_deref(), Some("7"));
 }
 
@@ -451,4 +451,85 @@ fn test_and_infer_sources_in_taos_shapes() {
 fn empty_sections_keep_their_defaults() {
     let s = load("train:\nmodel:\n", &[]).unwrap().spec;
     assert_eq!(s, ExperimentSpec::default());
+}
+
+#[test]
+fn model_name_dino_takes_taos_dino_defaults() {
+    let s = load("model_name: dino\n", &[]).unwrap().spec;
+    assert_eq!(s.architecture(), spec::Architecture::Dino);
+    // TAO's DINOModelConfig where it differs from Deformable DETR's.
+    assert_eq!(s.model.num_select, 300);
+    assert_eq!(s.model.dim_feedforward, 2048);
+    assert_eq!(s.model.dropout_ratio, 0.0);
+    assert_eq!(s.model.num_queries, 300);
+    assert_eq!(s.model.dn_number, 100);
+    assert_eq!(s.model.dn_box_noise_scale, 1.0);
+    assert_eq!(s.model.dn_label_noise_ratio, 0.5);
+    assert_eq!(s.model.pe_temperature_h, 20.0);
+    assert_eq!(s.model.cls_loss_coef, 2.0);
+    assert_eq!(s.train.optim.lr_steps, vec![11]);
+    // The same keys through an override (`ddetr dino …` prepends it).
+    let o = load("", &["model_name=dino"]).unwrap().spec;
+    assert_eq!(o, s);
+    // A Deformable DETR spec keeps its own.
+    let d = load("", &[]).unwrap().spec;
+    assert_eq!(d.architecture(), spec::Architecture::DeformableDetr);
+    assert_eq!((d.model.num_select, d.model.dim_feedforward), (100, 1024));
+}
+
+#[test]
+fn each_architecture_refuses_the_others_model_keys() {
+    let e = err("model:\n  dn_number: 50\n", &[]);
+    assert!(
+        e.contains("model.dn_number") && e.contains("dino key") && e.contains("model_name: dino"),
+        "{e}"
+    );
+    let e = err("model_name: dino\nmodel:\n  with_box_refine: true\n", &[]);
+    assert!(
+        e.contains("model.with_box_refine") && e.contains("deformable_detr key"),
+        "{e}"
+    );
+    // Typos in DINO keys get the nearest DINO key.
+    let e = err("model_name: dino\nmodel:\n  dn_numbr: 50\n", &[]);
+    assert!(e.contains("did you mean 'model.dn_number'"), "{e}");
+    // spec show prints an architecture's keys only.
+    let dd = load("", &[]).unwrap().spec.to_yaml();
+    assert!(!dd.contains("dn_number") && dd.contains("with_box_refine"));
+    let dino = load("model_name: dino\n", &[]).unwrap().spec.to_yaml();
+    assert!(dino.contains("dn_number: 100") && !dino.contains("with_box_refine"));
+    assert!(dino.contains("pe_temperatureH"));
+    // …and what it prints loads back to the same spec.
+    assert_eq!(
+        load(&dino, &[]).unwrap().spec,
+        load("model_name: dino\n", &[]).unwrap().spec
+    );
+}
+
+#[test]
+fn model_name_is_checked() {
+    let e = err("model_name: dinoo\n", &[]);
+    assert!(e.contains("did you mean 'dino'"), "{e}");
+    // `ddetr dino train` on a spec that names another model.
+    let e = err("model_name: deformable_detr\n", &["model_name=dino"]);
+    assert!(
+        e.starts_with("model_name is 'deformable_detr' in the spec but 'dino'"),
+        "{e}"
+    );
+    let e = err("model_name: dino\nmodel:\n  two_stage_type: no\n", &[]);
+    assert!(
+        e.contains("model.two_stage_type") && e.contains("standard"),
+        "{e}"
+    );
+    let e = err("model_name: dino\nmodel:\n  dn_label_noise_ratio: 2\n", &[]);
+    assert!(e.contains("model.dn_label_noise_ratio"), "{e}");
+}
+
+#[test]
+fn the_dino_configs_load() {
+    for name in ["configs/dino_r50.yaml", "configs/shapes_dino_tiny.yaml"] {
+        let s = spec::load(&repo_file(name), &[], None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .spec;
+        assert_eq!(s.architecture(), spec::Architecture::Dino, "{name}");
+    }
 }

@@ -212,11 +212,10 @@ fn check_step(built: &Built, fx: &BTreeMap<String, Tensor>, activation_checkpoin
     let amp = Amp::new(Precision::Fp32, Device::Cpu);
     let losses = forward_backward(
         &built.model.net,
-        &criterion,
+        &|out| criterion.forward(out, &targets, num_boxes),
         &images,
         &mask,
         &targets,
-        num_boxes,
         &amp,
         StepMode {
             activation_checkpoint,

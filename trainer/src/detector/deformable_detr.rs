@@ -62,11 +62,10 @@ impl Detector for DeformableDetrDetector {
     ) -> Result<Losses, TrainerError> {
         forward_backward(
             &self.net,
-            &self.criterion,
+            &|out: &DetrOutput| self.criterion.forward(out, targets, num_boxes),
             images,
             mask,
             targets,
-            num_boxes,
             amp,
             mode,
         )

@@ -1,16 +1,18 @@
 //! The detector seam: everything the tasks (train, evaluate, inference) need of a detection
 //! architecture, as one trait. The training engine ([`crate::train`]), prediction
 //! ([`crate::predict`]) and inference drive a [`Detector`] and know nothing of its layers, so a
-//! second architecture plugs in by implementing it. Deformable DETR ([`DeformableDetrDetector`])
-//! is the first.
+//! second architecture plugs in by implementing it: Deformable DETR ([`DeformableDetrDetector`])
+//! and DINO ([`DinoDetector`]).
 //!
 //! A detector's variables live in a [`VarStore`] under its official state-dict keys, and each
 //! sits in one of the optimizer's [`crate::param_groups`]; [`build_model`] builds one and sorts its
 //! variables into trainable parameters and buffers.
 
 mod deformable_detr;
+mod dino;
 
 pub use deformable_detr::DeformableDetrDetector;
+pub use dino::DinoDetector;
 
 use std::path::Path;
 

@@ -31,7 +31,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn new(p: nn::Path, input: i64, hidden: i64, output: i64, num_layers: i64) -> Self {
+    pub(crate) fn new(p: nn::Path, input: i64, hidden: i64, output: i64, num_layers: i64) -> Self {
         let layers = (0..num_layers)
             .map(|i| {
                 let n = if i == 0 { input } else { hidden };
@@ -80,6 +80,59 @@ impl InputProj {
     fn forward(&self, x: &Tensor) -> Tensor {
         self.norm.forward(&self.conv.forward(x))
     }
+}
+
+/// `input_proj` under `p`: a 1×1 conv per backbone level (`channels`), then 3×3 stride-2 convs
+/// for the extra levels up to `levels`.
+pub(crate) fn build_input_proj(
+    p: &nn::Path,
+    channels: &[i64],
+    d: i64,
+    levels: i64,
+) -> Vec<InputProj> {
+    let mut input_proj = Vec::new();
+    for (i, &c) in channels.iter().enumerate() {
+        input_proj.push(InputProj::new(p / i, c, d, 1, 1, 0));
+    }
+    let mut in_channels = *channels.last().expect("at least one backbone level");
+    for i in channels.len() as i64..levels {
+        input_proj.push(InputProj::new(p / i, in_channels, d, 3, 2, 1));
+        in_channels = d;
+    }
+    input_proj
+}
+
+/// Every level's projected feature map, padding mask and position embedding: the backbone's
+/// levels through their 1×1 projections, the extra levels by stride-2 convs on the last backbone
+/// level (then on the previous extra level), their masks resized from the pixel mask.
+pub(crate) fn project_levels(
+    input_proj: &[InputProj],
+    position_embedding: &PositionEmbeddingSine,
+    features: &[(Tensor, Tensor)],
+    pixel_mask: &Tensor,
+) -> (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) {
+    let mut srcs = Vec::with_capacity(input_proj.len());
+    let mut masks = Vec::with_capacity(input_proj.len());
+    let mut pos = Vec::with_capacity(input_proj.len());
+    for (l, (feat, mask)) in features.iter().enumerate() {
+        srcs.push(input_proj[l].forward(feat));
+        pos.push(position_embedding.forward(mask).to_kind(feat.kind()));
+        masks.push(mask.shallow_clone());
+    }
+    let n_backbone = features.len();
+    for l in n_backbone..input_proj.len() {
+        let src = if l == n_backbone {
+            input_proj[l].forward(&features[n_backbone - 1].0)
+        } else {
+            input_proj[l].forward(srcs.last().expect("a previous level"))
+        };
+        let s = src.size();
+        let mask = resize_mask(pixel_mask, s[2], s[3]);
+        pos.push(position_embedding.forward(&mask).to_kind(src.kind()));
+        srcs.push(src);
+        masks.push(mask);
+    }
+    (srcs, masks, pos)
 }
 
 /// Class logits and normalised (cx, cy, w, h) boxes of one decoder layer (or the encoder).
@@ -246,20 +299,12 @@ impl DeformableDetr {
         );
         let transformer = DeformableTransformer::new(&(root / "transformer"), tc);
 
-        // input_proj: 1×1 conv per backbone level, then 3×3 stride-2 convs for the extra levels.
-        let ip = root / "input_proj";
-        let mut input_proj = Vec::new();
-        for (i, &c) in backbone.num_channels.iter().enumerate() {
-            input_proj.push(InputProj::new(&ip / i, c, d, 1, 1, 0));
-        }
-        let mut in_channels = *backbone
-            .num_channels
-            .last()
-            .expect("at least one backbone level");
-        for i in backbone.num_channels.len() as i64..tc.num_feature_levels {
-            input_proj.push(InputProj::new(&ip / i, in_channels, d, 3, 2, 1));
-            in_channels = d;
-        }
+        let input_proj = build_input_proj(
+            &(root / "input_proj"),
+            &backbone.num_channels,
+            d,
+            tc.num_feature_levels,
+        );
 
         let query_embed = (!tc.two_stage).then(|| {
             (root / "query_embed").var(
@@ -368,28 +413,12 @@ impl DeformableDetr {
         features: &[(Tensor, Tensor)],
         pixel_mask: &Tensor,
     ) -> EncoderInputs {
-        let mut srcs = Vec::with_capacity(self.input_proj.len());
-        let mut masks = Vec::with_capacity(self.input_proj.len());
-        let mut pos = Vec::with_capacity(self.input_proj.len());
-        for (l, (feat, mask)) in features.iter().enumerate() {
-            srcs.push(self.input_proj[l].forward(feat));
-            pos.push(self.position_embedding.forward(mask).to_kind(feat.kind()));
-            masks.push(mask.shallow_clone());
-        }
-        let n_backbone = features.len();
-        for l in n_backbone..self.input_proj.len() {
-            let src = if l == n_backbone {
-                self.input_proj[l].forward(&features[n_backbone - 1].0)
-            } else {
-                self.input_proj[l].forward(srcs.last().expect("a previous level"))
-            };
-            let s = src.size();
-            let mask = resize_mask(pixel_mask, s[2], s[3]);
-            pos.push(self.position_embedding.forward(&mask).to_kind(src.kind()));
-            srcs.push(src);
-            masks.push(mask);
-        }
-
+        let (srcs, masks, pos) = project_levels(
+            &self.input_proj,
+            &self.position_embedding,
+            features,
+            pixel_mask,
+        );
         self.transformer.encoder_inputs(&srcs, &masks, &pos)
     }
 
@@ -455,5 +484,37 @@ impl DeformableDetr {
     /// Query count.
     pub fn num_queries(&self) -> i64 {
         self.config.transformer.num_queries
+    }
+}
+
+impl crate::step::Stages for DeformableDetr {
+    type Output = DetrOutput;
+    fn backbone_features(&self, images: &Tensor, mask: &Tensor) -> Vec<(Tensor, Tensor)> {
+        Self::backbone_features(self, images, mask)
+    }
+    fn encoder_inputs(&self, features: &[(Tensor, Tensor)], mask: &Tensor) -> EncoderInputs {
+        Self::encoder_inputs(self, features, mask)
+    }
+    fn num_encoder_layers(&self) -> usize {
+        self.transformer.num_encoder_layers()
+    }
+    fn encoder_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pos: &Tensor,
+        inputs: &EncoderInputs,
+        train: bool,
+    ) -> Tensor {
+        self.transformer.encoder_layer(i, x, pos, inputs, train)
+    }
+    fn decode(
+        &self,
+        memory: &Tensor,
+        inputs: &EncoderInputs,
+        _targets: &[crate::matcher::Target],
+        train: bool,
+    ) -> DetrOutput {
+        Self::decode(self, memory, inputs, train)
     }
 }

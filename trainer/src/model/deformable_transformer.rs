@@ -69,7 +69,7 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(p: nn::Path, c: &TransformerConfig) -> Self {
+    pub(crate) fn new(p: nn::Path, c: &TransformerConfig) -> Self {
         Self {
             self_attn: MSDeformAttn::new(
                 &p / "self_attn",
@@ -86,7 +86,7 @@ impl EncoderLayer {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn forward(
+    pub(crate) fn forward(
         &self,
         src: &Tensor,
         pos: &Tensor,
@@ -143,8 +143,16 @@ impl MultiheadAttention {
         }
     }
 
-    /// Batch-first `q`, `k`, `v` `[N, L, d]` → `[N, L, d]`.
-    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, train: bool) -> Tensor {
+    /// Batch-first `q`, `k`, `v` `[N, L, d]` → `[N, L, d]`. `attn_mask` `[Lq, Lk]` is
+    /// `nn.MultiheadAttention`'s boolean mask: true where a query may not attend.
+    fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        attn_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let d = self.in_proj_weight.size()[1];
         let (n, lq) = (q.size()[0], q.size()[1]);
         let lk = k.size()[1];
@@ -162,13 +170,18 @@ impl MultiheadAttention {
         let out = if p > 0.0 && q.device() == tch::Device::Cpu {
             // libtorch's CPU attention with dropout is this math path with its serial
             // `bernoulli_`; the same math with the parallel mask (see [`dropout`]).
-            let w = q
+            let mut scores = q
                 .matmul(&k.transpose(-2, -1))
-                .g_mul_scalar(1.0 / (hd as f64).sqrt())
-                .softmax(-1, q.kind());
+                .g_mul_scalar(1.0 / (hd as f64).sqrt());
+            if let Some(m) = attn_mask {
+                scores = scores.masked_fill(m, f64::NEG_INFINITY);
+            }
+            let w = scores.softmax(-1, q.kind());
             dropout::dropout(&w, p, train).matmul(&v)
         } else {
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, p, false, None, false)
+            // SDPA's boolean mask is the opposite: true where a query may attend.
+            let allowed = attn_mask.map(|m| m.logical_not());
+            Tensor::scaled_dot_product_attention(&q, &k, &v, allowed, p, false, None, false)
         };
         self.out_proj
             .forward(&out.transpose(1, 2).reshape([n, lq, d]))
@@ -188,7 +201,7 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(p: nn::Path, c: &TransformerConfig) -> Self {
+    pub(crate) fn new(p: nn::Path, c: &TransformerConfig) -> Self {
         Self {
             cross_attn: MSDeformAttn::new(
                 &p / "cross_attn",
@@ -206,8 +219,9 @@ impl DecoderLayer {
         }
     }
 
+    /// `self_attn_mask` `[Q, Q]` (true = may not attend) is DINO's denoising mask.
     #[allow(clippy::too_many_arguments)]
-    fn forward(
+    pub(crate) fn forward(
         &self,
         tgt: &Tensor,
         query_pos: &Tensor,
@@ -215,10 +229,11 @@ impl DecoderLayer {
         src: &Tensor,
         spatial_shapes: &[(i64, i64)],
         padding_mask: &Tensor,
+        self_attn_mask: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
         let q = tgt + query_pos;
-        let tgt2 = self.self_attn.forward(&q, &q, tgt, train);
+        let tgt2 = self.self_attn.forward(&q, &q, tgt, self_attn_mask, train);
         let tgt = self
             .norm2
             .forward(&(tgt + dropout::dropout(&tgt2, self.dropout, train)));
@@ -284,6 +299,95 @@ pub trait DecoderHeads {
     fn refine_delta(&self, layer: usize, hs: &Tensor) -> Option<Tensor>;
     /// Two-stage: `class_embed[dec_layers](memory)` and `bbox_embed[dec_layers](memory)`.
     fn encoder_heads(&self, memory: &Tensor) -> (Tensor, Tensor);
+}
+
+/// `gen_encoder_output_proposals` (Deformable DETR appendix A.4, also DINO's): one box per
+/// encoder pixel, centred on it with side 0.05·2^level, in logit space `[N, S, 4]` (+inf where
+/// padded or outside (0.01, 0.99)), and the memory zeroed at those positions (before the
+/// architecture's `enc_output` projection).
+pub(crate) fn encoder_output_proposals(
+    memory: &Tensor,
+    mask_flatten: &Tensor,
+    spatial_shapes: &[(i64, i64)],
+) -> (Tensor, Tensor) {
+    let n = memory.size()[0];
+    let device = memory.device();
+    let mut proposals = Vec::with_capacity(spatial_shapes.len());
+    let mut cur = 0;
+    for (lvl, &(h, w)) in spatial_shapes.iter().enumerate() {
+        let not_mask = mask_flatten
+            .narrow(1, cur, h * w)
+            .view([n, h, w])
+            .logical_not();
+        let valid_h = not_mask.select(2, 0).sum_dim_intlist(1, false, Kind::Float);
+        let valid_w = not_mask.select(1, 0).sum_dim_intlist(1, false, Kind::Float);
+        let ys = Tensor::linspace(0.0, (h - 1) as f64, h, (Kind::Float, device));
+        let xs = Tensor::linspace(0.0, (w - 1) as f64, w, (Kind::Float, device));
+        let g = Tensor::meshgrid_indexing(&[ys, xs], "ij");
+        let grid = Tensor::stack(&[&g[1], &g[0]], -1); // [H, W, 2] (x, y)
+        let scale = Tensor::stack(&[valid_w, valid_h], 1).view([n, 1, 1, 2]);
+        let grid = (grid.unsqueeze(0).expand([n, -1, -1, -1], false) + 0.5) / scale;
+        let wh = grid.ones_like() * (PROPOSAL_BASE_WH * 2f64.powi(lvl as i32));
+        proposals.push(Tensor::cat(&[grid, wh], -1).view([n, -1, 4]));
+        cur += h * w;
+    }
+    let proposals = Tensor::cat(&proposals, 1);
+    let valid = proposals
+        .gt(PROPOSAL_VALID_MIN)
+        .logical_and(&proposals.lt(PROPOSAL_VALID_MAX))
+        .all_dims(Some(&[-1i64][..]), true);
+    let invalid = valid.logical_not();
+    let pad = mask_flatten.unsqueeze(-1);
+    let proposals = (&proposals / (proposals.ones_like() - &proposals)).log();
+    let proposals = proposals
+        .masked_fill(&pad, f64::INFINITY)
+        .masked_fill(&invalid, f64::INFINITY);
+    let out_memory = memory.masked_fill(&pad, 0.0).masked_fill(&invalid, 0.0);
+    (out_memory, proposals)
+}
+
+/// `DeformableTransformer.forward`'s input side: levels flattened and concatenated, the level
+/// embeddings added to the position embeddings, the encoder's reference points and the valid
+/// ratios (shared by Deformable DETR and DINO).
+pub(crate) fn flatten_levels(
+    level_embed: &Tensor,
+    srcs: &[Tensor],
+    masks: &[Tensor],
+    pos_embeds: &[Tensor],
+) -> EncoderInputs {
+    let mut src_flatten = Vec::with_capacity(srcs.len());
+    let mut mask_flatten = Vec::with_capacity(srcs.len());
+    let mut pos_flatten = Vec::with_capacity(srcs.len());
+    let mut spatial_shapes = Vec::with_capacity(srcs.len());
+    for (lvl, ((src, mask), pos)) in srcs.iter().zip(masks).zip(pos_embeds).enumerate() {
+        let s = src.size();
+        spatial_shapes.push((s[2], s[3]));
+        src_flatten.push(src.flatten(2, 3).transpose(1, 2));
+        mask_flatten.push(mask.flatten(1, 2));
+        let pos = pos.flatten(2, 3).transpose(1, 2);
+        pos_flatten.push(pos + level_embed.get(lvl as i64).view([1, 1, -1]));
+    }
+    let src = Tensor::cat(&src_flatten, 1);
+    let mask = Tensor::cat(&mask_flatten, 1);
+    let pos = Tensor::cat(&pos_flatten, 1);
+    let valid_ratios = Tensor::stack(
+        &masks
+            .iter()
+            .map(DeformableTransformer::valid_ratio)
+            .collect::<Vec<_>>(),
+        1,
+    );
+    let reference_points =
+        DeformableTransformer::encoder_reference_points(&spatial_shapes, &valid_ratios)
+            .to_kind(src.kind());
+    EncoderInputs {
+        src,
+        pos,
+        mask,
+        spatial_shapes,
+        valid_ratios,
+        reference_points,
+    }
 }
 
 /// `DeformableTransformer`.
@@ -374,53 +478,6 @@ impl DeformableTransformer {
         Tensor::cat(&refs, 1).unsqueeze(2) * valid_ratios.unsqueeze(1)
     }
 
-    /// `gen_encoder_output_proposals` → (output memory `[N, S, d]`, proposals in logit space `[N, S, 4]`).
-    fn gen_encoder_output_proposals(
-        &self,
-        ts: &TwoStage,
-        memory: &Tensor,
-        mask_flatten: &Tensor,
-        spatial_shapes: &[(i64, i64)],
-    ) -> (Tensor, Tensor) {
-        let n = memory.size()[0];
-        let device = memory.device();
-        let mut proposals = Vec::with_capacity(spatial_shapes.len());
-        let mut cur = 0;
-        for (lvl, &(h, w)) in spatial_shapes.iter().enumerate() {
-            let not_mask = mask_flatten
-                .narrow(1, cur, h * w)
-                .view([n, h, w])
-                .logical_not();
-            let valid_h = not_mask.select(2, 0).sum_dim_intlist(1, false, Kind::Float);
-            let valid_w = not_mask.select(1, 0).sum_dim_intlist(1, false, Kind::Float);
-            let ys = Tensor::linspace(0.0, (h - 1) as f64, h, (Kind::Float, device));
-            let xs = Tensor::linspace(0.0, (w - 1) as f64, w, (Kind::Float, device));
-            let g = Tensor::meshgrid_indexing(&[ys, xs], "ij");
-            let grid = Tensor::stack(&[&g[1], &g[0]], -1); // [H, W, 2] (x, y)
-            let scale = Tensor::stack(&[valid_w, valid_h], 1).view([n, 1, 1, 2]);
-            let grid = (grid.unsqueeze(0).expand([n, -1, -1, -1], false) + 0.5) / scale;
-            let wh = grid.ones_like() * (PROPOSAL_BASE_WH * 2f64.powi(lvl as i32));
-            proposals.push(Tensor::cat(&[grid, wh], -1).view([n, -1, 4]));
-            cur += h * w;
-        }
-        let proposals = Tensor::cat(&proposals, 1);
-        let valid = proposals
-            .gt(PROPOSAL_VALID_MIN)
-            .logical_and(&proposals.lt(PROPOSAL_VALID_MAX))
-            .all_dims(Some(&[-1i64][..]), true);
-        let invalid = valid.logical_not();
-        let pad = mask_flatten.unsqueeze(-1);
-        let proposals = (&proposals / (proposals.ones_like() - &proposals)).log();
-        let proposals = proposals
-            .masked_fill(&pad, f64::INFINITY)
-            .masked_fill(&invalid, f64::INFINITY);
-        let out_memory = memory.masked_fill(&pad, 0.0).masked_fill(&invalid, 0.0);
-        let out_memory = ts
-            .enc_output_norm
-            .forward(&ts.enc_output.forward(&out_memory));
-        (out_memory, proposals)
-    }
-
     /// `get_proposal_pos_embed`: sine embedding of sigmoid(proposals)·2π with d/2 features per
     /// coordinate (128 for d = 256, upstream's constant) → `[N, Q, 2d]`.
     fn proposal_pos_embed(&self, proposals: &Tensor) -> Tensor {
@@ -462,33 +519,7 @@ impl DeformableTransformer {
         masks: &[Tensor],
         pos_embeds: &[Tensor],
     ) -> EncoderInputs {
-        let mut src_flatten = Vec::with_capacity(srcs.len());
-        let mut mask_flatten = Vec::with_capacity(srcs.len());
-        let mut pos_flatten = Vec::with_capacity(srcs.len());
-        let mut spatial_shapes = Vec::with_capacity(srcs.len());
-        for (lvl, ((src, mask), pos)) in srcs.iter().zip(masks).zip(pos_embeds).enumerate() {
-            let s = src.size();
-            spatial_shapes.push((s[2], s[3]));
-            src_flatten.push(src.flatten(2, 3).transpose(1, 2));
-            mask_flatten.push(mask.flatten(1, 2));
-            let pos = pos.flatten(2, 3).transpose(1, 2);
-            pos_flatten.push(pos + self.level_embed.get(lvl as i64).view([1, 1, -1]));
-        }
-        let src = Tensor::cat(&src_flatten, 1);
-        let mask = Tensor::cat(&mask_flatten, 1);
-        let pos = Tensor::cat(&pos_flatten, 1);
-        let valid_ratios =
-            Tensor::stack(&masks.iter().map(Self::valid_ratio).collect::<Vec<_>>(), 1);
-        let reference_points =
-            Self::encoder_reference_points(&spatial_shapes, &valid_ratios).to_kind(src.kind());
-        EncoderInputs {
-            src,
-            pos,
-            mask,
-            spatial_shapes,
-            valid_ratios,
-            reference_points,
-        }
+        flatten_levels(&self.level_embed, srcs, masks, pos_embeds)
     }
 
     /// Encoder layer `i` on `x` with position embeddings `pos` (normally `inputs.pos`).
@@ -527,7 +558,10 @@ impl DeformableTransformer {
         let (query_pos, tgt, reference_points, enc_outputs) = match (&self.two_stage, query_embed) {
             (Some(ts), _) => {
                 let (out_memory, proposals) =
-                    self.gen_encoder_output_proposals(ts, memory, mask_flatten, spatial_shapes);
+                    encoder_output_proposals(memory, mask_flatten, spatial_shapes);
+                let out_memory = ts
+                    .enc_output_norm
+                    .forward(&ts.enc_output.forward(&out_memory));
                 let (enc_class, enc_delta) = heads.encoder_heads(&out_memory);
                 let enc_coord_unact = enc_delta + proposals;
                 let topk = self.config.num_queries;
@@ -587,6 +621,7 @@ impl DeformableTransformer {
                 memory,
                 spatial_shapes,
                 mask_flatten,
+                None,
                 train,
             );
             if let Some(delta) = heads.refine_delta(lid, &output) {

@@ -10,6 +10,7 @@ pub mod backbone;
 pub mod box_ops;
 pub mod deformable_detr;
 pub mod deformable_transformer;
+pub mod dino;
 pub mod dropout;
 pub mod ms_deform_attn;
 pub mod position_encoding;
@@ -79,8 +80,13 @@ pub const INVERSE_SIGMOID_EPS: f64 = 1e-5;
 
 /// `inverse_sigmoid`: log(x / (1 − x)) with both clamped away from zero.
 pub fn inverse_sigmoid(x: &Tensor) -> Tensor {
+    inverse_sigmoid_eps(x, INVERSE_SIGMOID_EPS)
+}
+
+/// [`inverse_sigmoid`] with another clamp (DINO's `util/misc.py` uses 1e-3).
+pub fn inverse_sigmoid_eps(x: &Tensor, eps: f64) -> Tensor {
     let x = x.clamp(0.0, 1.0);
-    let x1 = x.clamp_min(INVERSE_SIGMOID_EPS);
-    let x2 = (x.ones_like() - &x).clamp_min(INVERSE_SIGMOID_EPS);
+    let x1 = x.clamp_min(eps);
+    let x2 = (x.ones_like() - &x).clamp_min(eps);
     (x1 / x2).log()
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::sections::ExperimentSpec;
+use super::sections::{Architecture, ExperimentSpec};
 use super::validate::{validate, Notice};
 use super::SpecError;
 
@@ -64,8 +64,11 @@ fn resolve_tree(
                 .into(),
         });
     }
-    // Start from the defaults so that overrides see what a key really is (a section or a value).
-    let mut base = serde_json::to_value(ExperimentSpec::default()).expect("defaults serialize");
+    let arch = architecture(&tree, overrides)?;
+    // Start from the architecture's defaults so that overrides see what a key really is (a
+    // section or a value); the other architecture's model keys are not there, so a spec that
+    // sets one is told so below.
+    let mut base = defaults_tree(arch);
     merge(&mut base, tree);
     let mut tree = base;
     let mut overridden = Vec::new();
@@ -89,6 +92,7 @@ fn resolve_tree(
     if let Some(dir) = results_dir {
         set_path(&mut tree, "results_dir", Value::String(dir.to_string()))?;
     }
+    refuse_foreign_model_keys(&tree, arch)?;
     let spec = loop {
         match deserialize(&tree) {
             Ok(spec) => break spec,
@@ -114,6 +118,89 @@ fn resolve_tree(
     let mut spec = spec;
     let notices = validate(&mut spec)?;
     Ok(Resolved { spec, notices })
+}
+
+/// The architecture a spec tree names (its `model_name`, or a `model_name=` override). An
+/// override that contradicts the file's own `model_name` is refused: `ddetr dino train` on a
+/// Deformable DETR spec is a mistake, not a request.
+fn architecture(tree: &Value, overrides: &[String]) -> Result<Architecture, SpecError> {
+    let in_file = tree.get("model_name").and_then(Value::as_str);
+    let mut name = in_file.map(str::to_string);
+    for raw in overrides {
+        let (key, value) = parse_override(raw)?;
+        if key != "model_name" {
+            continue;
+        }
+        let value = match value {
+            Value::String(v) => v,
+            other => other.to_string(),
+        };
+        if let Some(file) = in_file.filter(|f| !f.trim().is_empty() && f.trim() != value.trim()) {
+            return Err(SpecError::Invalid {
+                key: "model_name".into(),
+                message: format!(
+                    "is '{file}' in the spec but '{value}' was asked for (a `model_name=` override or the `ddetr dino` command group): use a {value} spec, or drop the override"
+                ),
+            });
+        }
+        name = Some(value);
+    }
+    Architecture::from_model_name(name.as_deref()).ok_or_else(|| {
+        let value = name.unwrap_or_default();
+        let valid: Vec<String> = Architecture::NAMES.iter().map(|n| n.to_string()).collect();
+        SpecError::UnknownValue {
+            key: "model_name".into(),
+            suggestion: nearest(&value, &valid),
+            value,
+            valid,
+        }
+    })
+}
+
+/// `arch`'s defaults as a tree, without the other architecture's model keys.
+pub(crate) fn defaults_tree(arch: Architecture) -> Value {
+    let mut tree =
+        serde_json::to_value(ExperimentSpec::defaults_for(arch)).expect("defaults serialize");
+    drop_foreign_model_keys(&mut tree, arch);
+    tree
+}
+
+/// Removes the model keys `arch` does not have from a spec tree.
+pub(crate) fn drop_foreign_model_keys(tree: &mut Value, arch: Architecture) {
+    if let Some(Value::Object(model)) = tree.get_mut("model") {
+        for key in arch.foreign_model_keys() {
+            model.remove(*key);
+        }
+    }
+}
+
+/// A model key of the other architecture is refused, saying whose key it is.
+fn refuse_foreign_model_keys(tree: &Value, arch: Architecture) -> Result<(), SpecError> {
+    let Some(Value::Object(model)) = tree.get("model") else {
+        return Ok(());
+    };
+    match arch
+        .foreign_model_keys()
+        .iter()
+        .find(|k| model.contains_key(**k))
+    {
+        Some(key) => {
+            let other = match arch {
+                Architecture::DeformableDetr => Architecture::Dino,
+                Architecture::Dino => Architecture::DeformableDetr,
+            };
+            Err(SpecError::Invalid {
+                key: format!("model.{key}"),
+                message: format!(
+                    "is a {} key, but this spec trains {}: drop it, or set model_name: {}",
+                    other.name(),
+                    arch.name(),
+                    other.name()
+                ),
+            })
+        }
+        None => Ok(()),
+    }
 }
 
 /// Deep-merges `over` into `base`: mappings merge key by key, null leaves a mapping alone, anything

@@ -1,4 +1,5 @@
-//! The TAO Deformable DETR experiment spec: typed sections with TAO's defaults
+//! The TAO Deformable DETR and DINO experiment spec (one layout; `model_name` picks the
+//! architecture, its defaults and its model keys): typed sections with TAO's defaults
 //! ([`sections`]), loading with `key.path=value` overrides and nearest-key suggestions ([`load`]),
 //! and cross-field validation ([`validate`]).
 
@@ -93,12 +94,26 @@ impl ExperimentSpec {
     /// The resolved spec as YAML, every key present (what `ddetr spec show` prints and
     /// `experiment.yaml` holds).
     pub fn to_yaml(&self) -> String {
-        serde_yaml_ng::to_string(self).expect("a spec always serializes")
+        // Through YAML's own (ordered) mapping, so the keys keep the sections' order.
+        let mut tree = serde_yaml_ng::to_value(self).expect("a spec always serializes");
+        if let Some(model) = tree.get_mut("model").and_then(|m| m.as_mapping_mut()) {
+            for key in self.architecture().foreign_model_keys() {
+                model.remove(*key);
+            }
+        }
+        serde_yaml_ng::to_string(&tree).expect("a spec always serializes")
     }
 
     /// SHA-256 of the resolved spec's canonical JSON, hex. Ranks of one job must agree on it.
     pub fn hash(&self) -> String {
-        let json = serde_json::to_vec(self).expect("a spec always serializes");
+        let json = serde_json::to_vec(&self.to_tree()).expect("a spec always serializes");
         hex::encode(Sha256::digest(json))
+    }
+
+    /// The spec as a tree with the keys of its architecture only.
+    fn to_tree(&self) -> serde_json::Value {
+        let mut tree = serde_json::to_value(self).expect("a spec always serializes");
+        load::drop_foreign_model_keys(&mut tree, self.architecture());
+        tree
     }
 }

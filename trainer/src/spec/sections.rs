@@ -127,7 +127,64 @@ pub struct ModelConfig {
     pub backbone_names: Vec<String>,
     /// Parameter-name substrings trained with `lr × lr_linear_proj_mult`.
     pub linear_proj_names: Vec<String>,
+    // DINO only (TAO's `DINOModelConfig`; a Deformable DETR spec that sets one is refused).
+    /// DINO: weight of the encoder (interm) proposal losses.
+    pub interm_loss_coef: f64,
+    /// DINO: no box losses on the encoder proposals (class loss only).
+    pub no_interm_box_loss: bool,
+    /// DINO: pre-norm layers (TAO's schema keeps the key; only `false`, post-norm, exists).
+    pub pre_norm: bool,
+    /// DINO: query selection (`standard`: mixed query selection, paper §3.4).
+    pub two_stage_type: String,
+    /// DINO: decoder self-attention (`sa`).
+    pub decoder_sa_type: String,
+    /// DINO: learned content queries (`tgt_embed`); false takes the selected encoder features.
+    pub embed_init_tgt: bool,
+    /// DINO: fixed anchor sizes (−1 = learned; only −1 is supported).
+    pub fix_refpoints_hw: i64,
+    /// DINO: temperature of the feature maps' sine position embedding along y.
+    #[serde(rename = "pe_temperatureH")]
+    pub pe_temperature_h: f64,
+    /// DINO: the same along x.
+    #[serde(rename = "pe_temperatureW")]
+    pub pe_temperature_w: f64,
+    /// DINO: contrastive denoising training.
+    pub use_dn: bool,
+    /// DINO: denoising queries per group budget (groups = 2·dn_number // (2·most boxes in an image)).
+    pub dn_number: u32,
+    /// DINO: box noise λ (corners move by up to λ·(w/2, h/2); negatives by λ to 2λ).
+    pub dn_box_noise_scale: f64,
+    /// DINO: label noise ratio (a noised query's label is redrawn with probability ratio / 2).
+    pub dn_label_noise_ratio: f64,
+    /// DINO distill: weight of the distillation loss.
+    pub distillation_loss_coef: f64,
+    /// (ddetr) DINO: one class head shared by every decoder layer (the official default).
+    pub dec_pred_class_embed_share: bool,
+    /// (ddetr) DINO: one box head shared by every decoder layer (the official default).
+    pub dec_pred_bbox_embed_share: bool,
 }
+
+/// `model` keys that only Deformable DETR has.
+pub const DEFORMABLE_DETR_ONLY_KEYS: &[&str] = &["with_box_refine", "two_stage"];
+/// `model` keys that only DINO has.
+pub const DINO_ONLY_KEYS: &[&str] = &[
+    "interm_loss_coef",
+    "no_interm_box_loss",
+    "pre_norm",
+    "two_stage_type",
+    "decoder_sa_type",
+    "embed_init_tgt",
+    "fix_refpoints_hw",
+    "pe_temperatureH",
+    "pe_temperatureW",
+    "use_dn",
+    "dn_number",
+    "dn_box_noise_scale",
+    "dn_label_noise_ratio",
+    "distillation_loss_coef",
+    "dec_pred_class_embed_share",
+    "dec_pred_bbox_embed_share",
+];
 
 impl Default for ModelConfig {
     fn default() -> Self {
@@ -161,6 +218,35 @@ impl Default for ModelConfig {
             loss_types: vec!["labels".into(), "boxes".into()],
             backbone_names: vec!["backbone.0".into()],
             linear_proj_names: vec!["reference_points".into(), "sampling_offsets".into()],
+            interm_loss_coef: 1.0,
+            no_interm_box_loss: false,
+            pre_norm: false,
+            two_stage_type: "standard".into(),
+            decoder_sa_type: "sa".into(),
+            embed_init_tgt: true,
+            fix_refpoints_hw: -1,
+            pe_temperature_h: 20.0,
+            pe_temperature_w: 20.0,
+            use_dn: true,
+            dn_number: 100,
+            dn_box_noise_scale: 1.0,
+            dn_label_noise_ratio: 0.5,
+            distillation_loss_coef: 1.0,
+            dec_pred_class_embed_share: true,
+            dec_pred_bbox_embed_share: true,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// TAO's DINO defaults (`nvidia_tao_core/config/dino/model.py`): the shared keys where they
+    /// differ from Deformable DETR's.
+    pub fn dino_default() -> Self {
+        Self {
+            num_select: 300,
+            dropout_ratio: 0.0,
+            dim_feedforward: 2048,
+            ..Self::default()
         }
     }
 }
@@ -402,11 +488,51 @@ impl Default for ExportConfig {
     }
 }
 
+/// The detection architecture a spec trains: its `model_name` (TAO's model-agnostic entry
+/// point's key), or the `ddetr dino …` command group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// `deformable_detr` (also when `model_name` is unset).
+    DeformableDetr,
+    /// `dino`.
+    Dino,
+}
+
+impl Architecture {
+    /// Every `model_name` ddetr trains.
+    pub const NAMES: [&'static str; 2] = ["deformable_detr", "dino"];
+
+    /// The architecture a `model_name` names; None for an unknown name.
+    pub fn from_model_name(name: Option<&str>) -> Option<Self> {
+        match name.map(str::trim) {
+            None | Some("") | Some("deformable_detr") => Some(Self::DeformableDetr),
+            Some("dino") => Some(Self::Dino),
+            Some(_) => None,
+        }
+    }
+
+    /// The `model_name` of this architecture.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DeformableDetr => "deformable_detr",
+            Self::Dino => "dino",
+        }
+    }
+
+    /// The `model` keys the other architecture has and this one does not.
+    pub fn foreign_model_keys(self) -> &'static [&'static str] {
+        match self {
+            Self::DeformableDetr => DINO_ONLY_KEYS,
+            Self::Dino => DEFORMABLE_DETR_ONLY_KEYS,
+        }
+    }
+}
+
 /// The whole experiment spec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExperimentSpec {
-    /// TAO's model-agnostic entry point name (accepted; unused).
+    /// The architecture: `deformable_detr` (the default) or `dino` (see [`Architecture`]).
     pub model_name: Option<String>,
     /// TAO's checkpoint encryption key. ddetr does not encrypt: must be empty.
     pub encryption_key: Option<String>,
@@ -454,6 +580,29 @@ pub enum Task {
 }
 
 impl ExperimentSpec {
+    /// The defaults of `arch`'s spec (TAO's schema for that model).
+    pub fn defaults_for(arch: Architecture) -> Self {
+        match arch {
+            Architecture::DeformableDetr => Self::default(),
+            Architecture::Dino => {
+                let mut spec = Self {
+                    model_name: Some(arch.name().into()),
+                    model: ModelConfig::dino_default(),
+                    ..Self::default()
+                };
+                spec.train.optim.lr_steps = vec![11];
+                spec.train.optim.lr_step_size = 11;
+                spec
+            }
+        }
+    }
+
+    /// The architecture of this (validated) spec.
+    pub fn architecture(&self) -> Architecture {
+        Architecture::from_model_name(self.model_name.as_deref())
+            .expect("validation accepts known model names only")
+    }
+
     /// The folder a task writes to: its own `results_dir` if set, else `<results_dir>/<task>`
     /// (TAO's layout).
     pub fn task_results_dir(&self, task: Task) -> std::path::PathBuf {

@@ -2,7 +2,7 @@
 //! key, what is wrong and what to set; adjustments TAO makes silently are made here with a
 //! [`Notice`].
 
-use super::sections::{ExperimentSpec, LrScheduler};
+use super::sections::{Architecture, ExperimentSpec, LrScheduler, ModelConfig};
 use super::SpecError;
 
 /// Something validation changed or wants the user to know, printed once by the binary.
@@ -67,6 +67,76 @@ pub fn validate(spec: &mut ExperimentSpec) -> Result<Vec<Notice>, SpecError> {
         notices.push(Notice("gen_trt_engine is a TAO-deploy task and is ignored by ddetr: build the engine from the exported ONNX with trtexec".into()));
     }
     Ok(notices)
+}
+
+/// The DINO model keys: the variants TAO's schema names that ddetr builds, and the noise ranges.
+fn validate_dino(m: &ModelConfig) -> Result<(), SpecError> {
+    for (key, value, only) in [
+        (
+            "model.two_stage_type",
+            m.two_stage_type.as_str(),
+            "standard",
+        ),
+        ("model.decoder_sa_type", m.decoder_sa_type.as_str(), "sa"),
+    ] {
+        if value != only {
+            return Err(invalid(
+                key,
+                format!("is '{value}'; DINO is built with '{only}' (TAO's default and only trained variant): set {key}: {only}"),
+            ));
+        }
+    }
+    if m.pre_norm {
+        return Err(invalid(
+            "model.pre_norm",
+            "is true; DINO's layers are post-norm: set model.pre_norm: false",
+        ));
+    }
+    if m.fix_refpoints_hw != -1 {
+        return Err(invalid(
+            "model.fix_refpoints_hw",
+            format!(
+                "is {}; with standard query selection the anchors' sizes are learned: set it to -1",
+                m.fix_refpoints_hw
+            ),
+        ));
+    }
+    for (key, v) in [
+        ("model.pe_temperatureH", m.pe_temperature_h),
+        ("model.pe_temperatureW", m.pe_temperature_w),
+    ] {
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(invalid(
+                key,
+                format!("is {v}; a temperature must be positive (TAO uses 20)"),
+            ));
+        }
+    }
+    for (key, v) in [
+        ("model.dn_box_noise_scale", m.dn_box_noise_scale),
+        ("model.interm_loss_coef", m.interm_loss_coef),
+        ("model.distillation_loss_coef", m.distillation_loss_coef),
+    ] {
+        if !(v >= 0.0 && v.is_finite()) {
+            return Err(invalid(key, format!("is {v}; it must be 0 or more")));
+        }
+    }
+    if !(0.0..=1.0).contains(&m.dn_label_noise_ratio) {
+        return Err(invalid(
+            "model.dn_label_noise_ratio",
+            format!(
+                "is {}; it must be within [0, 1] (TAO uses 0.5)",
+                m.dn_label_noise_ratio
+            ),
+        ));
+    }
+    if m.use_dn && m.dn_number == 0 {
+        return Err(invalid(
+            "model.dn_number",
+            "is 0 with model.use_dn: true: set dn_number (TAO uses 100) or use_dn: false",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_model(spec: &ExperimentSpec) -> Result<(), SpecError> {
@@ -156,6 +226,9 @@ fn validate_model(spec: &ExperimentSpec) -> Result<(), SpecError> {
         if v == 0 {
             return Err(invalid(key, "is 0; it must be at least 1"));
         }
+    }
+    if spec.architecture() == Architecture::Dino {
+        validate_dino(m)?;
     }
     if m.two_stage && !m.with_box_refine {
         return Err(invalid(

@@ -24,9 +24,9 @@ pub use trainer::{EpochEnd, Trainer};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
-use crate::detector::{DeformableDetrDetector, Detector};
+use crate::detector::{DeformableDetrDetector, Detector, DinoDetector};
 use crate::process_group::ProcessGroup;
-use crate::spec::ExperimentSpec;
+use crate::spec::{Architecture, ExperimentSpec};
 use crate::TrainerError;
 
 /// The rolling checkpoint every epoch end (and a preemption) rewrites.
@@ -49,14 +49,17 @@ pub struct TrainOutcome {
     pub step_s: Vec<f64>,
 }
 
-/// Trains Deformable DETR as `spec` says. `stop` is raised by a signal handler (or a test): the
+/// Trains the spec's architecture (Deformable DETR or DINO) as `spec` says. `stop` is raised by a signal handler (or a test): the
 /// current step finishes, a checkpoint is written and the run returns with `stopped_at` set.
 pub fn train(
     spec: &ExperimentSpec,
     group: &ProcessGroup,
     stop: &AtomicBool,
 ) -> Result<TrainOutcome, TrainerError> {
-    train_detector::<DeformableDetrDetector>(spec, group, stop)
+    match spec.architecture() {
+        Architecture::DeformableDetr => train_detector::<DeformableDetrDetector>(spec, group, stop),
+        Architecture::Dino => train_detector::<DinoDetector>(spec, group, stop),
+    }
 }
 
 /// The training loop over any [`Detector`].
