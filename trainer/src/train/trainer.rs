@@ -50,10 +50,12 @@ struct StepResult {
     measured: Option<Measured>,
 }
 
-/// Loss sums of the epoch in progress (rank averages), for its status record.
+/// Loss sums of the epoch in progress (rank averages), for its status record: the total and
+/// every term the detector's criterion names (the same names on every rank).
 #[derive(Default)]
 struct EpochLosses {
-    sums: [f64; 4],
+    total: f64,
+    terms: std::collections::BTreeMap<String, f64>,
     steps: usize,
 }
 
@@ -306,39 +308,46 @@ impl<'c, D: Detector> Trainer<'c, D> {
             spec.train.activation_checkpoint,
         )?;
         self.global_step += 1;
-        let term = |k: &str| losses.terms.get(k).map_or(0.0, |t| t.double_value(&[]));
         let measured = self.measure(epoch, step + 1);
         let out_of_time = matches!((&self.budget, &measured), (Some(b), Some(m)) if b.must_stop(m));
-        let mut agg = Tensor::from_slice(&[
-            losses.total.double_value(&[]),
-            term("loss_ce"),
-            term("loss_bbox"),
-            term("loss_giou"),
+        // [stop, out of time, total, every term by name]
+        let mut values = vec![
             f64::from(u8::from(stop_here)),
             f64::from(u8::from(out_of_time)),
-        ]);
+            losses.total.double_value(&[]),
+        ];
+        values.extend(losses.terms.values().map(|t| t.double_value(&[])));
+        let mut agg = Tensor::from_slice(&values);
         comm.all_reduce(&mut agg, ReduceOp::Sum)?;
         let agg: Vec<f64> = Vec::try_from(&agg)?;
-        let m = |k: usize| agg[k] / nworld as f64;
-        for k in 0..4 {
-            self.losses.sums[k] += m(k);
+        let mean: Vec<f64> = agg.iter().map(|v| v / nworld as f64).collect();
+        self.losses.total += mean[2];
+        for (name, v) in losses.terms.keys().zip(&mean[3..]) {
+            *self.losses.terms.entry(name.clone()).or_default() += v;
         }
         self.losses.steps += 1;
+        let term = |k: &str| {
+            losses
+                .terms
+                .keys()
+                .position(|n| n == k)
+                .map_or(0.0, |i| mean[3 + i])
+        };
         let lr = self.optim.lr(0);
         self.progress.step(
             epoch,
             step,
             StepStats {
-                loss: m(0),
-                loss_ce: m(1),
-                loss_bbox: m(2),
-                loss_giou: m(3),
+                loss: mean[2],
+                loss_ce: term("loss_ce"),
+                loss_bbox: term("loss_bbox"),
+                loss_giou: term("loss_giou"),
                 lr,
             },
         );
         Ok(StepResult {
-            stop: agg[4] > 0.0,
-            out_of_time: agg[5] > 0.0,
+            stop: agg[0] > 0.0,
+            out_of_time: agg[1] > 0.0,
             measured,
         })
     }
@@ -467,7 +476,6 @@ impl<'c, D: Detector> Trainer<'c, D> {
     ) -> Result<(), TrainerError> {
         let epoch = self.epoch;
         let n = self.losses.steps.max(1) as f64;
-        let sums = &self.losses.sums;
         let done = epoch + 1 - self.start.0;
         let eta = self.run_start.elapsed().as_secs_f64() / f64::from(done)
             * f64::from(self.plan.epochs.saturating_sub(epoch + 1));
@@ -475,11 +483,14 @@ impl<'c, D: Detector> Trainer<'c, D> {
         let mut kpi = serde_json::json!({
             "epoch": epoch, "max_epoch": self.plan.epochs, "step": self.global_step,
             "max_step": u64::from(self.plan.epochs) * steps as u64,
-            "train_loss": sums[0] / n, "train_loss_ce": sums[1] / n,
-            "train_loss_bbox": sums[2] / n, "train_loss_giou": sums[3] / n,
+            "train_loss": self.losses.total / n,
             "lr": self.optim.lr(0), "time_per_epoch": fmt_secs(time_per_epoch),
             "eta": fmt_secs(eta),
         });
+        // Every term: train_loss_ce, train_loss_bbox_0, train_loss_ce_dn, train_class_error, …
+        for (name, sum) in &self.losses.terms {
+            kpi[format!("train_{name}")] = serde_json::json!(sum / n);
+        }
         if let Some((m, m50)) = map {
             kpi["val_mAP"] = serde_json::json!(m);
             kpi["val_mAP50"] = serde_json::json!(m50);
