@@ -161,3 +161,18 @@ fn without_a_peers_folder_ours_runs_alone_and_one_line_says_why() {
         "{last}"
     );
 }
+
+#[test]
+fn dino_is_measured_alone_with_its_model_in_the_last_line() {
+    let stdout = bench_step_ok(
+        &[
+            "--model", "dino", "--batch", "1", "--size", "160", "--steps", "1", "--rounds", "1",
+        ],
+        None,
+    );
+    assert!(stdout.contains("peer: none for DINO"), "{stdout}");
+    let last = stdout.lines().last().unwrap();
+    assert_eq!(kv(last, "model="), "dino");
+    assert!(!last.contains("ratio="), "{last}");
+    assert!(kv(last, "step_s=").parse::<f64>().unwrap() > 0.0);
+}

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::bail;
 use clap::{Args, ValueEnum};
-use ddetr_trainer::spec::Precision;
+use ddetr_trainer::spec::{Architecture, Precision};
 
 use crate::peer::{self, PeerArgs};
 use crate::training_step::{step_bench, StepBenchConfig};
@@ -98,6 +98,27 @@ pub struct StepArgs {
     /// hosts drift ±30% here) compares the two at the same moments.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// The detector at TAO's defaults. DINO has no peer that runs here (the official code needs
+    /// its CUDA extension, transformers has no DINO): ours is measured alone.
+    #[arg(long, value_enum, default_value_t = BenchModel::DeformableDetr)]
+    pub model: BenchModel,
+}
+
+/// `--model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchModel {
+    #[value(name = "deformable_detr")]
+    DeformableDetr,
+    Dino,
+}
+
+impl BenchModel {
+    fn arch(self) -> Architecture {
+        match self {
+            Self::DeformableDetr => Architecture::DeformableDetr,
+            Self::Dino => Architecture::Dino,
+        }
+    }
 }
 
 /// What the peer printed: median step seconds and, on CUDA, its peak memory in GiB.
@@ -162,7 +183,8 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
         bail!("--rounds 0 measures nothing: give at least 1");
     }
     let (height, width) = args.size;
-    if height != width && !args.peer.no_peer {
+    let no_peer = args.peer.no_peer || args.model == BenchModel::Dino;
+    if height != width && !no_peer {
         bail!(
             "--size {height}x{width}: the peer script takes square sizes only; add --no-peer, or give one side (1024 has about 800x1333's pixel count)"
         );
@@ -178,7 +200,12 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
         .peer_script
         .clone()
         .unwrap_or_else(|| args.peer.script(HF_STEP));
-    let python = args.peer.python(&[&script]);
+    let python = if args.model == BenchModel::Dino {
+        println!("peer: none for DINO (the official code needs its CUDA extension; transformers has no DINO): ours only");
+        None
+    } else {
+        args.peer.python(&[&script])
+    };
     let hf = python.as_deref().map(|python| HfStep {
         python,
         script: &script,
@@ -199,6 +226,7 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
         device,
         activation_checkpoint: args.activation_checkpoint,
         precision: args.precision.spec(),
+        arch: args.model.arch(),
     };
     let size = if height == width {
         height.to_string()
@@ -220,8 +248,9 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
             String::new()
         };
         println!(
-            "round {}: ddetr: device={} precision={} params={} ({:.1}M) batch={} size={size} activation_checkpoint={} steps={:?} median_step={:.3}s imgs_per_s={:.2} loss={:.3} peak_rss={peak} MiB{gpu}{skipped}",
+            "round {}: ddetr: model={} device={} precision={} params={} ({:.1}M) batch={} size={size} activation_checkpoint={} steps={:?} median_step={:.3}s imgs_per_s={:.2} loss={:.3} peak_rss={peak} MiB{gpu}{skipped}",
             round + 1,
+            args.model.arch().name(),
             device_name,
             args.precision.name(),
             ours.params,
@@ -266,7 +295,8 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
         args.batch as f64 / ours_s
     );
     let mut tail = format!(
-        "params={params} batch={} size={size} precision={} device={} threads={} activation_checkpoint={} rounds={} peak_rss_mb={peak}",
+        "model={} params={params} batch={} size={size} precision={} device={} threads={} activation_checkpoint={} rounds={} peak_rss_mb={peak}",
+        args.model.arch().name(),
         args.batch,
         args.precision.name(),
         device_name,

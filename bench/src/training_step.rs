@@ -2,19 +2,20 @@
 //! ([`optimizer_step`]: gradients zeroed, the detector's forward + criterion + backward under the
 //! fp16 loss scale, the distributed strategy — a world of one — unscaling by 1/scale, clipping to
 //! 0.1 and stepping `Optim` with upstream's parameter groups, the loss scaler's update) on the
-//! model of [`build_model`] at TAO's defaults (ResNet-50, 4 levels, 6+6 layers, 300 queries, box
-//! refinement, FFN 1024). The input is random images with five random boxes per image, the
-//! workload of the peer script `hf_ddetr_step.py`.
+//! model of [`build_model`] at TAO's defaults (Deformable DETR: ResNet-50, 4 levels, 6+6 layers,
+//! 300 queries, box refinement, FFN 1024; DINO: the same backbone and levels, 300 queries from
+//! the encoder's proposals, FFN 2048, 100 denoising queries per box budget). The input is random
+//! images with five random boxes per image, the workload of the peer script `hf_ddetr_step.py`.
 
 use std::time::Instant;
 
 use ddetr_collective::Communicator;
 use ddetr_trainer::amp::Amp;
 use ddetr_trainer::criterion::{local_num_boxes, normalizer};
-use ddetr_trainer::detector::{build_model, DeformableDetrDetector};
+use ddetr_trainer::detector::{build_model, DeformableDetrDetector, Detector, DinoDetector};
 use ddetr_trainer::matcher::Target;
 use ddetr_trainer::optim::Optim;
-use ddetr_trainer::spec::{ExperimentSpec, Precision};
+use ddetr_trainer::spec::{Architecture, ExperimentSpec, Precision};
 use ddetr_trainer::strategy::Strategy;
 use ddetr_trainer::train::update::{optimizer_step, StepState};
 use ddetr_trainer::TrainerError;
@@ -42,6 +43,8 @@ pub struct StepBenchConfig {
     pub activation_checkpoint: bool,
     /// fp16/bf16 autocast (CUDA only; fp16 with the dynamic loss scaler, as training does).
     pub precision: Precision,
+    /// The detector, at TAO's defaults for it.
+    pub arch: Architecture,
 }
 
 /// What one benchmark run measured.
@@ -87,6 +90,13 @@ impl StepBench {
 /// Runs `cfg.steps` timed training steps (after one warm-up step) at
 /// `batch` × 3 × `height` × `width`.
 pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
+    match cfg.arch {
+        Architecture::DeformableDetr => step_bench_of::<DeformableDetrDetector>(cfg),
+        Architecture::Dino => step_bench_of::<DinoDetector>(cfg),
+    }
+}
+
+fn step_bench_of<D: Detector>(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
     let StepBenchConfig {
         batch,
         height,
@@ -95,6 +105,7 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
         device,
         activation_checkpoint,
         precision,
+        arch,
     } = cfg;
     if device == Device::Cpu && precision != Precision::Fp32 {
         let name = if precision == Precision::Fp16 {
@@ -106,8 +117,8 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
             "precision {name} runs under CUDA autocast only: use fp32 on the CPU"
         )));
     }
-    let spec = bench_spec(activation_checkpoint, precision);
-    let built = build_model::<DeformableDetrDetector>(&spec, device, SEED)?;
+    let spec = bench_spec(arch, activation_checkpoint, precision);
+    let built = build_model::<D>(&spec, device, SEED)?;
     let mut optim = Optim::new(&spec.train.optim, built.params.len());
     optim.set_epoch(&spec.train.optim, 0);
     let comm = Communicator::single();
@@ -201,10 +212,14 @@ pub fn step_bench(cfg: StepBenchConfig) -> Result<StepBench, TrainerError> {
     })
 }
 
-/// The spec of the measured run: TAO's defaults (model, AdamW and its groups, `ddp`) with COCO's
-/// classes, clip 0.1, and the asked activation checkpointing and precision.
-fn bench_spec(activation_checkpoint: bool, precision: Precision) -> ExperimentSpec {
-    let mut spec = ExperimentSpec::default();
+/// The spec of the measured run: TAO's defaults for `arch` (model, AdamW and its groups, `ddp`)
+/// with COCO's classes, clip 0.1, and the asked activation checkpointing and precision.
+fn bench_spec(
+    arch: Architecture,
+    activation_checkpoint: bool,
+    precision: Precision,
+) -> ExperimentSpec {
+    let mut spec = ExperimentSpec::defaults_for(arch);
     spec.dataset.num_classes = BENCH_NUM_CLASSES;
     spec.train.clip_grad_norm = CLIP_GRAD_NORM;
     spec.train.activation_checkpoint = activation_checkpoint;

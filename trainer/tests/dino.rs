@@ -621,3 +621,22 @@ fn an_official_layout_checkpoint_loads_with_its_aliases() {
     assert!(err.contains("is a dino model"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn the_encoder_position_count_is_known_before_the_forward() {
+    let (_vs, net, _) = tiny_model(&[]);
+    for (h, w) in [(96, 128), (97, 131), (33, 40)] {
+        let images = Tensor::zeros([1, 3, h, w], (Kind::Float, Device::Cpu));
+        let mask = Tensor::zeros([1, h, w], (Kind::Bool, Device::Cpu));
+        let features = net.backbone_features(&images, &mask);
+        let s = net.encoder_inputs(&features, &mask).src.size()[1];
+        assert_eq!(net.encoder_positions(h, w), s, "{h}x{w}");
+    }
+    // 20 queries need 20 positions: 33x40 has 5·5 + 3·3 + 2·2 = 38, 16x16 has 4 + 1 + 1.
+    assert!(net.check_input(33, 40).is_ok());
+    let e = net.check_input(16, 16).unwrap_err().to_string();
+    assert!(
+        e.contains("model.num_queries = 20") && e.contains("6 encoder positions"),
+        "{e}"
+    );
+}

@@ -60,6 +60,8 @@ impl Detector for DinoDetector {
         amp: &Amp,
         mode: StepMode,
     ) -> Result<Losses, TrainerError> {
+        let size = images.size();
+        self.net.check_input(size[2], size[3])?;
         forward_backward(
             &self.net,
             &|out: &DinoOutput| self.criterion.forward(out, targets, num_boxes),

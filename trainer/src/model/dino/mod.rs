@@ -475,6 +475,38 @@ impl Dino {
     pub fn num_queries(&self) -> i64 {
         self.config.base.transformer.num_queries
     }
+
+    /// The encoder positions of an `h`×`w` input: each returned ResNet stage s has
+    /// ⌈h / 2^(s+2)⌉ × ⌈w / 2^(s+2)⌉ (every stride-2 layer rounds up), each extra level halves the
+    /// last one, rounding up.
+    pub fn encoder_positions(&self, h: i64, w: i64) -> i64 {
+        let halve = |x: i64, times: u32| (0..times).fold(x, |v, _| (v + 1) / 2);
+        let mut total = 0;
+        let mut last = (h, w);
+        for &s in &self.backbone.return_stages {
+            last = (halve(h, s as u32 + 2), halve(w, s as u32 + 2));
+            total += last.0 * last.1;
+        }
+        for _ in self.backbone.return_stages.len() as i64
+            ..self.config.base.transformer.num_feature_levels
+        {
+            last = (halve(last.0, 1), halve(last.1, 1));
+            total += last.0 * last.1;
+        }
+        total
+    }
+
+    /// An input too small to select `num_queries` proposals from, as one line.
+    pub fn check_input(&self, h: i64, w: i64) -> Result<(), TrainerError> {
+        let positions = self.encoder_positions(h, w);
+        let nq = self.num_queries();
+        if positions < nq {
+            return Err(TrainerError::Config(format!(
+                "DINO selects model.num_queries = {nq} encoder proposals but a {h}x{w} input has only {positions} encoder positions: train on larger images or set fewer queries"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl crate::step::Stages for Dino {
