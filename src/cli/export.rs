@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use ddetr_trainer::export::{self, ExportError, ExportOptions};
 use ddetr_trainer::model::deformable_detr::DetrConfig;
+use ddetr_trainer::model::dino::{Dino, DinoConfig};
 use ddetr_trainer::model::DeformableDetr;
 use ddetr_trainer::model_checkpoint;
 use ddetr_trainer::spec::{Architecture, Task};
@@ -20,12 +21,6 @@ const DEFAULT_ONNX_NAME: &str = "model.onnx";
 
 pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
     let spec = super::spec::resolve(args)?.spec;
-    if spec.architecture() == Architecture::Dino {
-        return Err(UsageError(
-            "ONNX export of DINO is not implemented yet (train, evaluate and inference are): export a deformable_detr model, or run `ddetr dino inference`".into(),
-        )
-        .into());
-    }
     let e = &spec.export;
     let opts = ExportOptions::from_spec(e);
     let checkpoint = e
@@ -54,12 +49,24 @@ pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
             "the ONNX writer runs on the CPU whatever export.on_cpu says; the graph is the same"
         );
     }
-    let config = DetrConfig::from_spec(&spec.model, spec.dataset.num_classes)?;
     let vs = VarStore::new(Device::Cpu);
-    let model = DeformableDetr::new(&vs.root(), config);
-    // Any published layout (ddetr, official .pth, transformers, TAO); logs what it loaded.
-    model_checkpoint::load_for_task(&vs, &checkpoint)?;
-    let bytes = export::export_file(&model, &opts, &onnx_file)
+    let nc = spec.dataset.num_classes;
+    // Any published layout of the architecture (ddetr, official .pth, transformers, TAO); logs
+    // what it loaded.
+    let graph = match spec.architecture() {
+        Architecture::DeformableDetr => {
+            let model = DeformableDetr::new(&vs.root(), DetrConfig::from_spec(&spec.model, nc)?);
+            model_checkpoint::load_for_task(&vs, &checkpoint)?;
+            export::to_onnx(&model, &opts)
+        }
+        Architecture::Dino => {
+            let model = Dino::new(&vs.root(), DinoConfig::from_spec(&spec.model, nc)?);
+            model_checkpoint::load_for_architecture(&vs, &checkpoint, Architecture::Dino)?;
+            export::dino_to_onnx(&model, &opts)
+        }
+    };
+    let bytes = graph
+        .and_then(|bytes| export::write_file(&bytes, &onnx_file))
         .map_err(|err| match err {
             ExportError::Write { .. } => anyhow::Error::new(err),
             other => anyhow::Error::new(UsageError(other.to_string())),

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ddetr_trainer::export::{self, ExportError, ExportOptions};
+use ddetr_trainer::model::dino::{Dino, DinoConfig};
 use ddetr_trainer::model::DeformableDetr;
 use ddetr_trainer::spec::ModelConfig;
 use tch::{Device, Kind, Tensor};
@@ -43,20 +44,38 @@ fn check(
     batches: &[Tensor],
     repeat: u32,
 ) -> serde_json::Value {
+    check_graph(
+        &export::to_onnx(model, opts).expect("export succeeds"),
+        &|images, mask| {
+            let out = model.forward(images, mask, false);
+            let last = out.last();
+            (last.logits.shallow_clone(), last.boxes.shallow_clone())
+        },
+        batches,
+        repeat,
+    )
+}
+
+/// Runs `forward` (→ logits, boxes) and onnxruntime on the exported `graph` for each batch.
+fn check_graph(
+    graph: &[u8],
+    forward: &dyn Fn(&Tensor, &Tensor) -> (Tensor, Tensor),
+    batches: &[Tensor],
+    repeat: u32,
+) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let onnx_path = dir.path().join("model.onnx");
-    export::export_file(model, opts, &onnx_path).expect("export succeeds");
+    std::fs::write(&onnx_path, graph).unwrap();
     let mut runs = Vec::new();
     for (i, images) in batches.iter().enumerate() {
         let (n, _, h, w) = images.size4().unwrap();
         let mask = Tensor::zeros([n, h, w], (Kind::Bool, Device::Cpu));
-        let out = tch::no_grad(|| model.forward(images, &mask, false));
-        let last = out.last();
+        let (logits, boxes) = tch::no_grad(|| forward(images, &mask));
         runs.push(serde_json::json!({
             "input": write_f32(dir.path(), &format!("x{i}.f32"), images),
             "expected": {
-                "pred_logits": write_f32(dir.path(), &format!("logits{i}.f32"), &last.logits),
-                "pred_boxes": write_f32(dir.path(), &format!("boxes{i}.f32"), &last.boxes),
+                "pred_logits": write_f32(dir.path(), &format!("logits{i}.f32"), &logits),
+                "pred_boxes": write_f32(dir.path(), &format!("boxes{i}.f32"), &boxes),
             }
         }));
     }
@@ -225,4 +244,47 @@ fn bad_options_are_one_line_errors() {
         export::to_onnx(&m2, &opts(64, 72, -1)).unwrap_err(),
         ExportError::TwoStage
     ));
+}
+
+#[test]
+fn dino_matches_onnxruntime() {
+    // The parity fixture's architecture (R50, 4 levels, d 256, 1+2 layers, 30 queries) with
+    // per-layer box heads, so the graph reads every head it should.
+    let o: Vec<String> = [
+        "model_name=dino",
+        "model.backbone=resnet_50",
+        "model.hidden_dim=256",
+        "model.enc_layers=1",
+        "model.dec_layers=2",
+        "model.dim_feedforward=64",
+        "model.num_queries=30",
+        "model.num_select=30",
+        "model.dec_pred_bbox_embed_share=false",
+        "dataset.num_classes=5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let spec = ddetr_trainer::spec::load_str("", &o, None).unwrap().spec;
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let cfg = DinoConfig::from_spec(&spec.model, spec.dataset.num_classes).unwrap();
+    let model = Dino::new(&vs.root(), cfg);
+    common::fill_model(&vs);
+    let graph = export::dino_to_onnx(&model, &opts(96, 128, -1)).expect("export succeeds");
+    let report = check_graph(
+        &graph,
+        &|images, mask| {
+            let out = model.forward(images, mask, None, false);
+            let last = out.last();
+            (last.logits.shallow_clone(), last.boxes.shallow_clone())
+        },
+        &[synthetic(2, 96, 128, 4), synthetic(1, 96, 128, 5)],
+        0,
+    );
+    assert_eq!(report["runs"][0]["batch"], 2);
+    // Too small an input for 30 proposals is one line.
+    let e = export::dino_to_onnx(&model, &opts(32, 32, -1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.num_queries = 30"), "{e}");
 }

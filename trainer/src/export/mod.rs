@@ -1,4 +1,4 @@
-//! TAO's `export` task: the Deformable DETR model as an ONNX graph (`inputs` `[N, 3, H, W]`, the
+//! TAO's `export` task: the Deformable DETR model (and DINO's, [`dino_to_onnx`]) as an ONNX graph (`inputs` `[N, 3, H, W]`, the
 //! normalised image batch → `pred_logits` `[N, Q, C]` and `pred_boxes` `[N, Q, 4]` of the last
 //! decoder layer, as TAO's export), written from the Rust model itself: [`to_onnx`] walks the
 //! very modules [`DeformableDetr::forward`] runs (their weights become initializers) and emits one
@@ -14,19 +14,23 @@
 //! model's own code computes; only the batch axis may be dynamic. The graph is checked against
 //! the model's forward by `trainer/tests/onnx_export.rs` through onnxruntime.
 
+mod dino;
 pub mod proto;
+
+pub use dino::to_onnx as dino_to_onnx;
 
 use std::path::Path;
 
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-use crate::model::backbone::{Block, Conv, FrozenBatchNorm2d, FROZEN_BN_EPS};
-use crate::model::deformable_detr::Mlp;
+use crate::model::backbone::{Backbone, Block, Conv, FrozenBatchNorm2d, FROZEN_BN_EPS};
+use crate::model::deformable_detr::{InputProj, Mlp};
 use crate::model::deformable_transformer::{
     DecoderLayer, DeformableTransformer, EncoderLayer, MultiheadAttention,
 };
 use crate::model::ms_deform_attn::MSDeformAttn;
+use crate::model::position_encoding::PositionEmbeddingSine;
 use crate::model::{DeformableDetr, INVERSE_SIGMOID_EPS};
 use proto::{Attr, Dim, Msg};
 
@@ -54,6 +58,13 @@ pub enum ExportError {
     InputSize(u32, u32),
     #[error("export.batch_size is {0}: use -1 for a dynamic batch axis or a positive batch size")]
     BatchSize(i32),
+    #[error("a {height}x{width} input has {positions} encoder positions but DINO selects model.num_queries = {queries}: export at a larger export.input_height/input_width")]
+    TooFewPositions {
+        height: u32,
+        width: u32,
+        positions: i64,
+        queries: i64,
+    },
     #[error("model.two_stage models cannot be exported to ONNX yet (the proposal top-k is not written): export a single-stage model")]
     TwoStage,
     #[error("cannot write ONNX file {path}: {reason}: set export.onnx_file to a writable path")]
@@ -129,7 +140,11 @@ pub fn export_file(
     opts: &ExportOptions,
     path: &Path,
 ) -> Result<usize, ExportError> {
-    let bytes = to_onnx(model, opts)?;
+    write_file(&to_onnx(model, opts)?, path)
+}
+
+/// Writes an exported model's bytes to `path` (creating its folder); returns the byte count.
+pub fn write_file(bytes: &[u8], path: &Path) -> Result<usize, ExportError> {
     let write_err = |e: std::io::Error| ExportError::Write {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -137,7 +152,7 @@ pub fn export_file(
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(write_err)?;
     }
-    std::fs::write(path, &bytes).map_err(write_err)?;
+    std::fs::write(path, bytes).map_err(write_err)?;
     tracing::info!(path = %path.display(), bytes = bytes.len(), "wrote ONNX model");
     Ok(bytes.len())
 }
@@ -311,9 +326,13 @@ impl Writer {
 
     /// `inverse_sigmoid`: log(max(clip(x, 0, 1), ε) / max(1 − x, ε)).
     fn inverse_sigmoid(&mut self, x: &str) -> V {
+        self.inverse_sigmoid_eps(x, INVERSE_SIGMOID_EPS)
+    }
+
+    fn inverse_sigmoid_eps(&mut self, x: &str, eps: f64) -> V {
         let zero = self.scalar(0.0);
         let one = self.scalar(1.0);
-        let eps = self.scalar(INVERSE_SIGMOID_EPS as f32);
+        let eps = self.scalar(eps as f32);
         let x = self.op("Clip", &[x, &zero, &one], &[]);
         let x1 = self.binary("Max", &x, &eps);
         let one_minus = self.binary("Sub", &one, &x);
@@ -377,8 +396,7 @@ impl Writer {
     }
 
     /// `input_proj[l]`: Conv2d + GroupNorm(32, d).
-    fn input_proj(&mut self, x: &str, model: &DeformableDetr, l: usize, hw: &mut (i64, i64)) -> V {
-        let ip = &model.input_proj[l];
+    fn input_proj(&mut self, x: &str, ip: &InputProj, l: usize, hw: &mut (i64, i64)) -> V {
         let name = format!("input_proj.{l}");
         let k = ip.conv.ws.size()[2];
         // The model builds 1×1 stride-1 projections for backbone levels and 3×3 stride-2 pad-1
@@ -647,12 +665,16 @@ impl Writer {
     /// The whole model → ModelProto bytes.
     fn model(mut self, model: &DeformableDetr, opts: &ExportOptions) -> Vec<u8> {
         let (h, w) = (opts.input_height as i64, opts.input_width as i64);
-        let features = self.backbone(model, (h, w));
-        let srcs = self.input_levels(model, &features);
+        let features = self.backbone(&model.backbone, (h, w));
+        let srcs = self.input_levels(&model.input_proj, &features);
         let shapes: Vec<(i64, i64)> = srcs.iter().map(|(_, s)| *s).collect();
-        let constants = self.level_constants(model, &shapes);
+        let constants = self.level_constants(
+            &model.position_embedding,
+            &model.transformer.level_embed,
+            &shapes,
+        );
         let memory = self.flatten_levels(&srcs, model.config.transformer.d_model);
-        let memory = self.encoder(model, memory, &constants, &shapes);
+        let memory = self.encoder(&model.transformer.encoder, memory, &constants, &shapes);
         let (query_pos, tgt) = self.decoder_queries(model);
         let reference = self.initial_reference(model, &query_pos);
         let (tgt, head_reference) = self.decoder(
@@ -665,13 +687,14 @@ impl Writer {
             &constants.valid_ratios,
         );
         self.heads(model, &tgt, head_reference);
-        self.finish(model, opts)
+        let (nq, nc) = (model.num_queries(), model.config.num_classes);
+        self.finish(nq, nc, "deformable_detr", opts)
     }
 
     /// The backbone's body from the input: the stem, then every stage. Returns the stages the
     /// model returns (`return_stages`) with their spatial sizes.
-    fn backbone(&mut self, model: &DeformableDetr, input_hw: (i64, i64)) -> Vec<(V, (i64, i64))> {
-        let body = &model.backbone.body;
+    fn backbone(&mut self, backbone: &Backbone, input_hw: (i64, i64)) -> Vec<(V, (i64, i64))> {
+        let body = &backbone.body;
         let mut hw = input_hw;
         let x = self.conv(INPUT_NAME, &body.conv1, "backbone.0.body.conv1", &mut hw);
         let x = self.frozen_bn(&x, &body.bn1, "backbone.0.body.bn1");
@@ -698,8 +721,7 @@ impl Writer {
             }
             stage_outs.push((x.clone(), hw));
         }
-        model
-            .backbone
+        backbone
             .return_stages
             .iter()
             .map(|&s| stage_outs[s].clone())
@@ -710,23 +732,23 @@ impl Writer {
     /// backbone feature, each next one from the level before), with their spatial sizes.
     fn input_levels(
         &mut self,
-        model: &DeformableDetr,
+        input_proj: &[InputProj],
         features: &[(V, (i64, i64))],
     ) -> Vec<(V, (i64, i64))> {
         let mut srcs: Vec<(V, (i64, i64))> = Vec::new();
         for (l, (feat, fhw)) in features.iter().enumerate() {
             let mut lhw = *fhw;
-            let v = self.input_proj(feat, model, l, &mut lhw);
+            let v = self.input_proj(feat, &input_proj[l], l, &mut lhw);
             srcs.push((v, lhw));
         }
         let n_backbone = features.len();
-        for l in n_backbone..model.input_proj.len() {
+        for l in n_backbone..input_proj.len() {
             let (input, mut lhw) = if l == n_backbone {
                 features[n_backbone - 1].clone()
             } else {
                 srcs.last().expect("a previous level").clone()
             };
-            let v = self.input_proj(&input, model, l, &mut lhw);
+            let v = self.input_proj(&input, &input_proj[l], l, &mut lhw);
             srcs.push((v, lhw));
         }
         srcs
@@ -735,21 +757,22 @@ impl Writer {
     /// Constants from the model's own code at this input size, with no padding: the flattened
     /// position embeddings (level embeddings added), the valid ratios and the encoder's reference
     /// points.
-    fn level_constants(&mut self, model: &DeformableDetr, shapes: &[(i64, i64)]) -> LevelConstants {
+    fn level_constants(
+        &mut self,
+        position_embedding: &PositionEmbeddingSine,
+        level_embed: &Tensor,
+        shapes: &[(i64, i64)],
+    ) -> LevelConstants {
         let masks: Vec<Tensor> = shapes
             .iter()
             .map(|&(a, b)| Tensor::zeros([1, a, b], (Kind::Bool, Device::Cpu)))
             .collect();
-        let level_embed = model.transformer.level_embed.to_device(Device::Cpu);
+        let level_embed = level_embed.to_device(Device::Cpu);
         let pos: Vec<Tensor> = masks
             .iter()
             .enumerate()
             .map(|(lvl, m)| {
-                model
-                    .position_embedding
-                    .forward(m)
-                    .flatten(2, 3)
-                    .transpose(1, 2)
+                position_embedding.forward(m).flatten(2, 3).transpose(1, 2)
                     + level_embed.get(lvl as i64).view([1, 1, -1])
             })
             .collect();
@@ -797,12 +820,12 @@ impl Writer {
     /// Every encoder layer over the flattened levels: the memory the decoder attends to.
     fn encoder(
         &mut self,
-        model: &DeformableDetr,
+        layers: &[EncoderLayer],
         mut memory: V,
         constants: &LevelConstants,
         shapes: &[(i64, i64)],
     ) -> V {
-        for (i, layer) in model.transformer.encoder.iter().enumerate() {
+        for (i, layer) in layers.iter().enumerate() {
             memory = self.encoder_layer(
                 layer,
                 &format!("transformer.encoder.layers.{i}"),
@@ -961,15 +984,13 @@ impl Writer {
 
     /// The graph's input and outputs declared (the batch axis dynamic when
     /// `opts.batch_size < 0`) → ModelProto bytes.
-    fn finish(self, model: &DeformableDetr, opts: &ExportOptions) -> Vec<u8> {
+    fn finish(self, nq: i64, nc: i64, graph_name: &str, opts: &ExportOptions) -> Vec<u8> {
         let (h, w) = (opts.input_height as i64, opts.input_width as i64);
-        let nq = model.config.transformer.num_queries;
         let batch_dim = if opts.batch_size < 0 {
             Dim::Param("batch".into())
         } else {
             Dim::Fixed(opts.batch_size as i64)
         };
-        let nc = model.config.num_classes;
         let inputs = [proto::value_info(
             INPUT_NAME,
             proto::FLOAT,
@@ -996,7 +1017,7 @@ impl Writer {
             ir_version(self.opset),
             self.opset as i64,
             env!("CARGO_PKG_VERSION"),
-            "deformable_detr",
+            graph_name,
             &self.nodes,
             &self.inits,
             &inputs,

@@ -282,11 +282,13 @@ impl Dino {
         }
     }
 
-    fn class_head(&self, layer: usize) -> &nn::Linear {
+    /// The class head of decoder layer `layer` (the shared one when shared).
+    pub(crate) fn class_head(&self, layer: usize) -> &nn::Linear {
         &self.class_embed[layer.min(self.class_embed.len() - 1)]
     }
 
-    fn box_head(&self, layer: usize) -> &Mlp {
+    /// The box head of decoder layer `layer` (the shared one when shared).
+    pub(crate) fn box_head(&self, layer: usize) -> &Mlp {
         &self.bbox_embed[layer.min(self.bbox_embed.len() - 1)]
     }
 
