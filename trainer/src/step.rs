@@ -56,24 +56,31 @@ pub trait Stages {
         inputs: &EncoderInputs,
         train: bool,
     ) -> Tensor;
-    /// The decoder and heads on the encoder output (`targets` feed training-only queries).
+    /// The decoder and heads on the encoder output (`targets`, in training, feed training-only
+    /// queries).
     fn decode(
         &self,
         memory: &Tensor,
         inputs: &EncoderInputs,
-        targets: &[Target],
+        targets: Option<&[Target]>,
         train: bool,
     ) -> Self::Output;
 
-    /// The whole training forward, one graph.
-    fn forward_train(&self, images: &Tensor, mask: &Tensor, targets: &[Target]) -> Self::Output {
+    /// The whole forward, one graph: the stages in order.
+    fn forward_stages(
+        &self,
+        images: &Tensor,
+        mask: &Tensor,
+        targets: Option<&[Target]>,
+        train: bool,
+    ) -> Self::Output {
         let features = self.backbone_features(images, mask);
         let inputs = self.encoder_inputs(&features, mask);
         let mut memory = inputs.src.shallow_clone();
         for i in 0..self.num_encoder_layers() {
-            memory = self.encoder_layer(i, &memory, &inputs.pos, &inputs, true);
+            memory = self.encoder_layer(i, &memory, &inputs.pos, &inputs, train);
         }
-        self.decode(&memory, &inputs, targets, true)
+        self.decode(&memory, &inputs, targets, train)
     }
 }
 
@@ -102,7 +109,8 @@ pub fn forward_backward<M: Stages>(
         }
     };
     if !mode.activation_checkpoint {
-        let losses = amp.autocast(|| loss(&model.forward_train(images, mask, targets)))?;
+        let losses =
+            amp.autocast(|| loss(&model.forward_stages(images, mask, Some(targets), true)))?;
         backward(&losses.total);
         return Ok(losses);
     }
@@ -128,7 +136,7 @@ pub fn forward_backward<M: Stages>(
         }
     });
     let memory = xs[layers].detach().set_requires_grad(true);
-    let losses = amp.autocast(|| loss(&model.decode(&memory, &inputs, targets, true)))?;
+    let losses = amp.autocast(|| loss(&model.decode(&memory, &inputs, Some(targets), true)))?;
     backward(&losses.total);
     drop(xs.pop());
 

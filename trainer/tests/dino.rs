@@ -11,6 +11,7 @@ use ddetr_trainer::model::dino::dn::{
 };
 use ddetr_trainer::model::dino::{inverse_sigmoid, Dino, DinoConfig, DinoOutput};
 use ddetr_trainer::spec::{self, ExperimentSpec};
+use ddetr_trainer::step::Stages;
 use tch::nn::{self, OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
 

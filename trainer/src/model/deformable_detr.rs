@@ -512,7 +512,7 @@ impl crate::step::Stages for DeformableDetr {
         &self,
         memory: &Tensor,
         inputs: &EncoderInputs,
-        _targets: &[crate::matcher::Target],
+        _targets: Option<&[crate::matcher::Target]>,
         train: bool,
     ) -> DetrOutput {
         Self::decode(self, memory, inputs, train)

@@ -33,6 +33,7 @@ use super::{default_weight, inverse_sigmoid_eps, linear, xavier_linear, xavier_u
 use crate::matcher::Target;
 use crate::param_groups::GROUP_BACKBONE;
 use crate::spec::ModelConfig;
+use crate::step::Stages;
 use crate::TrainerError;
 use decoder::DinoDecoder;
 use dn::{DnConfig, DnMeta};
@@ -301,56 +302,7 @@ impl Dino {
         targets: Option<&[Target]>,
         train: bool,
     ) -> DinoOutput {
-        let features = self.backbone_features(images, pixel_mask);
-        let inputs = self.encoder_inputs(&features, pixel_mask);
-        let mut memory = inputs.src.shallow_clone();
-        for i in 0..self.num_encoder_layers() {
-            memory = self.encoder_layer(i, &memory, &inputs.pos, &inputs, train);
-        }
-        self.decode(&memory, &inputs, targets, train)
-    }
-
-    /// The returned backbone stages' feature maps and their padding masks.
-    pub fn backbone_features(&self, images: &Tensor, pixel_mask: &Tensor) -> Vec<(Tensor, Tensor)> {
-        self.backbone.forward(images, pixel_mask)
-    }
-
-    /// Input projections and position embeddings of every level, flattened for the encoder.
-    pub fn encoder_inputs(
-        &self,
-        features: &[(Tensor, Tensor)],
-        pixel_mask: &Tensor,
-    ) -> EncoderInputs {
-        let (srcs, masks, pos) = project_levels(
-            &self.input_proj,
-            &self.position_embedding,
-            features,
-            pixel_mask,
-        );
-        flatten_levels(&self.transformer.level_embed, &srcs, &masks, &pos)
-    }
-
-    pub fn num_encoder_layers(&self) -> usize {
-        self.transformer.encoder.len()
-    }
-
-    /// Encoder layer `i` on `x` with position embeddings `pos` (normally `inputs.pos`).
-    pub fn encoder_layer(
-        &self,
-        i: usize,
-        x: &Tensor,
-        pos: &Tensor,
-        inputs: &EncoderInputs,
-        train: bool,
-    ) -> Tensor {
-        self.transformer.encoder[i].forward(
-            x,
-            pos,
-            &inputs.reference_points,
-            &inputs.spatial_shapes,
-            &inputs.mask,
-            train,
-        )
+        self.forward_stages(images, pixel_mask, targets, train)
     }
 
     /// Every encoder position's proposal: class logits `[N, S, C]` and box in logit space
@@ -372,12 +324,90 @@ impl Dino {
         (class, coord, out_memory)
     }
 
+    /// Device of the model's parameters.
+    pub fn device(&self) -> Device {
+        self.transformer.level_embed.device()
+    }
+
+    /// Query count.
+    pub fn num_queries(&self) -> i64 {
+        self.config.base.transformer.num_queries
+    }
+
+    /// The encoder positions of an `h`×`w` input: each returned ResNet stage s has
+    /// ⌈h / 2^(s+2)⌉ × ⌈w / 2^(s+2)⌉ (every stride-2 layer rounds up), each extra level halves the
+    /// last one, rounding up.
+    pub fn encoder_positions(&self, h: i64, w: i64) -> i64 {
+        let halve = |x: i64, times: u32| (0..times).fold(x, |v, _| (v + 1) / 2);
+        let mut total = 0;
+        let mut last = (h, w);
+        for &s in &self.backbone.return_stages {
+            last = (halve(h, s as u32 + 2), halve(w, s as u32 + 2));
+            total += last.0 * last.1;
+        }
+        for _ in self.backbone.return_stages.len() as i64
+            ..self.config.base.transformer.num_feature_levels
+        {
+            last = (halve(last.0, 1), halve(last.1, 1));
+            total += last.0 * last.1;
+        }
+        total
+    }
+
+    /// An input too small to select `num_queries` proposals from, as one line.
+    pub fn check_input(&self, h: i64, w: i64) -> Result<(), TrainerError> {
+        let positions = self.encoder_positions(h, w);
+        let nq = self.num_queries();
+        if positions < nq {
+            return Err(TrainerError::Config(format!(
+                "DINO selects model.num_queries = {nq} encoder proposals but a {h}x{w} input has only {positions} encoder positions: train on larger images or set fewer queries"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Stages for Dino {
+    type Output = DinoOutput;
+
+    fn backbone_features(&self, images: &Tensor, mask: &Tensor) -> Vec<(Tensor, Tensor)> {
+        self.backbone.forward(images, mask)
+    }
+
+    fn encoder_inputs(&self, features: &[(Tensor, Tensor)], mask: &Tensor) -> EncoderInputs {
+        let (srcs, masks, pos) =
+            project_levels(&self.input_proj, &self.position_embedding, features, mask);
+        flatten_levels(&self.transformer.level_embed, &srcs, &masks, &pos)
+    }
+
+    fn num_encoder_layers(&self) -> usize {
+        self.transformer.encoder.len()
+    }
+
+    fn encoder_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pos: &Tensor,
+        inputs: &EncoderInputs,
+        train: bool,
+    ) -> Tensor {
+        self.transformer.encoder[i].forward(
+            x,
+            pos,
+            &inputs.reference_points,
+            &inputs.spatial_shapes,
+            &inputs.mask,
+            train,
+        )
+    }
+
     /// Query selection, denoising queries, the decoder and the heads on the encoder's output.
     ///
     /// # Panics
     /// When the feature maps have fewer positions than `num_queries` (upstream's `topk` fails the
     /// same way; the trainer checks the input size first).
-    pub fn decode(
+    fn decode(
         &self,
         memory: &Tensor,
         inputs: &EncoderInputs,
@@ -466,79 +496,5 @@ impl Dino {
             interm,
             dn,
         }
-    }
-
-    /// Device of the model's parameters.
-    pub fn device(&self) -> Device {
-        self.transformer.level_embed.device()
-    }
-
-    /// Query count.
-    pub fn num_queries(&self) -> i64 {
-        self.config.base.transformer.num_queries
-    }
-
-    /// The encoder positions of an `h`×`w` input: each returned ResNet stage s has
-    /// ⌈h / 2^(s+2)⌉ × ⌈w / 2^(s+2)⌉ (every stride-2 layer rounds up), each extra level halves the
-    /// last one, rounding up.
-    pub fn encoder_positions(&self, h: i64, w: i64) -> i64 {
-        let halve = |x: i64, times: u32| (0..times).fold(x, |v, _| (v + 1) / 2);
-        let mut total = 0;
-        let mut last = (h, w);
-        for &s in &self.backbone.return_stages {
-            last = (halve(h, s as u32 + 2), halve(w, s as u32 + 2));
-            total += last.0 * last.1;
-        }
-        for _ in self.backbone.return_stages.len() as i64
-            ..self.config.base.transformer.num_feature_levels
-        {
-            last = (halve(last.0, 1), halve(last.1, 1));
-            total += last.0 * last.1;
-        }
-        total
-    }
-
-    /// An input too small to select `num_queries` proposals from, as one line.
-    pub fn check_input(&self, h: i64, w: i64) -> Result<(), TrainerError> {
-        let positions = self.encoder_positions(h, w);
-        let nq = self.num_queries();
-        if positions < nq {
-            return Err(TrainerError::Config(format!(
-                "DINO selects model.num_queries = {nq} encoder proposals but a {h}x{w} input has only {positions} encoder positions: train on larger images or set fewer queries"
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl crate::step::Stages for Dino {
-    type Output = DinoOutput;
-    fn backbone_features(&self, images: &Tensor, mask: &Tensor) -> Vec<(Tensor, Tensor)> {
-        Self::backbone_features(self, images, mask)
-    }
-    fn encoder_inputs(&self, features: &[(Tensor, Tensor)], mask: &Tensor) -> EncoderInputs {
-        Self::encoder_inputs(self, features, mask)
-    }
-    fn num_encoder_layers(&self) -> usize {
-        Self::num_encoder_layers(self)
-    }
-    fn encoder_layer(
-        &self,
-        i: usize,
-        x: &Tensor,
-        pos: &Tensor,
-        inputs: &EncoderInputs,
-        train: bool,
-    ) -> Tensor {
-        Self::encoder_layer(self, i, x, pos, inputs, train)
-    }
-    fn decode(
-        &self,
-        memory: &Tensor,
-        inputs: &EncoderInputs,
-        targets: &[Target],
-        train: bool,
-    ) -> DinoOutput {
-        Self::decode(self, memory, inputs, Some(targets), train)
     }
 }
