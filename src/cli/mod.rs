@@ -39,6 +39,9 @@ pub enum Command {
     Bench(ddetr_bench::BenchCommand),
     /// Train a model: `ddetr train -e spec.yaml [-r dir] [key=value …]` (any world under ddetr-launch).
     Train(SpecArgs),
+    /// Distill a DINO student from a frozen teacher (the spec's `distill` section); as `train`,
+    /// in `<results_dir>/distill`.
+    Distill(SpecArgs),
     /// COCO bbox evaluation of `evaluate.checkpoint` on `dataset.test_data_sources`.
     Evaluate(SpecArgs),
     /// Annotated images and KITTI labels for `dataset.infer_data_sources` with `inference.checkpoint`.
@@ -58,6 +61,9 @@ pub enum Command {
 pub enum DinoCommand {
     /// Train DINO (any world under ddetr-launch).
     Train(SpecArgs),
+    /// Train a DINO student with a frozen teacher (`distill.teacher`,
+    /// `distill.pretrained_teacher_model_path`, `distill.bindings`).
+    Distill(SpecArgs),
     /// COCO bbox evaluation of a DINO `evaluate.checkpoint`.
     Evaluate(SpecArgs),
     /// Annotated images and KITTI labels with a DINO `inference.checkpoint`.
@@ -79,6 +85,7 @@ impl DinoCommand {
         };
         match self {
             DinoCommand::Train(a) => Command::Train(dino(a)),
+            DinoCommand::Distill(a) => Command::Distill(dino(a)),
             DinoCommand::Evaluate(a) => Command::Evaluate(dino(a)),
             DinoCommand::Inference(a) => Command::Inference(dino(a)),
             DinoCommand::Export(a) => Command::Export(dino(a)),
@@ -119,7 +126,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Spec(SpecCommand::Validate(args)) => spec::validate(&args),
         Command::Dataset(cmd) => dataset::run(&cmd),
         Command::Bench(cmd) => ddetr_bench::run(&cmd),
-        Command::Train(args) => train::train(&args),
+        Command::Train(args) => train::train(&args, train::Run::Train),
+        Command::Distill(args) => train::train(&args, train::Run::Distill),
         Command::Evaluate(args) => train::evaluate(&args),
         Command::Inference(args) => inference::run(&args),
         Command::Export(args) => export::run(&args),

@@ -1,4 +1,4 @@
-//! `ddetr train` and `ddetr evaluate`.
+//! `ddetr train`, `ddetr dino distill` and `ddetr evaluate`.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,8 +12,19 @@ use super::spec::resolve;
 use super::SpecArgs;
 use crate::exit::SIGNAL_BASE;
 
-pub(super) fn train(args: &SpecArgs) -> anyhow::Result<()> {
+/// Which training task runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Run {
+    Train,
+    Distill,
+}
+
+pub(super) fn train(args: &SpecArgs, run: Run) -> anyhow::Result<()> {
     let spec = resolve(args)?.spec;
+    let task = match run {
+        Run::Train => "train",
+        Run::Distill => "distill",
+    };
     // SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) both stop the run at the end of the
     // current step with a checkpoint; the exit code says which: 128 + N.
     let stop = Arc::new(AtomicBool::new(false));
@@ -23,21 +34,24 @@ pub(super) fn train(args: &SpecArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(sig, stop.clone())?;
     }
     let group = ProcessGroup::from_env()?;
-    let out = train::train(&spec, &group, &stop)?;
+    let out = match run {
+        Run::Train => train::train(&spec, &group, &stop)?,
+        Run::Distill => train::distill(&spec, &group, &stop)?,
+    };
     let rank = group.comm.rank();
     if rank == 0 {
         match out.last_map {
             Some((m, m50)) => eprintln!(
-                "train: results in {} (last validation mAP {m:.4}, mAP50 {m50:.4})",
+                "{task}: results in {} (last validation mAP {m:.4}, mAP50 {m50:.4})",
                 out.results_dir.display()
             ),
-            None => eprintln!("train: results in {}", out.results_dir.display()),
+            None => eprintln!("{task}: results in {}", out.results_dir.display()),
         }
     }
     if let Some((epoch, step)) = out.stopped_at {
         if rank == 0 {
             eprintln!(
-                "train: stopped by a signal at epoch {epoch} step {step}; {} holds the position: rerun the same command to resume",
+                "{task}: stopped by a signal at epoch {epoch} step {step}; {} holds the position: rerun the same command to resume",
                 out.results_dir.join(train::LATEST).display()
             );
         }

@@ -30,6 +30,20 @@ pub struct Losses {
     pub total: Tensor,
 }
 
+impl Losses {
+    /// Adds `other`'s terms (summed by name) and total.
+    pub fn add(&mut self, other: Losses) {
+        for (name, t) in other.terms {
+            let sum = match self.terms.remove(&name) {
+                Some(s) => s + t,
+                None => t,
+            };
+            self.terms.insert(name, sum);
+        }
+        self.total = &self.total + other.total;
+    }
+}
+
 /// `SetCriterion(num_classes, matcher, weight_dict, losses=['labels', 'boxes'], focal_alpha)`.
 #[derive(Debug, Clone)]
 pub struct SetCriterion {

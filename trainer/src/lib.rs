@@ -34,6 +34,7 @@ pub mod detector;
 pub mod device;
 pub mod device_memory;
 pub mod dino_criterion;
+pub mod distill;
 pub mod evaluate;
 pub mod export;
 pub mod inference;

@@ -74,22 +74,41 @@ pub trait Stages {
         targets: Option<&[Target]>,
         train: bool,
     ) -> Self::Output {
+        self.forward_with_inputs(images, mask, targets, train).1
+    }
+
+    /// [`Stages::forward_stages`], keeping the encoder's inputs (the projected feature maps).
+    fn forward_with_inputs(
+        &self,
+        images: &Tensor,
+        mask: &Tensor,
+        targets: Option<&[Target]>,
+        train: bool,
+    ) -> (EncoderInputs, Self::Output) {
         let features = self.backbone_features(images, mask);
         let inputs = self.encoder_inputs(&features, mask);
         let mut memory = inputs.src.shallow_clone();
         for i in 0..self.num_encoder_layers() {
             memory = self.encoder_layer(i, &memory, &inputs.pos, &inputs, train);
         }
-        self.decode(&memory, &inputs, targets, train)
+        let out = self.decode(&memory, &inputs, targets, train);
+        (inputs, out)
     }
 }
 
+/// The loss of one training step: the criterion on the decoder's output and, for feature
+/// distillation, terms on the encoder's inputs (the projected feature maps).
+pub struct StepLoss<'a, O> {
+    pub output: &'a dyn Fn(&O) -> Result<Losses, TrainerError>,
+    pub inputs: Option<&'a dyn Fn(&EncoderInputs) -> Losses>,
+}
+
 /// Runs forward, `loss` and backward (gradients accumulate into the parameters' `.grad`);
-/// returns the unscaled losses.
+/// returns the unscaled losses (both parts of `loss`, added).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward<M: Stages>(
     model: &M,
-    loss: &dyn Fn(&M::Output) -> Result<Losses, TrainerError>,
+    loss: StepLoss<'_, M::Output>,
     images: &Tensor,
     mask: &Tensor,
     targets: &[Target],
@@ -109,8 +128,14 @@ pub fn forward_backward<M: Stages>(
         }
     };
     if !mode.activation_checkpoint {
-        let losses =
-            amp.autocast(|| loss(&model.forward_stages(images, mask, Some(targets), true)))?;
+        let losses = amp.autocast(|| {
+            let (inputs, out) = model.forward_with_inputs(images, mask, Some(targets), true);
+            let mut losses = (loss.output)(&out)?;
+            if let Some(on_inputs) = loss.inputs {
+                losses.add(on_inputs(&inputs));
+            }
+            Ok::<_, TrainerError>(losses)
+        })?;
         backward(&losses.total);
         return Ok(losses);
     }
@@ -136,7 +161,8 @@ pub fn forward_backward<M: Stages>(
         }
     });
     let memory = xs[layers].detach().set_requires_grad(true);
-    let losses = amp.autocast(|| loss(&model.decode(&memory, &inputs, Some(targets), true)))?;
+    let mut losses =
+        amp.autocast(|| (loss.output)(&model.decode(&memory, &inputs, Some(targets), true)))?;
     backward(&losses.total);
     drop(xs.pop());
 
@@ -156,8 +182,14 @@ pub fn forward_backward<M: Stages>(
         (y * &grad).sum(Kind::Float).backward();
         grad = x.grad();
     }
-    // Input projections and level embeddings (through src and pos), then the backbone.
+    // Input projections and level embeddings (through src and pos, and the terms on the
+    // projected maps themselves), then the backbone.
     let mut pre = Vec::new();
+    if let Some(on_inputs) = loss.inputs {
+        let extra = amp.autocast(|| on_inputs(&inputs));
+        pre.push(&extra.total * scale);
+        losses.add(extra);
+    }
     if grad.defined() {
         pre.push((&inputs.src * &grad).sum(Kind::Float));
     }

@@ -10,7 +10,7 @@ use ddetr_trainer::amp::Amp;
 use ddetr_trainer::criterion::{local_num_boxes, normalizer, SetCriterion};
 use ddetr_trainer::matcher::Target;
 use ddetr_trainer::spec::Precision;
-use ddetr_trainer::step::{forward_backward, StepMode};
+use ddetr_trainer::step::{forward_backward, StepLoss, StepMode};
 use tch::{Device, Tensor};
 
 fn gradients(activation_checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
@@ -26,7 +26,10 @@ fn gradients(activation_checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
     let num_boxes = normalizer(local_num_boxes(&targets));
     let losses = forward_backward(
         &model,
-        &|out| criterion.forward(out, &targets, num_boxes),
+        StepLoss {
+            output: &|out| criterion.forward(out, &targets, num_boxes),
+            inputs: None,
+        },
         &images,
         &mask,
         &targets,

@@ -26,7 +26,7 @@ use ddetr_trainer::criterion::{local_num_boxes, normalizer, SetCriterion};
 use ddetr_trainer::detector::{build_model, DeformableDetrDetector};
 use ddetr_trainer::matcher::Target;
 use ddetr_trainer::spec::{ExperimentSpec, ModelConfig, Precision};
-use ddetr_trainer::step::{forward_backward, StepMode};
+use ddetr_trainer::step::{forward_backward, StepLoss, StepMode};
 
 type Built = ddetr_trainer::detector::Built<DeformableDetrDetector>;
 use tch::{Device, Kind, Tensor};
@@ -212,7 +212,10 @@ fn check_step(built: &Built, fx: &BTreeMap<String, Tensor>, activation_checkpoin
     let amp = Amp::new(Precision::Fp32, Device::Cpu);
     let losses = forward_backward(
         &built.model.net,
-        &|out| criterion.forward(out, &targets, num_boxes),
+        StepLoss {
+            output: &|out| criterion.forward(out, &targets, num_boxes),
+            inputs: None,
+        },
         &images,
         &mask,
         &targets,

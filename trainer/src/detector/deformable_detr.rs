@@ -18,7 +18,7 @@ use crate::model::{DeformableDetr, DetrOutput};
 use crate::model_checkpoint::{self, CheckpointReport};
 use crate::post_process::{post_process, Detections};
 use crate::spec::ExperimentSpec;
-use crate::step::{forward_backward, StepMode};
+use crate::step::{forward_backward, StepLoss, StepMode};
 use crate::TrainerError;
 
 /// The network and its criterion.
@@ -62,7 +62,10 @@ impl Detector for DeformableDetrDetector {
     ) -> Result<Losses, TrainerError> {
         forward_backward(
             &self.net,
-            &|out: &DetrOutput| self.criterion.forward(out, targets, num_boxes),
+            StepLoss {
+                output: &|out: &DetrOutput| self.criterion.forward(out, targets, num_boxes),
+                inputs: None,
+            },
             images,
             mask,
             targets,

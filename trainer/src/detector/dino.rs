@@ -18,7 +18,7 @@ use crate::model::dino::{Dino, DinoConfig, DinoOutput};
 use crate::model_checkpoint::{self, CheckpointReport};
 use crate::post_process::{post_process, Detections};
 use crate::spec::{Architecture, ExperimentSpec};
-use crate::step::{forward_backward, StepMode};
+use crate::step::{forward_backward, StepLoss, StepMode};
 use crate::TrainerError;
 
 /// The network and its criterion.
@@ -64,7 +64,10 @@ impl Detector for DinoDetector {
         self.net.check_input(size[2], size[3])?;
         forward_backward(
             &self.net,
-            &|out: &DinoOutput| self.criterion.forward(out, targets, num_boxes),
+            StepLoss {
+                output: &|out: &DinoOutput| self.criterion.forward(out, targets, num_boxes),
+                inputs: None,
+            },
             images,
             mask,
             targets,

@@ -92,7 +92,8 @@ fn resolve_tree(
     if let Some(dir) = results_dir {
         set_path(&mut tree, "results_dir", Value::String(dir.to_string()))?;
     }
-    refuse_foreign_model_keys(&tree, arch)?;
+    refuse_foreign_model_keys(tree.get("model"), "model", arch)?;
+    fill_distill_defaults(&mut tree)?;
     let spec = loop {
         match deserialize(&tree) {
             Ok(spec) => break spec,
@@ -165,18 +166,39 @@ pub(crate) fn defaults_tree(arch: Architecture) -> Value {
     tree
 }
 
-/// Removes the model keys `arch` does not have from a spec tree.
+/// Removes the model keys `arch` does not have from a spec tree (and the teacher keys its
+/// teacher's architecture does not have).
 pub(crate) fn drop_foreign_model_keys(tree: &mut Value, arch: Architecture) {
     if let Some(Value::Object(model)) = tree.get_mut("model") {
         for key in arch.foreign_model_keys() {
             model.remove(*key);
         }
     }
+    let teacher_arch = tree
+        .get("distill")
+        .and_then(|d| d.get("teacher_model_name"))
+        .and_then(Value::as_str)
+        .map_or(Some(Architecture::Dino), |n| {
+            Architecture::from_model_name(Some(n))
+        });
+    if let (Some(arch), Some(Value::Object(teacher))) = (
+        teacher_arch,
+        tree.get_mut("distill").and_then(|d| d.get_mut("teacher")),
+    ) {
+        for key in arch.foreign_model_keys() {
+            teacher.remove(*key);
+        }
+    }
 }
 
-/// A model key of the other architecture is refused, saying whose key it is.
-fn refuse_foreign_model_keys(tree: &Value, arch: Architecture) -> Result<(), SpecError> {
-    let Some(Value::Object(model)) = tree.get("model") else {
+/// A model key of the other architecture in `section` (`model`, or `distill.teacher`) is
+/// refused, saying whose key it is.
+fn refuse_foreign_model_keys(
+    section: Option<&Value>,
+    name: &str,
+    arch: Architecture,
+) -> Result<(), SpecError> {
+    let Some(Value::Object(model)) = section else {
         return Ok(());
     };
     match arch
@@ -189,10 +211,15 @@ fn refuse_foreign_model_keys(tree: &Value, arch: Architecture) -> Result<(), Spe
                 Architecture::DeformableDetr => Architecture::Dino,
                 Architecture::Dino => Architecture::DeformableDetr,
             };
+            let (what, fix) = if name == "model" {
+                ("spec trains", "model_name")
+            } else {
+                ("teacher is", "distill.teacher_model_name")
+            };
             Err(SpecError::Invalid {
-                key: format!("model.{key}"),
+                key: format!("{name}.{key}"),
                 message: format!(
-                    "is a {} key, but this spec trains {}: drop it, or set model_name: {}",
+                    "is a {} key, but this {what} {}: drop it, or set {fix}: {}",
                     other.name(),
                     arch.name(),
                     other.name()
@@ -201,6 +228,56 @@ fn refuse_foreign_model_keys(tree: &Value, arch: Architecture) -> Result<(), Spe
         }
         None => Ok(()),
     }
+}
+
+/// A `distill` section gets its defaults: the teacher's architecture (`teacher_model_name`,
+/// DINO unless set) picks the defaults under `teacher`, whose foreign keys are refused; TAO's
+/// backend spec misplaces `pretrained_teacher_model_path` under `teacher`, which is named.
+fn fill_distill_defaults(tree: &mut Value) -> Result<(), SpecError> {
+    let Some(distill) = tree.get_mut("distill") else {
+        return Ok(());
+    };
+    if distill.is_null() {
+        *distill = Value::Object(Map::new());
+    }
+    let Value::Object(section) = distill else {
+        return Err(SpecError::BadValue {
+            key: "distill".into(),
+            reason: "must be a section (teacher:, pretrained_teacher_model_path:, bindings:)"
+                .into(),
+        });
+    };
+    let name = match section.get("teacher_model_name") {
+        None | Some(Value::Null) => "dino".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    let Some(teacher_arch) = Architecture::from_model_name(Some(&name)) else {
+        let valid: Vec<String> = Architecture::NAMES.iter().map(|n| n.to_string()).collect();
+        return Err(SpecError::UnknownValue {
+            key: "distill.teacher_model_name".into(),
+            suggestion: nearest(&name, &valid),
+            value: name,
+            valid,
+        });
+    };
+    let teacher = section.get("teacher");
+    if teacher.is_some_and(|t| t.get("pretrained_teacher_model_path").is_some()) {
+        return Err(SpecError::Invalid {
+            key: "distill.teacher.pretrained_teacher_model_path".into(),
+            message: "is a key of distill, not of its teacher model: move it one level up, to distill.pretrained_teacher_model_path".into(),
+        });
+    }
+    refuse_foreign_model_keys(teacher, "distill.teacher", teacher_arch)?;
+    let mut defaults = defaults_tree(teacher_arch)
+        .get("model")
+        .cloned()
+        .expect("the defaults have a model section");
+    if let Some(t) = section.remove("teacher") {
+        merge(&mut defaults, t);
+    }
+    section.insert("teacher".into(), defaults);
+    Ok(())
 }
 
 /// Deep-merges `over` into `base`: mappings merge key by key, null leaves a mapping alone, anything

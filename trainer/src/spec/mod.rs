@@ -98,7 +98,17 @@ impl ExperimentSpec {
         let mut tree = serde_yaml_ng::to_value(self).expect("a spec always serializes");
         if let Some(model) = tree.get_mut("model").and_then(|m| m.as_mapping_mut()) {
             for key in self.architecture().foreign_model_keys() {
-                model.remove(*key);
+                model.shift_remove(*key);
+            }
+        }
+        if let (Some(d), Some(teacher)) = (
+            &self.distill,
+            tree.get_mut("distill")
+                .and_then(|d| d.get_mut("teacher"))
+                .and_then(|m| m.as_mapping_mut()),
+        ) {
+            for key in d.teacher_architecture().foreign_model_keys() {
+                teacher.shift_remove(*key);
             }
         }
         serde_yaml_ng::to_string(&tree).expect("a spec always serializes")

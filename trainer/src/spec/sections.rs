@@ -488,6 +488,64 @@ impl Default for ExportConfig {
     }
 }
 
+/// `distill.bindings[].criterion` (TAO's `core/distillation/losses.py`): the mean absolute or
+/// squared difference, or KL(teacher ‖ student) of the softmax over the last dimension (element
+/// mean, no temperature).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DistillCriterion {
+    L1,
+    L2,
+    KL,
+}
+
+/// One `distill.bindings` entry: a student output pulled towards the same teacher output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillBinding {
+    /// `model.backbone.0.body` (the input projections' feature maps, TAO's `srcs`),
+    /// `pred_logits` or `pred_boxes` (the last decoder layer's predictions, query by query).
+    pub student_module_name: String,
+    /// The same name (TAO ignores it for these three outputs).
+    pub teacher_module_name: String,
+    pub criterion: DistillCriterion,
+    /// The binding's weight. TAO applies it twice, so the term is weighted by its square.
+    #[serde(default = "unit_weight")]
+    pub weight: f64,
+}
+
+fn unit_weight() -> f64 {
+    1.0
+}
+
+/// The `distill` section (TAO DINO's `DINODistillationConfig`): a frozen teacher and the
+/// outputs the student is pulled towards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// (ddetr) The teacher's architecture, `dino` (TAO's, the default) or `deformable_detr`.
+    #[serde(default)]
+    pub teacher_model_name: Option<String>,
+    /// The teacher's `model` section (the teacher architecture's defaults under it).
+    pub teacher: ModelConfig,
+    /// The teacher's trained weights (any layout `evaluate.checkpoint` takes); required by
+    /// `ddetr dino distill`.
+    #[serde(default)]
+    pub pretrained_teacher_model_path: Option<String>,
+    #[serde(default)]
+    pub bindings: Vec<DistillBinding>,
+    /// Defaults to `<results_dir>/distill`.
+    #[serde(default)]
+    pub results_dir: Option<String>,
+}
+
+impl DistillConfig {
+    /// The teacher's architecture (validated).
+    pub fn teacher_architecture(&self) -> Architecture {
+        Architecture::from_model_name(Some(self.teacher_model_name.as_deref().unwrap_or("dino")))
+            .expect("validation accepts known teacher model names only")
+    }
+}
+
 /// The detection architecture a spec trains: its `model_name` (TAO's model-agnostic entry
 /// point's key), or the `ddetr dino …` command group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -549,6 +607,9 @@ pub struct ExperimentSpec {
     pub wandb: Option<serde_json::Value>,
     /// TAO-deploy's TensorRT engine settings (accepted; not a ddetr task).
     pub gen_trt_engine: Option<serde_json::Value>,
+    /// DINO's `distill` task: the teacher and the bindings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 impl Default for ExperimentSpec {
@@ -566,6 +627,7 @@ impl Default for ExperimentSpec {
             convert: ConvertConfig::default(),
             wandb: None,
             gen_trt_engine: None,
+            distill: None,
         }
     }
 }
@@ -577,6 +639,7 @@ pub enum Task {
     Evaluate,
     Inference,
     Export,
+    Distill,
 }
 
 impl ExperimentSpec {
@@ -611,6 +674,10 @@ impl ExperimentSpec {
             Task::Evaluate => (&self.evaluate.results_dir, "evaluate"),
             Task::Inference => (&self.inference.results_dir, "inference"),
             Task::Export => (&self.export.results_dir, "export"),
+            Task::Distill => (
+                self.distill.as_ref().map_or(&None, |d| &d.results_dir),
+                "distill",
+            ),
         };
         match own {
             Some(dir) if !dir.is_empty() => dir.into(),

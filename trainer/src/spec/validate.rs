@@ -2,7 +2,9 @@
 //! key, what is wrong and what to set; adjustments TAO makes silently are made here with a
 //! [`Notice`].
 
-use super::sections::{Architecture, ExperimentSpec, LrScheduler, ModelConfig};
+use super::sections::{
+    Architecture, DistillConfig, DistillCriterion, ExperimentSpec, LrScheduler, ModelConfig,
+};
 use super::SpecError;
 
 /// Something validation changed or wants the user to know, printed once by the binary.
@@ -31,6 +33,9 @@ fn invalid(key: &str, message: impl Into<String>) -> SpecError {
 pub fn validate(spec: &mut ExperimentSpec) -> Result<Vec<Notice>, SpecError> {
     let mut notices = Vec::new();
     validate_model(spec)?;
+    if let Some(d) = &spec.distill {
+        validate_distill(spec, d)?;
+    }
     validate_dataset(spec)?;
     validate_train(spec)?;
     for (section, num_gpus, gpu_ids) in [
@@ -135,6 +140,103 @@ fn validate_dino(m: &ModelConfig) -> Result<(), SpecError> {
             "model.dn_number",
             "is 0 with model.use_dn: true: set dn_number (TAO uses 100) or use_dn: false",
         ));
+    }
+    Ok(())
+}
+
+/// The outputs a distillation binding can name: TAO's special cases.
+pub const DISTILL_OUTPUTS: [&str; 3] = ["model.backbone.0.body", "pred_logits", "pred_boxes"];
+
+/// The `distill` section: a DINO student, a valid teacher model (its errors name
+/// `distill.teacher.*`), bindings on outputs both models have with equal shapes.
+fn validate_distill(spec: &ExperimentSpec, d: &DistillConfig) -> Result<(), SpecError> {
+    if spec.architecture() != Architecture::Dino {
+        return Err(invalid(
+            "distill",
+            "is DINO's distill task, but this spec trains deformable_detr: set model_name: dino (ddetr dino distill)",
+        ));
+    }
+    // The teacher never post-processes: its num_select is not checked.
+    let teacher = ExperimentSpec {
+        model_name: Some(d.teacher_architecture().name().into()),
+        model: ModelConfig {
+            num_select: 1,
+            ..d.teacher.clone()
+        },
+        distill: None,
+        ..spec.clone()
+    };
+    validate_model(&teacher).map_err(|e| match e {
+        SpecError::Invalid { key, message } => SpecError::Invalid {
+            key: key.replacen("model.", "distill.teacher.", 1),
+            message: message.replace("model.", "distill.teacher."),
+        },
+        other => other,
+    })?;
+    let (s, t) = (&spec.model, &d.teacher);
+    for (i, b) in d.bindings.iter().enumerate() {
+        let key = |k: &str| format!("distill.bindings[{i}].{k}");
+        let name = b.student_module_name.as_str();
+        if !DISTILL_OUTPUTS.contains(&name) {
+            return Err(invalid(
+                &key("student_module_name"),
+                format!(
+                    "is '{name}'; ddetr distills {}: use one of these",
+                    DISTILL_OUTPUTS.join(", ")
+                ),
+            ));
+        }
+        if b.teacher_module_name != name {
+            return Err(invalid(
+                &key("teacher_module_name"),
+                format!(
+                    "is '{}' but the student's is '{name}': a binding compares the same output of both models, so set teacher_module_name: {name}",
+                    b.teacher_module_name
+                ),
+            ));
+        }
+        if !(b.weight >= 0.0 && b.weight.is_finite()) {
+            return Err(invalid(
+                &key("weight"),
+                format!("is {}; it must be 0 or more", b.weight),
+            ));
+        }
+        let mismatch = |what: &str, sv: u32, tv: u32| {
+            invalid(
+                &key("student_module_name"),
+                format!(
+                    "'{name}' compares tensors of equal shape, but the student's model.{what} is {sv} and the teacher's distill.teacher.{what} is {tv}: make them equal or drop the binding"
+                ),
+            )
+        };
+        if name == DISTILL_OUTPUTS[0] {
+            if s.hidden_dim != t.hidden_dim {
+                return Err(mismatch("hidden_dim", s.hidden_dim, t.hidden_dim));
+            }
+            if s.return_interm_indices != t.return_interm_indices {
+                return Err(invalid(
+                    &key("student_module_name"),
+                    format!(
+                        "'{name}' compares the feature maps level by level, but the student's model.return_interm_indices {:?} differ from the teacher's {:?}: make them equal",
+                        s.return_interm_indices, t.return_interm_indices
+                    ),
+                ));
+            }
+            if s.dilation != t.dilation {
+                return Err(invalid(
+                    &key("student_module_name"),
+                    format!("'{name}' compares the feature maps level by level, but only one model dilates its last stage (model.dilation): make them equal"),
+                ));
+            }
+        } else if s.num_queries != t.num_queries {
+            return Err(mismatch("num_queries", s.num_queries, t.num_queries));
+        }
+        if b.criterion == DistillCriterion::KL && name == "pred_boxes" {
+            return Err(invalid(
+                &key("criterion"),
+                "is KL on pred_boxes, whose 4 numbers are not a distribution: use L1 or L2",
+            ));
+        }
     }
     Ok(())
 }

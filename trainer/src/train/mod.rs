@@ -25,8 +25,9 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use crate::detector::{DeformableDetrDetector, Detector, DinoDetector};
+use crate::distill::DinoDistiller;
 use crate::process_group::ProcessGroup;
-use crate::spec::{Architecture, ExperimentSpec};
+use crate::spec::{Architecture, ExperimentSpec, Task};
 use crate::TrainerError;
 
 /// The rolling checkpoint every epoch end (and a preemption) rewrites.
@@ -57,18 +58,36 @@ pub fn train(
     stop: &AtomicBool,
 ) -> Result<TrainOutcome, TrainerError> {
     match spec.architecture() {
-        Architecture::DeformableDetr => train_detector::<DeformableDetrDetector>(spec, group, stop),
-        Architecture::Dino => train_detector::<DinoDetector>(spec, group, stop),
+        Architecture::DeformableDetr => {
+            train_detector::<DeformableDetrDetector>(spec, group, stop, Task::Train)
+        }
+        Architecture::Dino => train_detector::<DinoDetector>(spec, group, stop, Task::Train),
     }
 }
 
-/// The training loop over any [`Detector`].
-pub fn train_detector<D: Detector>(
+/// DINO's `distill` task: `train` with the frozen teacher of `spec.distill` beside the student
+/// ([`crate::distill`]), in `<results_dir>/distill`.
+pub fn distill(
     spec: &ExperimentSpec,
     group: &ProcessGroup,
     stop: &AtomicBool,
 ) -> Result<TrainOutcome, TrainerError> {
-    let mut trainer = Trainer::<D>::new(spec, &group.comm)?;
+    if spec.architecture() != Architecture::Dino {
+        return Err(TrainerError::Config(
+            "distill trains a DINO student: run ddetr dino distill on a spec with model_name: dino and a distill section".into(),
+        ));
+    }
+    train_detector::<DinoDistiller>(spec, group, stop, Task::Distill)
+}
+
+/// The training loop over any [`Detector`], writing to `task`'s results folder.
+pub fn train_detector<D: Detector>(
+    spec: &ExperimentSpec,
+    group: &ProcessGroup,
+    stop: &AtomicBool,
+    task: Task,
+) -> Result<TrainOutcome, TrainerError> {
+    let mut trainer = Trainer::<D>::new(spec, &group.comm, task)?;
     while trainer.epoch < trainer.epochs() {
         if let EpochEnd::Stopped(epoch, step) = trainer.run_epoch(stop)? {
             return Ok(trainer.outcome(Some((epoch, step))));

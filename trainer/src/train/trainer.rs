@@ -92,7 +92,11 @@ pub struct Trainer<'c, D> {
 impl<'c, D: Detector> Trainer<'c, D> {
     /// Sets the run up: device, data, detector, optimizer, resume (or pretrained weights), the
     /// distributed strategy; writes `experiment.yaml` and the STARTED status.
-    pub fn new(spec: &'c ExperimentSpec, comm: &'c Communicator) -> Result<Self, TrainerError> {
+    pub fn new(
+        spec: &'c ExperimentSpec,
+        comm: &'c Communicator,
+        task: Task,
+    ) -> Result<Self, TrainerError> {
         let (rank, nworld) = (comm.rank(), comm.world());
         let device = pick_device(comm.local_rank())?;
         if device == Device::Cpu && spec.train.precision != Precision::Fp32 {
@@ -106,7 +110,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
             )));
         }
         share_cpu_threads(device, comm.local_world());
-        let dir = ResultsDir::create(spec.task_results_dir(Task::Train))?;
+        let dir = ResultsDir::create(spec.task_results_dir(task))?;
         let seed = spec.train.seed.max(0);
         let data = TrainData::open(spec, comm, seed)?;
 
