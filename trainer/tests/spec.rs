@@ -533,3 +533,187 @@ fn the_dino_configs_load() {
         assert_eq!(s.architecture(), spec::Architecture::Dino, "{name}");
     }
 }
+
+/// TAO's tutorial `dino/specs/distill.yaml` (tao_tutorials @ a15a2cf), data paths shortened.
+const TAO_DISTILL: &str = r#"
+model_name: dino
+train:
+  num_gpus: 1
+  num_nodes: 1
+  validation_interval: 1
+  optim:
+    lr_backbone: 2e-05
+    lr: 2e-4
+    lr_steps: [11]
+    momentum: 0.9
+  num_epochs: 12
+  precision: fp16
+dataset:
+  train_data_sources:
+    - image_dir: /data/train2017/
+      json_file: /data/instances_train2017.json
+  val_data_sources:
+    - image_dir: /data/val2017/
+      json_file: /data/instances_val2017.json
+  num_classes: 91
+  batch_size: 2
+  workers: 8
+  augmentation:
+    random_resize_max_size: 1344
+    fixed_padding: True
+model:
+  backbone: resnet_50
+  train_backbone: True
+  num_feature_levels: 4
+  dec_layers: 6
+  enc_layers: 6
+  num_queries: 900
+  num_select: 100
+  dropout_ratio: 0.0
+  dim_feedforward: 2048
+distill:
+  teacher:
+    backbone: fan_small
+    train_backbone: False
+    num_feature_levels: 4
+    dec_layers: 6
+    enc_layers: 6
+    num_queries: 900
+    dropout_ratio: 0.0
+    dim_feedforward: 2048
+  pretrained_teacher_model_path: /workspace/dino_fan_small_ep12.pth
+  bindings:
+  - teacher_module_name: 'model.backbone.0.body'
+    student_module_name: 'model.backbone.0.body'
+    criterion: L2
+    weight: 1.0
+"#;
+
+#[test]
+fn taos_distill_spec_loads_with_a_resnet_teacher() {
+    // TAO's teacher is a FAN: named, with what to use instead.
+    let e = err(TAO_DISTILL, &[]);
+    assert!(
+        e.starts_with("distill.teacher.backbone 'fan_small': FAN backbones are not supported"),
+        "{e}"
+    );
+    let s = load(TAO_DISTILL, &["distill.teacher.backbone=resnet_50"])
+        .unwrap()
+        .spec;
+    let d = s.distill.as_ref().unwrap();
+    assert_eq!(d.teacher_architecture(), spec::Architecture::Dino);
+    assert_eq!(d.teacher.num_queries, 900);
+    assert!(!d.teacher.train_backbone);
+    // Keys the spec leaves out take TAO's DINO model defaults.
+    assert_eq!(d.teacher.dn_number, 100);
+    assert_eq!(d.teacher.hidden_dim, 256);
+    assert_eq!(d.bindings.len(), 1);
+    assert_eq!(d.bindings[0].criterion, spec::DistillCriterion::L2);
+    assert_eq!(
+        s.task_results_dir(spec::Task::Distill),
+        std::path::Path::new("results/distill")
+    );
+    // What spec show prints loads back to the same spec.
+    assert_eq!(load(&s.to_yaml(), &[]).unwrap().spec, s);
+    // A spec without a distill section prints none and hashes as before.
+    assert!(!load("model_name: dino\n", &[])
+        .unwrap()
+        .spec
+        .to_yaml()
+        .contains("\ndistill:"));
+}
+
+#[test]
+fn distill_mistakes_get_one_line_each() {
+    let tao = |o: &[&str]| {
+        let mut v = vec!["distill.teacher.backbone=resnet_50"];
+        v.extend_from_slice(o);
+        err(TAO_DISTILL, &v)
+    };
+    let e = tao(&["distill.bindings=[{student_module_name: model.backbone.0.body, teacher_module_name: model.backbone.0.body, criterion: IOU}]"]);
+    assert!(
+        e.contains("unknown value 'IOU'") && e.contains("L1, L2, KL"),
+        "{e}"
+    );
+    let e = tao(&["distill.bindings=[{student_module_name: model.transformer.encoder, teacher_module_name: model.transformer.encoder, criterion: L2}]"]);
+    assert!(
+        e.starts_with("distill.bindings[0].student_module_name is 'model.transformer.encoder'")
+            && e.contains("model.backbone.0.body, pred_logits, pred_boxes"),
+        "{e}"
+    );
+    // TAO's backend example: a 300-query student against a 900-query teacher.
+    let e = tao(&[
+        "model.num_queries=300",
+        "distill.bindings=[{student_module_name: pred_logits, teacher_module_name: pred_logits, criterion: KL}]",
+    ]);
+    assert!(
+        e.contains("num_queries is 300") && e.contains("is 900"),
+        "{e}"
+    );
+    let e = tao(&["distill.teacher.hidden_dim=128"]);
+    assert!(
+        e.contains("hidden_dim is 256") && e.contains("is 128"),
+        "{e}"
+    );
+    // The backend's spec puts the teacher's path under teacher.
+    let e = tao(&["distill.teacher.pretrained_teacher_model_path=/t.pth"]);
+    assert!(
+        e.contains("distill.pretrained_teacher_model_path")
+            && e.starts_with("distill.teacher.pretrained_teacher_model_path is a key of distill"),
+        "{e}"
+    );
+    // The teacher's keys are checked as a model section's, named by their place.
+    let e = tao(&["distill.teacher.nheads=3"]);
+    assert!(e.starts_with("distill.teacher.hidden_dim"), "{e}");
+    let e = tao(&["distill.teacher.dn_numbr=3"]);
+    assert!(
+        e.contains("did you mean 'distill.teacher.dn_number'"),
+        "{e}"
+    );
+    // A Deformable DETR teacher has its own keys and defaults.
+    let e = tao(&[
+        "distill.teacher_model_name=deformable_detr",
+        "distill.teacher.dn_number=50",
+    ]);
+    assert!(
+        e.starts_with(
+            "distill.teacher.dn_number is a dino key, but this teacher is deformable_detr"
+        ) && e.contains("distill.teacher_model_name: dino"),
+        "{e}"
+    );
+    let s = load(
+        "model_name: dino\ndistill:\n  teacher_model_name: deformable_detr\n  pretrained_teacher_model_path: t.pth\n",
+        &[],
+    )
+    .unwrap()
+    .spec;
+    let d = s.distill.unwrap();
+    assert_eq!(d.teacher_architecture(), spec::Architecture::DeformableDetr);
+    assert_eq!(
+        (d.teacher.dim_feedforward, d.teacher.num_queries),
+        (1024, 300)
+    );
+    let e = err(
+        "model_name: dino\ndistill:\n  teacher_model_name: dinoo\n",
+        &[],
+    );
+    assert!(e.contains("did you mean 'dino'"), "{e}");
+    // Distillation trains a DINO student.
+    let e = err("distill:\n  pretrained_teacher_model_path: t.pth\n", &[]);
+    assert!(e.starts_with("distill is DINO's distill task"), "{e}");
+}
+
+#[test]
+fn the_distill_config_loads() {
+    let s = spec::load(&repo_file("configs/shapes_dino_distill.yaml"), &[], None)
+        .unwrap()
+        .spec;
+    let d = s.distill.as_ref().unwrap();
+    assert_eq!((s.model.enc_layers, s.model.dec_layers), (1, 1));
+    assert_eq!((d.teacher.enc_layers, d.teacher.dec_layers), (2, 2));
+    // The teacher is shapes_dino_tiny.yaml's model.
+    let tiny = spec::load(&repo_file("configs/shapes_dino_tiny.yaml"), &[], None)
+        .unwrap()
+        .spec;
+    assert_eq!(d.teacher, tiny.model);
+}
