@@ -19,10 +19,11 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
-use ddetr_trainer::plot::{chart, Series};
+use ddetr_trainer::plot::Series;
 
 use crate::peer::PeerArgs;
-use crate::train::{curve_points, minutes_to, CurvePoint};
+use crate::ranks::{launch_cpu, output_dir};
+use crate::train::{ap_chart, curve_points, final_ap, minutes_to, print_curve, xy, CurvePoint};
 
 /// The peer script, versioned with the benchmark.
 const PEER: &str = include_str!("../peers/hf_coco_convergence.py");
@@ -68,9 +69,7 @@ pub fn run(args: &ConvergeArgs) -> anyhow::Result<()> {
     if args.minutes.is_nan() || args.minutes <= 0.0 || args.nproc == 0 {
         bail!("--minutes must be positive and --nproc at least 1");
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let out = std::fs::canonicalize(&args.out)?;
+    let out = output_dir(&args.out)?;
     // The default data comes from the peers' generator, so it needs their python even for ours.
     let (data, python) = match &args.data {
         Some(d) => (
@@ -119,26 +118,21 @@ pub fn run(args: &ConvergeArgs) -> anyhow::Result<()> {
         series.push(("transformers mAP50", [31, 119, 180], xy(p, |p| p.map50)));
         series.push(("transformers mAP", [174, 199, 232], xy(p, |p| p.map)));
     }
-    chart(
+    ap_chart(
         &png,
         "convergence: validation AP against wall-clock minutes",
-        "minutes",
-        "COCO bbox AP",
         &series,
-        Some((0.0, 1.0)),
     )?;
-    println!("plot: {}", png.display());
 
-    let last = |c: &[CurvePoint]| c.last().map_or((0.0, 0.0), |p| (p.map50, p.map));
     let reach = |c: &[CurvePoint]| minutes_to(c, 0.5).map_or("never".into(), |m| format!("{m:.1}"));
-    let (m50, m) = last(&ours);
+    let (m50, m) = final_ap(&ours);
     let mut line = format!(
         "minutes={} final_map50={m50:.4} final_map={m:.4} minutes_to_map50_0.5={}",
         args.minutes,
         reach(&ours)
     );
     if let Some(p) = &peer {
-        let (p50, pm) = last(p);
+        let (p50, pm) = final_ap(p);
         line += &format!(
             " peer_final_map50={p50:.4} peer_final_map={pm:.4} peer_minutes_to_map50_0.5={} map50_ratio={}",
             reach(p),
@@ -151,17 +145,6 @@ pub fn run(args: &ConvergeArgs) -> anyhow::Result<()> {
     }
     println!("{line}");
     Ok(())
-}
-
-fn xy(c: &[CurvePoint], f: impl Fn(&CurvePoint) -> f64) -> Vec<(f64, f64)> {
-    c.iter().map(|p| (p.minutes, f(p))).collect()
-}
-
-fn print_curve(name: &str, c: &[CurvePoint]) {
-    println!("{name}: {:>8} {:>7} {:>7}", "minutes", "mAP50", "mAP");
-    for p in c {
-        println!("{name}: {:>8.2} {:>7.4} {:>7.4}", p.minutes, p.map50, p.map);
-    }
 }
 
 /// Unseen shapes data from the peers' generator (seeds the project's own sets never use).
@@ -194,7 +177,6 @@ fn generate(
 }
 
 fn train_ours(args: &ConvergeArgs, data: &Path, out: &Path) -> anyhow::Result<Vec<CurvePoint>> {
-    let launch = std::env::current_exe()?.with_file_name("ddetr-launch");
     let results = out.join("ours");
     let _ = std::fs::remove_dir_all(&results);
     let src = |split: &str| {
@@ -203,26 +185,18 @@ fn train_ours(args: &ConvergeArgs, data: &Path, out: &Path) -> anyhow::Result<Ve
             d = data.display()
         )
     };
-    let log = out.join("ours.log");
-    let st = Command::new(&launch)
-        .args(["--nodes", "1", "--nproc-per-node", &args.nproc.to_string()])
-        .args(["--device", "cpu", "--"])
-        .arg("train")
-        .arg("-e")
-        .arg(&args.spec)
-        .arg("-r")
-        .arg(&results)
-        .arg(format!("train.max_minutes={}", args.minutes))
-        .arg(format!("dataset.train_data_sources={}", src("train")))
-        .arg(format!("dataset.val_data_sources={}", src("val")))
-        .args(&args.overrides)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .status()
-        .with_context(|| format!("running {}", launch.display()))?;
-    if !st.success() {
-        bail!("our training failed ({st}): see {}", log.display());
-    }
+    let mut task = vec![
+        "train".to_string(),
+        "-e".into(),
+        args.spec.display().to_string(),
+        "-r".into(),
+        results.display().to_string(),
+        format!("train.max_minutes={}", args.minutes),
+        format!("dataset.train_data_sources={}", src("train")),
+        format!("dataset.val_data_sources={}", src("val")),
+    ];
+    task.extend(args.overrides.iter().cloned());
+    launch_cpu(args.nproc, &task, &out.join("ours.log"))?;
     let status = results.join("train/status.json");
     let text = std::fs::read_to_string(&status)
         .with_context(|| format!("reading {}", status.display()))?;

@@ -15,6 +15,8 @@
 //!   `detector::build_model` and `train::update::optimizer_step`, the step `ddetr train` runs.
 //! - `train.rs`: `bench train`, the whole training path, and `--curve` (mAP50 against minutes).
 //! - `converge.rs`: `bench converge`, convergence per minute against transformers' tiny model.
+//! - `distill.rs`: `bench distill`, a DINO student with and without its teacher, same minutes.
+//! - `ranks.rs`: ours under `ddetr-launch` with N CPU ranks (converge, distill).
 //! - `data.rs`: `bench data`, the transform, loader and dataset cache against PIL/torchvision
 //!   and pycocotools.
 //! - `collective.rs`: `bench collective`, its ranks run by the launcher's supervisor
@@ -29,8 +31,10 @@ mod barrier;
 mod collective;
 mod converge;
 mod data;
+mod distill;
 mod launch;
 mod peer;
+mod ranks;
 mod step;
 mod train;
 mod training_step;
@@ -55,6 +59,9 @@ pub enum BenchCommand {
     /// Convergence per minute: ours and transformers' Deformable DETR trained on the same unseen
     /// COCO data for the same wall time; both curves in one PNG.
     Converge(converge::ConvergeArgs),
+    /// Distillation: the same DINO student trained alone and from a trained teacher, for the
+    /// same wall time; both curves in one PNG.
+    Distill(distill::DistillArgs),
     /// Data path: transform img/s on one core, cache build/open/RSS on COCO-sized annotations.
     Data(data::DataBenchArgs),
     /// Collective bandwidth (nccl-tests' time/algbw/busbw) against torch.distributed's gloo on the
@@ -73,6 +80,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Train(args) => train::run(args),
         BenchCommand::Converge(args) => converge::run(args),
         BenchCommand::Data(args) => data::run(args),
+        BenchCommand::Distill(args) => distill::run(args),
         BenchCommand::Collective(args) => collective::run(args),
         BenchCommand::Barrier(args) => barrier::run(args),
         BenchCommand::Launch(args) => launch::run(args),

@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{bail, Context as _};
 use clap::Args;
 use ddetr_dataset::synth::{self, SynthOptions};
+use ddetr_trainer::plot::{chart, Series};
 use ddetr_trainer::process_group::ProcessGroup;
 use ddetr_trainer::train;
 
@@ -228,6 +229,38 @@ fn curve(path: &Path) -> anyhow::Result<()> {
         pts.len()
     );
     Ok(())
+}
+
+/// A curve as (minutes, f(point)) pairs for a chart.
+pub fn xy(c: &[CurvePoint], f: impl Fn(&CurvePoint) -> f64) -> Vec<(f64, f64)> {
+    c.iter().map(|p| (p.minutes, f(p))).collect()
+}
+
+/// The curve as a table, each line prefixed by `name`.
+pub fn print_curve(name: &str, c: &[CurvePoint]) {
+    println!("{name}: {:>8} {:>7} {:>7}", "minutes", "mAP50", "mAP");
+    for p in c {
+        println!("{name}: {:>8.2} {:>7.4} {:>7.4}", p.minutes, p.map50, p.map);
+    }
+}
+
+/// Draws AP `series` against minutes into `png` (AP axis 0–1) and prints where.
+pub fn ap_chart(png: &Path, title: &str, series: &[Series<'_>]) -> anyhow::Result<()> {
+    chart(
+        png,
+        title,
+        "minutes",
+        "COCO bbox AP",
+        series,
+        Some((0.0, 1.0)),
+    )?;
+    println!("plot: {}", png.display());
+    Ok(())
+}
+
+/// The last point's (mAP50, mAP); zeros for an empty curve.
+pub fn final_ap(c: &[CurvePoint]) -> (f64, f64) {
+    c.last().map_or((0.0, 0.0), |p| (p.map50, p.map))
 }
 
 /// Minutes until mAP50 first reached `level`, if it did.

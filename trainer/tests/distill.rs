@@ -100,10 +100,10 @@ fn bindings_sum_levels_square_the_weight_and_scale_the_total() {
     let shapes = [(2, 2), (1, 2), (1, 1)];
     let teacher = Taps {
         srcs: level_maps(&inputs(&shapes, Tensor::zeros([2, 7, 4], CPU))),
-        last: Prediction {
+        last: Some(Prediction {
             logits: Tensor::zeros([2, 5, 3], CPU),
             boxes: Tensor::full([2, 5, 4], 0.5, CPU),
-        },
+        }),
     };
     let student = inputs(&shapes, Tensor::ones([2, 7, 4], CPU));
     let features = |weight: f64, coef: f64| Bindings {
@@ -235,7 +235,7 @@ fn a_teacher_equal_to_the_student_gives_zero() {
     DinoDistiller::load_checkpoint(&built.vs, &path).unwrap();
     let d = &built.model;
     let (images, mask) = batch();
-    let teacher = d.teacher.taps(&images, &mask);
+    let teacher = d.teacher.taps(&images, &mask, true);
     let (inputs, out) = tch::no_grad(|| {
         d.student
             .net
@@ -250,8 +250,15 @@ fn a_teacher_equal_to_the_student_gives_zero() {
         0.0
     );
     // And its own taps are the student's.
-    let student = tch::no_grad(|| Taps::of(&d.student.net, &images, &mask, false));
-    assert!(student.last.logits.equal(&teacher.last.logits));
+    let student = tch::no_grad(|| Taps::of(&d.student.net, &images, &mask, true));
+    let logits = |t: &Taps| t.last.as_ref().unwrap().logits.shallow_clone();
+    assert!(logits(&student).equal(&logits(&teacher)));
+    // Feature bindings alone stop the teacher at the feature maps: the same maps.
+    let features = d.teacher.taps(&images, &mask, false);
+    assert!(features.last.is_none());
+    for (a, b) in features.srcs.iter().zip(&teacher.srcs) {
+        assert!(a.equal(b));
+    }
     // The teacher is in no optimizer group: the student's parameters are train's.
     let alone = build_model::<DinoDetector>(&spec, Device::Cpu, 7).unwrap();
     let names =

@@ -69,6 +69,13 @@ impl Bindings {
             .any(|b| b.student_module_name == FEATURES)
     }
 
+    /// Whether a binding compares the final predictions (the teacher must run to the end).
+    pub fn on_predictions(&self) -> bool {
+        self.bindings
+            .iter()
+            .any(|b| b.student_module_name != FEATURES)
+    }
+
     /// The feature-map bindings' term: `Σ_b w_b² Σ_levels crit(student_l, teacher_l)`.
     pub fn features_loss(&self, student: &EncoderInputs, teacher: &Taps) -> Losses {
         let maps = level_maps(student);
@@ -80,9 +87,10 @@ impl Bindings {
     /// The prediction bindings' term (zero without one, so `loss_distillation` is always
     /// logged, as TAO does).
     pub fn predictions_loss(&self, student: &Prediction, teacher: &Taps) -> Losses {
-        self.sum(|name| match name {
-            "pred_logits" => Some(vec![(&student.logits, &teacher.last.logits)]),
-            "pred_boxes" => Some(vec![(&student.boxes, &teacher.last.boxes)]),
+        let last = teacher.last.as_ref();
+        self.sum(|name| match (name, last) {
+            ("pred_logits", Some(t)) => Some(vec![(&student.logits, &t.logits)]),
+            ("pred_boxes", Some(t)) => Some(vec![(&student.boxes, &t.boxes)]),
             _ => None,
         })
     }

@@ -87,7 +87,10 @@ impl Detector for DinoDistiller {
     ) -> Result<Losses, TrainerError> {
         let size = images.size();
         self.student.net.check_input(size[2], size[3])?;
-        let taps = amp.autocast(|| self.teacher.taps(images, mask));
+        let taps = amp.autocast(|| {
+            self.teacher
+                .taps(images, mask, self.bindings.on_predictions())
+        });
         let on_features = |inputs: &EncoderInputs| self.bindings.features_loss(inputs, &taps);
         forward_backward(
             &self.student.net,

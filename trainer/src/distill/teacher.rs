@@ -22,8 +22,9 @@ use crate::TrainerError;
 pub struct Taps {
     /// The projected feature maps, one `[N, d, H, W]` per level (TAO's `srcs`).
     pub srcs: Vec<Tensor>,
-    /// The final decoder layer's predictions (matching queries only).
-    pub last: Prediction,
+    /// The final decoder layer's predictions (matching queries only); None when the model ran
+    /// only as far as the feature maps.
+    pub last: Option<Prediction>,
 }
 
 enum Net {
@@ -105,30 +106,40 @@ impl Teacher {
         Ok((Self { vs, net, arch }, report))
     }
 
-    /// The teacher's feature maps and final predictions on a batch, without autograd.
-    pub fn taps(&self, images: &Tensor, mask: &Tensor) -> Taps {
+    /// The teacher's feature maps and, with `predictions`, its final predictions on a batch,
+    /// without autograd. Without them the teacher stops at the feature maps: its encoder and
+    /// decoder, the bulk of its cost, do not run (TAO runs the whole teacher every step).
+    pub fn taps(&self, images: &Tensor, mask: &Tensor, predictions: bool) -> Taps {
         tch::no_grad(|| match &self.net {
-            Net::Dino(m) => Taps::of(m, images, mask, false),
-            Net::DeformableDetr(m) => Taps::of(m, images, mask, false),
+            Net::Dino(m) => Taps::of(m, images, mask, predictions),
+            Net::DeformableDetr(m) => Taps::of(m, images, mask, predictions),
         })
     }
 }
 
 impl Taps {
-    /// `model`'s taps on a batch (with autograd when the caller has it on), forwarded in
-    /// training (`train`) or evaluation mode, without training-only queries.
-    pub fn of<M: Stages>(model: &M, images: &Tensor, mask: &Tensor, train: bool) -> Taps
+    /// `model`'s taps on a batch in evaluation mode (no dropout, no training-only queries),
+    /// with autograd when the caller has it on; the final predictions only with `predictions`.
+    pub fn of<M: Stages>(model: &M, images: &Tensor, mask: &Tensor, predictions: bool) -> Taps
     where
         M::Output: FinalPrediction,
     {
-        let (inputs, out) = model.forward_with_inputs(images, mask, None, train);
+        if !predictions {
+            let features = model.backbone_features(images, mask);
+            let inputs = model.encoder_inputs(&features, mask);
+            return Taps {
+                srcs: level_maps(&inputs),
+                last: None,
+            };
+        }
+        let (inputs, out) = model.forward_with_inputs(images, mask, None, false);
         let last = out.final_prediction();
         Taps {
             srcs: level_maps(&inputs),
-            last: Prediction {
+            last: Some(Prediction {
                 logits: last.logits.shallow_clone(),
                 boxes: last.boxes.shallow_clone(),
-            },
+            }),
         }
     }
 }
