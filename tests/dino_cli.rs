@@ -213,10 +213,15 @@ fn dino_distills_from_a_trained_teacher_under_the_launcher() {
     assert!(err.contains("0 missing, 0 unexpected"), "{err}");
 
     // A Deformable DETR teacher (shapes_tiny.yaml trained), the feature binding only.
+    // (Trained with two micro batches per optimizer step.)
     let dd = common::tiny_task(
         "train",
         "results/dd_teacher",
-        &[TINY_64, TINY_TRAIN, &["train.num_epochs=1"]],
+        &[
+            TINY_64,
+            TINY_TRAIN,
+            &["train.num_epochs=1", "train.grad_accum_steps=2"],
+        ],
     );
     let (st, err) = ddetr(d, &dd);
     assert!(st.success(), "{err}");

@@ -17,7 +17,7 @@ use ddetr_trainer::matcher::Target;
 use ddetr_trainer::optim::Optim;
 use ddetr_trainer::spec::{Architecture, ExperimentSpec, Precision};
 use ddetr_trainer::strategy::Strategy;
-use ddetr_trainer::train::update::{optimizer_step, StepState};
+use ddetr_trainer::train::update::{optimizer_step, MicroBatch, StepState};
 use ddetr_trainer::TrainerError;
 use tch::{Device, Kind, Tensor};
 
@@ -171,9 +171,11 @@ fn step_bench_of<D: Detector>(cfg: StepBenchConfig) -> Result<StepBench, Trainer
                 optim: &mut optim,
                 amp: &mut amp,
             },
-            &images,
-            &mask,
-            &targets,
+            &[MicroBatch {
+                images: &images,
+                mask: &mask,
+                targets: &targets,
+            }],
             num_boxes,
             spec.train.clip_grad_norm,
             spec.train.activation_checkpoint,

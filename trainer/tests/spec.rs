@@ -717,3 +717,18 @@ fn the_distill_config_loads() {
         .spec;
     assert_eq!(d.teacher, tiny.model);
 }
+
+#[test]
+fn grad_accum_steps_is_checked() {
+    assert_eq!(load("", &[]).unwrap().spec.train.grad_accum_steps, 1);
+    assert_eq!(
+        load("train:\n  grad_accum_steps: 4\n", &[])
+            .unwrap()
+            .spec
+            .train
+            .grad_accum_steps,
+        4
+    );
+    let e = err("", &["train.grad_accum_steps=0"]);
+    assert!(e.starts_with("train.grad_accum_steps is 0"), "{e}");
+}

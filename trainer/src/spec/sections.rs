@@ -321,6 +321,10 @@ pub struct TrainConfig {
     /// fitted to the measured throughput so the run ends, validated and checkpointed, within it
     /// (`num_epochs` then only sets the shape of the lr schedule). See `crate::train::budget`.
     pub max_minutes: f64,
+    /// (ddetr) Micro batches of `dataset.batch_size` per optimizer step: their gradients add up
+    /// (one gradient all-reduce per optimizer step) and the loss is normalised by the boxes of
+    /// all of them, so N micro batches of b images step as one batch of N·b would.
+    pub grad_accum_steps: u32,
     /// Epochs between `model_epoch_NNN` checkpoints.
     pub checkpoint_interval: u32,
     /// Epochs between validations.
@@ -355,6 +359,7 @@ impl Default for TrainConfig {
             cudnn: CudnnConfig::default(),
             num_epochs: 10,
             max_minutes: 0.0,
+            grad_accum_steps: 1,
             checkpoint_interval: 1,
             validation_interval: 1,
             resume_training_checkpoint_path: None,

@@ -452,6 +452,12 @@ fn validate_train(spec: &ExperimentSpec) -> Result<(), SpecError> {
             "is 0; train for at least 1 epoch",
         ));
     }
+    if t.grad_accum_steps == 0 {
+        return Err(invalid(
+            "train.grad_accum_steps",
+            "is 0; give the micro batches per optimizer step, at least 1 (1 = no accumulation)",
+        ));
+    }
     if !(t.max_minutes >= 0.0 && t.max_minutes.is_finite()) {
         return Err(invalid(
             "train.max_minutes",

@@ -12,7 +12,7 @@ use tch::{Device, Tensor};
 use super::budget::{self, Budget, Measured, Plan, PROBE_STEPS};
 use super::data::TrainData;
 use super::resume::{find_resume, load_model_tensors};
-use super::update::{optimizer_step, StepState};
+use super::update::{optimizer_step, MicroBatch, StepState};
 use super::{epoch_checkpoint_name, step_seed, TrainOutcome, LATEST};
 use crate::amp::Amp;
 use crate::checkpoint::{self, CheckpointMeta};
@@ -236,10 +236,19 @@ impl<'c, D: Detector> Trainer<'c, D> {
         };
         self.progress.start_epoch(epoch);
         let steps = self.data.train.steps_per_epoch();
+        let accum = self.spec.train.grad_accum_steps.max(1) as usize;
+        let mut group: Vec<Batch> = Vec::with_capacity(accum);
         for batch in self.data.train.epoch(u64::from(epoch), first) {
             let batch = batch?;
             let step = batch.step;
-            let r = self.step(&batch, stop.load(Ordering::SeqCst))?;
+            group.push(batch);
+            // An optimizer step every `accum` loader steps of the epoch (counted from step 0, so
+            // a resumed epoch keeps the boundaries) and at the epoch's last.
+            if (step + 1) % accum != 0 && step + 1 != steps {
+                continue;
+            }
+            let r = self.step(&group, stop.load(Ordering::SeqCst))?;
+            group.clear();
             if r.stop {
                 let at = if step + 1 == steps {
                     (epoch + 1, 0)
@@ -280,18 +289,36 @@ impl<'c, D: Detector> Trainer<'c, D> {
         Ok(EpochEnd::Complete)
     }
 
-    /// One optimizer step on `batch`: the box count averaged over ranks, forward + loss +
-    /// backward, the strategy's gradient sync, clip and update, the loss scaler, then one
-    /// all-reduce of the losses and of the stop and out-of-time flags.
-    fn step(&mut self, batch: &Batch, stop_here: bool) -> Result<StepResult, TrainerError> {
+    /// One optimizer step on `batches` (its micro batches): the box count of all of them
+    /// averaged over ranks, forward + loss + backward of each, the strategy's gradient sync, clip
+    /// and update, the loss scaler, then one all-reduce of the losses and of the stop and
+    /// out-of-time flags.
+    fn step(&mut self, batches: &[Batch], stop_here: bool) -> Result<StepResult, TrainerError> {
         let (comm, device, spec) = (self.comm, self.device, self.spec);
         let nworld = comm.world();
-        let (epoch, step) = (self.epoch, batch.step);
-        let images = batch.normalized(device);
-        let mask = batch.mask.to_device(device);
-        let targets = targets_of(batch, device);
+        let last = batches.last().expect("a step has a batch");
+        let (epoch, step) = (self.epoch, last.step);
+        let inputs: Vec<(Tensor, Tensor, Vec<Target>)> = batches
+            .iter()
+            .map(|b| {
+                (
+                    b.normalized(device),
+                    b.mask.to_device(device),
+                    targets_of(b, device),
+                )
+            })
+            .collect();
+        let micro: Vec<MicroBatch<'_>> = inputs
+            .iter()
+            .map(|(images, mask, targets)| MicroBatch {
+                images,
+                mask,
+                targets,
+            })
+            .collect();
+        let local_boxes: f64 = inputs.iter().map(|(_, _, t)| local_num_boxes(t)).sum();
         // num_boxes averaged over ranks (upstream's all_reduce / world size).
-        let mut nb = Tensor::from_slice(&[local_num_boxes(&targets)]);
+        let mut nb = Tensor::from_slice(&[local_boxes]);
         comm.all_reduce(&mut nb, ReduceOp::Sum)?;
         let num_boxes = normalizer(nb.double_value(&[0]) / nworld as f64);
         // libtorch's RNG (dropout) is a function of (seed, rank, step), so a run resumed from a
@@ -304,9 +331,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
                 optim: &mut self.optim,
                 amp: &mut self.amp,
             },
-            &images,
-            &mask,
-            &targets,
+            &micro,
             num_boxes,
             spec.train.clip_grad_norm,
             spec.train.activation_checkpoint,

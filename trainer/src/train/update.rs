@@ -1,6 +1,7 @@
 //! One optimizer step, the same for `ddetr train` and `ddetr bench step`: gradients zeroed, the
-//! detector's forward + loss + backward (under the loss scale), the strategy's gradient sync,
-//! unscale, clip and update, then the loss scaler's update.
+//! detector's forward + loss + backward (under the loss scale) of each micro batch
+//! (`train.grad_accum_steps` of them; the gradients add up, with no synchronisation between
+//! them), the strategy's gradient sync, unscale, clip and update, then the loss scaler's update.
 
 use tch::Tensor;
 
@@ -20,15 +21,21 @@ pub struct StepState<'a, 'c> {
     pub amp: &'a mut Amp,
 }
 
-/// Runs one step on a batch already on the model's device; `num_boxes` is the loss normaliser
-/// (averaged over ranks by the caller), `clip` `train.clip_grad_norm` (0: none).
-#[allow(clippy::too_many_arguments)]
+/// One micro batch of an optimizer step, on the model's device.
+pub struct MicroBatch<'a> {
+    pub images: &'a Tensor,
+    pub mask: &'a Tensor,
+    pub targets: &'a [Target],
+}
+
+/// Runs one step on its micro batches; `num_boxes` is the loss normaliser of all of them
+/// together (their boxes, averaged over ranks by the caller), so the summed gradients are those
+/// of one batch holding every micro batch's images; `clip` is `train.clip_grad_norm` (0: none).
+/// Returns the losses summed over the micro batches (the whole batch's).
 pub fn optimizer_step<D: Detector>(
     built: &Built<D>,
     state: StepState<'_, '_>,
-    images: &Tensor,
-    mask: &Tensor,
-    targets: &[Target],
+    micro: &[MicroBatch<'_>],
     num_boxes: f64,
     clip: f64,
     activation_checkpoint: bool,
@@ -40,17 +47,32 @@ pub fn optimizer_step<D: Detector>(
         }
     }
     let scale = state.amp.loss_scale();
-    let losses = built.model.forward_backward(
-        images,
-        mask,
-        targets,
-        num_boxes,
-        state.amp,
-        StepMode {
-            activation_checkpoint,
-            loss_scale: scale,
-        },
-    )?;
+    let mut losses: Option<Losses> = None;
+    for m in micro {
+        let l = built.model.forward_backward(
+            m.images,
+            m.mask,
+            m.targets,
+            num_boxes,
+            state.amp,
+            StepMode {
+                activation_checkpoint,
+                loss_scale: scale,
+            },
+        )?;
+        // Keep values only: each micro batch's graph is freed after its backward.
+        let l = Losses {
+            terms: l.terms.into_iter().map(|(k, v)| (k, v.detach())).collect(),
+            total: l.total.detach(),
+        };
+        match &mut losses {
+            Some(sum) => sum.add(l),
+            None => losses = Some(l),
+        }
+    }
+    let losses = losses.ok_or_else(|| {
+        TrainerError::Config("an optimizer step needs at least one micro batch".into())
+    })?;
     // fp16: the strategy unscales, and skips the update when the gradients overflowed
     // (GradScaler's rule).
     let report = state
