@@ -211,6 +211,30 @@ fn dino_distills_from_a_trained_teacher_under_the_launcher() {
     );
     assert!(st.success(), "{err}");
     assert!(err.contains("0 missing, 0 unexpected"), "{err}");
+    // dataset.eval_class_ids restricts the metrics to those categories; an id the set lacks is
+    // one line.
+    let eval_ids = |ids: &str| {
+        ddetr(
+            d,
+            &spec_args(
+                "configs/shapes_dino_distill.yaml",
+                "evaluate",
+                "results/student",
+                &[
+                    DISTILL_64,
+                    &[
+                        "evaluate.checkpoint=results/student/distill/dd_model_latest.safetensors",
+                        ids,
+                    ],
+                ]
+                .concat(),
+            ),
+        )
+    };
+    let (st, err) = eval_ids("dataset.eval_class_ids=[1, 2]");
+    assert!(st.success(), "{err}");
+    let (st, err) = eval_ids("dataset.eval_class_ids=[9]");
+    assert_one_error_line(st, &err, 2, "dataset.eval_class_ids has 9");
 
     // A Deformable DETR teacher (shapes_tiny.yaml trained), the feature binding only.
     // (Trained with two micro batches per optimizer step.)

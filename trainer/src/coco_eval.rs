@@ -125,8 +125,27 @@ pub fn ground_truth(cache: &Cache) -> Result<COCO, TrainerError> {
     Ok(COCO::from_dataset(ds))
 }
 
-/// pycocotools' bbox evaluation of `dets` against `gt`.
-pub fn evaluate(gt: &COCO, dets: &[Detection]) -> Result<CocoStats, TrainerError> {
+/// pycocotools' bbox evaluation of `dets` against `gt`, over the categories `class_ids`
+/// (`dataset.eval_class_ids`, pycocotools' `params.catIds`, as TAO sets it) or all of them.
+pub fn evaluate(
+    gt: &COCO,
+    dets: &[Detection],
+    class_ids: Option<&[u32]>,
+) -> Result<CocoStats, TrainerError> {
+    let cat_ids: Vec<u64> = match class_ids {
+        Some(ids) => {
+            let known = gt.get_cat_ids(&[], &[], &[]);
+            if let Some(bad) = ids.iter().find(|&&i| !known.contains(&u64::from(i))) {
+                let list: Vec<String> = known.iter().map(u64::to_string).collect();
+                return Err(TrainerError::Config(format!(
+                    "dataset.eval_class_ids has {bad}, which is no category id of the evaluation set (its ids: {}): list ids from these",
+                    list.join(", ")
+                )));
+            }
+            ids.iter().map(|&i| u64::from(i)).collect()
+        }
+        None => Vec::new(),
+    };
     let anns: Vec<Annotation> = dets
         .iter()
         .map(|d| Annotation {
@@ -146,6 +165,7 @@ pub fn evaluate(gt: &COCO, dets: &[Detection]) -> Result<CocoStats, TrainerError
     }
     let dt = gt.load_res_anns(anns).map_err(eval_err)?;
     let mut ev = COCOeval::new(gt.clone(), dt, IouType::Bbox);
+    ev.params.cat_ids = cat_ids;
     ev.evaluate().map_err(eval_err)?;
     ev.accumulate();
     let _ = ev.summarize_lines();
@@ -221,7 +241,7 @@ mod tests {
                 score: 0.8,
             },
         ];
-        let s = evaluate(&g, &perfect).unwrap();
+        let s = evaluate(&g, &perfect, None).unwrap();
         assert!((s.map() - 1.0).abs() < 1e-9, "{:?}", s.stats);
         assert_eq!(s.lines.len(), 12);
         assert_eq!(
@@ -239,8 +259,20 @@ mod tests {
                 ..perfect[1]
             },
         ];
-        let s = evaluate(&g, &half).unwrap();
+        let s = evaluate(&g, &half, None).unwrap();
         assert!(s.map() < 0.75 && s.map() > 0.25, "{:?}", s.stats);
-        assert_eq!(evaluate(&g, &[]).unwrap().map(), 0.0);
+        assert_eq!(evaluate(&g, &[], None).unwrap().map(), 0.0);
+        // dataset.eval_class_ids: class 1 alone is found (its false positive ranks below its
+        // true one), class 2 alone is not.
+        assert!((evaluate(&g, &half, Some(&[1])).unwrap().map() - 1.0).abs() < 1e-9);
+        assert_eq!(evaluate(&g, &half, Some(&[2])).unwrap().map(), 0.0);
+        let both = evaluate(&g, &half, Some(&[1, 2])).unwrap().map();
+        assert!((both - s.map()).abs() < 1e-12);
+        let e = evaluate(&g, &half, Some(&[1, 7])).unwrap_err().to_string();
+        assert!(
+            e.starts_with("dataset.eval_class_ids has 7, which is no category id")
+                && e.contains("1, 2"),
+            "{e}"
+        );
     }
 }

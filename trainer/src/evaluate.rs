@@ -84,7 +84,7 @@ fn evaluate_detector<D: Detector>(
         return Ok(None);
     }
     let gt = coco_eval::ground_truth(&cache)?;
-    let stats = coco_eval::evaluate(&gt, &dets)?;
+    let stats = coco_eval::evaluate(&gt, &dets, spec.dataset.eval_class_ids.as_deref())?;
     let results: Vec<serde_json::Value> = dets.iter().map(Detection::to_json).collect();
     let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("json");
     dir.write("results.json", &json(&serde_json::Value::Array(results)))?;

@@ -423,7 +423,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
         let Some(gt) = &self.data.ground_truth else {
             return Ok(None);
         };
-        let s = coco_eval::evaluate(gt, &dets)?;
+        let s = coco_eval::evaluate(gt, &dets, self.spec.dataset.eval_class_ids.as_deref())?;
         tracing::info!(
             "epoch {}/{} validation: mAP {:.4} mAP50 {:.4} ({} detections, {:.1} s)",
             self.epoch + 1,
