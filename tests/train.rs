@@ -217,11 +217,15 @@ fn sigterm_writes_a_mid_epoch_checkpoint_and_the_rerun_ends_where_an_uninterrupt
     let _serial = serial();
     let dir = workdir();
     let d = dir.path();
-    // Dropout on: its masks must be redrawn identically after the resume.
+    // Dropout on: its masks must be redrawn identically after the resume. The weights' moving
+    // average (train.ema) too: it is in the checkpoints the two runs are compared by.
     let extra = [
         "train.num_epochs=3",
         "train.validation_interval=10",
         "model.dropout_ratio=0.1",
+        "train.ema.enable=true",
+        "train.ema.decay=0.9",
+        "train.ema.warmups=0",
     ];
     ok(d, &args("train", "ref", &extra));
 
@@ -453,4 +457,55 @@ fn a_time_budget_fits_the_epochs_to_the_throughput_and_ends_validated_inside_it(
         .unwrap()
         .meta;
     assert_eq!(u64::from(meta.epoch), last["max_epoch"].as_u64().unwrap());
+}
+
+#[test]
+fn with_ema_validation_and_evaluate_score_the_average() {
+    let _serial = serial();
+    let dir = workdir();
+    let d = dir.path();
+    // A fast average (decay 0.5, no warm-up) sits far from the last weights after a few steps.
+    let ema = [
+        "train.ema.enable=true",
+        "train.ema.decay=0.5",
+        "train.ema.warmups=0",
+    ];
+    ok(d, &args("train", "ema", &ema));
+    let ck = checkpoint::load(&d.join("ema/train/dd_model_latest.safetensors")).unwrap();
+    assert_eq!(
+        ck.tensors["ema_updates"].int64_value(&[0]) as u64,
+        ck.meta.global_step
+    );
+    let (w, a) = (
+        &ck.tensors["class_embed.0.weight"],
+        &ck.tensors["ema.class_embed.0.weight"],
+    );
+    assert!(!w.equal(a), "the average equals the weights");
+    let last_val = kpis(&d.join("ema/train/status.json"))
+        .iter()
+        .filter_map(|k| k["val_mAP"].as_f64())
+        .last()
+        .unwrap();
+    let err = ok(
+        d,
+        &args(
+            "evaluate",
+            "ema",
+            &["evaluate.checkpoint=ema/train/dd_model_latest.safetensors"],
+        ),
+    );
+    assert!(
+        err.contains("moving average of the weights (train.ema) is loaded"),
+        "{err}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("ema/evaluate/metrics.json")).unwrap())
+            .unwrap();
+    // Validation ran on the average, and evaluate loaded it: the same mAP.
+    assert!(
+        (m["AP"].as_f64().unwrap() - last_val).abs() < 1e-9,
+        "evaluate {m} vs last validation {last_val}"
+    );
+    let bad = args("train", "bad", &["train.ema.decay=1.0"]);
+    fails_with(d, &bad, &[], 2, "train.ema.decay is 1");
 }

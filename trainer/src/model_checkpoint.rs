@@ -37,13 +37,14 @@ use tch::Tensor;
 use tracing::info;
 
 use crate::spec::Architecture;
+use crate::train::ema;
 use crate::weights::{self, BACKBONE_BODY_PREFIX};
 use crate::{checkpoint, torch_pickle, TrainerError};
 
 /// Key prefixes of a ddetr training checkpoint's non-model state: the optimizer's
 /// (`optim.<key>.<slot>`, `optim.steps`; see [`crate::optim::Optim::state_tensors`]) and the fp16
 /// loss scaler's (`amp.scale`, `amp.growth_tracker`; see [`crate::amp::Amp::state_tensors`]).
-pub const TRAINING_STATE_PREFIXES: [&str; 2] = ["optim.", "amp."];
+pub const TRAINING_STATE_PREFIXES: [&str; 4] = ["optim.", "amp.", "ema.", "ema_updates"];
 
 /// Wrapper prefixes tried, in order: none, DDP, Lightning, TAO (Lightning over `DDModel`), and
 /// each of those saved from a DDP-wrapped module.
@@ -261,11 +262,28 @@ fn read(path: &Path) -> Result<Raw, TrainerError> {
     match sniff(path)? {
         FileKind::Safetensors { ddetr: true } => {
             let ck = checkpoint::load(path)?;
-            let (state, model): (Vec<_>, Vec<_>) = ck.tensors.into_iter().partition(|(k, _)| {
-                TRAINING_STATE_PREFIXES
-                    .iter()
-                    .any(|p| k.starts_with(p))
-            });
+            let (state, mut model): (Vec<_>, Vec<_>) =
+                ck.tensors.into_iter().partition(|(k, _)| {
+                    TRAINING_STATE_PREFIXES
+                        .iter()
+                        .any(|p| k.starts_with(p))
+                });
+            // A run with train.ema: its average is the model evaluated, inferred and exported.
+            let ema: BTreeMap<&str, &Tensor> = state
+                .iter()
+                .filter_map(|(k, t)| k.strip_prefix(ema::PREFIX).map(|n| (n, t)))
+                .collect();
+            if !ema.is_empty() {
+                for (k, t) in &mut model {
+                    if let Some(e) = ema.get(k.as_str()) {
+                        *t = e.shallow_clone();
+                    }
+                }
+                tracing::info!(
+                    "checkpoint {}: the moving average of the weights (train.ema) is loaded",
+                    path.display()
+                );
+            }
             Ok(Raw {
                 ddetr: true,
                 container: None,

@@ -306,6 +306,28 @@ impl Default for CudnnConfig {
     }
 }
 
+/// `train.ema`: after each optimizer step `ema = d·ema + (1 − d)·weights` with
+/// `d = decay · (1 − exp(−updates / warmups))` (RT-DETR's `ModelEMA`; `warmups` 0: `d = decay`).
+/// Validation runs on the average, checkpoints hold it beside the weights, and `evaluate`,
+/// `inference` and `export` of such a checkpoint use it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmaConfig {
+    pub enable: bool,
+    pub decay: f64,
+    pub warmups: u32,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            decay: 0.9999,
+            warmups: 2000,
+        }
+    }
+}
+
 /// The `train` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -325,6 +347,8 @@ pub struct TrainConfig {
     /// (one gradient all-reduce per optimizer step) and the loss is normalised by the boxes of
     /// all of them, so N micro batches of b images step as one batch of N·b would.
     pub grad_accum_steps: u32,
+    /// (ddetr) An exponential moving average of the weights (RT-DETR's and D-FINE's `ModelEMA`).
+    pub ema: EmaConfig,
     /// Epochs between `model_epoch_NNN` checkpoints.
     pub checkpoint_interval: u32,
     /// Epochs between validations.
@@ -360,6 +384,7 @@ impl Default for TrainConfig {
             num_epochs: 10,
             max_minutes: 0.0,
             grad_accum_steps: 1,
+            ema: EmaConfig::default(),
             checkpoint_interval: 1,
             validation_interval: 1,
             resume_training_checkpoint_path: None,

@@ -452,6 +452,15 @@ fn validate_train(spec: &ExperimentSpec) -> Result<(), SpecError> {
             "is 0; train for at least 1 epoch",
         ));
     }
+    if !(t.ema.decay > 0.0 && t.ema.decay < 1.0) {
+        return Err(invalid(
+            "train.ema.decay",
+            format!(
+                "is {}; it must be within (0, 1), e.g. 0.9999 (RT-DETR) or 0.999 for short runs",
+                t.ema.decay
+            ),
+        ));
+    }
     if t.grad_accum_steps == 0 {
         return Err(invalid(
             "train.grad_accum_steps",

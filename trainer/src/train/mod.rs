@@ -12,9 +12,11 @@
 //! | `resume.rs` | which checkpoint a run resumes from, and loading it into the model |
 //! | `update.rs` | one optimizer step (shared with `ddetr bench step`) |
 //! | `budget.rs` | `train.max_minutes`: the schedule fitted to measured seconds (no clock) |
+//! | `ema.rs` | `train.ema`: the moving average of the weights, its checkpoint tensors |
 
 pub mod budget;
 mod data;
+pub mod ema;
 mod resume;
 mod trainer;
 pub mod update;

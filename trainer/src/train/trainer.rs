@@ -11,6 +11,7 @@ use tch::{Device, Tensor};
 
 use super::budget::{self, Budget, Measured, Plan, PROBE_STEPS};
 use super::data::TrainData;
+use super::ema::Ema;
 use super::resume::{find_resume, load_model_tensors};
 use super::update::{optimizer_step, MicroBatch, StepState};
 use super::{epoch_checkpoint_name, step_seed, TrainOutcome, LATEST};
@@ -69,6 +70,8 @@ pub struct Trainer<'c, D> {
     spec_yaml: String,
     data: TrainData,
     built: Built<D>,
+    /// `train.ema`'s average of the weights.
+    ema: Option<Ema>,
     optim: Optim,
     strategy: Strategy<'c>,
     amp: Amp,
@@ -150,6 +153,18 @@ impl<'c, D: Detector> Trainer<'c, D> {
                 "pretrained weights loaded"
             );
         }
+        let mut ema = spec
+            .train
+            .ema
+            .enable
+            .then(|| Ema::new(&spec.train.ema, &built.params));
+        if let (Some(e), Some(ck)) = (&mut ema, &resume) {
+            if !e.load_state(&built.params, &ck.tensors)? {
+                tracing::warn!(
+                    "train.ema: the checkpoint has no average; it starts at the resumed weights"
+                );
+            }
+        }
         tch::manual_seed(seed + rank as i64);
         let mut strategy = Strategy::for_model(spec.train.distributed_strategy, comm, &built)?;
         let mut amp = Amp::new(spec.train.precision, device);
@@ -198,6 +213,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
             spec_yaml,
             data,
             built,
+            ema,
             optim,
             strategy,
             amp,
@@ -324,7 +340,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
         // libtorch's RNG (dropout) is a function of (seed, rank, step), so a run resumed from a
         // mid-epoch checkpoint draws what the uninterrupted run drew.
         tch::manual_seed(step_seed(self.seed, comm.rank(), self.global_step));
-        let (losses, _) = optimizer_step(
+        let (losses, report) = optimizer_step(
             &self.built,
             StepState {
                 strategy: &mut self.strategy,
@@ -336,6 +352,9 @@ impl<'c, D: Detector> Trainer<'c, D> {
             spec.train.clip_grad_norm,
             spec.train.activation_checkpoint,
         )?;
+        if let (Some(e), false) = (&mut self.ema, report.skipped) {
+            e.update(&self.built.params);
+        }
         self.global_step += 1;
         let measured = self.measure(epoch, step + 1);
         let out_of_time = matches!((&self.budget, &measured), (Some(b), Some(m)) if b.must_stop(m));
@@ -411,14 +430,22 @@ impl<'c, D: Detector> Trainer<'c, D> {
             return Ok(None);
         };
         let t0 = Instant::now();
-        let (dets, _) = predict(
+        // With train.ema, on the average (swapped in, and back whatever the outcome).
+        if let Some(e) = &mut self.ema {
+            e.swap(&self.built.params);
+        }
+        let predicted = predict(
             &self.built.model,
             loader,
             self.comm,
             i64::from(self.spec.model.num_select),
             0.0,
             self.device,
-        )?;
+        );
+        if let Some(e) = &mut self.ema {
+            e.swap(&self.built.params);
+        }
+        let (dets, _) = predicted?;
         self.validation_s = Some(t0.elapsed().as_secs_f64());
         let Some(gt) = &self.data.ground_truth else {
             return Ok(None);
@@ -462,6 +489,9 @@ impl<'c, D: Detector> Trainer<'c, D> {
             .collect();
         t.extend(state);
         t.extend(self.amp.state_tensors());
+        if let Some(e) = &self.ema {
+            t.extend(e.state_tensors(&built.params));
+        }
         let meta = CheckpointMeta {
             epoch,
             step,
