@@ -1,7 +1,8 @@
 //! `ddetr export` end to end: a checkpoint of `configs/shapes_tiny.yaml` exported with TAO's keys,
 //! the file loaded and run by onnxruntime at batch 1 and 2 (dynamic batch), and each bad input
-//! answered with one line and the right exit code. The numerics of the graph against ddetr's
-//! forward are checked in trainer/tests/onnx_export.rs.
+//! answered with one line and the right exit code; `export.serialize_nvdsinfer`'s DeepStream
+//! files parsed. The numerics of the graph against ddetr's forward are checked in
+//! trainer/tests/onnx_export.rs.
 
 mod common;
 
@@ -102,4 +103,88 @@ fn bad_inputs_are_one_line_each() {
     let out = export(&ckpt, onnx, &["export.opset_version=16"]);
     assert_one_line_error(&out, 2, "below 17");
     assert!(!Path::new(onnx).exists());
+}
+
+#[test]
+fn serialize_nvdsinfer_writes_labels_and_taos_nvinfer_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(dir.path(), 4);
+    let json = dir.path().join("val.json");
+    std::fs::write(
+        &json,
+        r#"{"images": [], "annotations": [], "categories": [{"id": 1, "name": "rectangle"}, {"id": 3, "name": "triangle"}, {"id": 2, "name": "ellipse"}]}"#,
+    )
+    .unwrap();
+    let val = format!(
+        "dataset.val_data_sources=[{{image_dir: {d}, json_file: {j}}}]",
+        d = dir.path().display(),
+        j = json.display()
+    );
+    let onnx = dir.path().join("ds/detector.onnx");
+    let out = export(
+        &ckpt,
+        onnx.to_str().unwrap(),
+        &[
+            "export.serialize_nvdsinfer=true",
+            "export.input_height=96",
+            "export.input_width=128",
+            &val,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let labels = std::fs::read_to_string(dir.path().join("ds/labels.txt")).unwrap();
+    assert_eq!(labels, "class_0\nrectangle\nellipse\ntriangle\n");
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(dir.path().join("ds/nvdsinfer_config.yaml")).unwrap(),
+    )
+    .unwrap();
+    let p = &yaml["property"];
+    let s = |k: &str| {
+        p[k].as_str()
+            .unwrap_or_else(|| panic!("{k} in {p:?}"))
+            .to_string()
+    };
+    let n = |k: &str| p[k].as_f64().unwrap_or_else(|| panic!("{k} in {p:?}"));
+    assert_eq!(s("onnx-file"), "detector.onnx");
+    assert_eq!(s("labelfile-path"), "labels.txt");
+    assert_eq!(s("infer-dims"), "3;96;128");
+    assert_eq!(s("output-blob-names"), "pred_logits;pred_boxes");
+    assert_eq!(s("offsets"), "123.675;116.28;103.53");
+    assert_eq!(s("parse-bbox-func-name"), "NvDsInferParseCustomDDETRTAO");
+    assert_eq!(n("num-detected-classes"), 4.0);
+    assert_eq!(n("net-scale-factor"), 0.0173520735728);
+    assert_eq!(
+        (n("cluster-mode"), n("network-type"), n("network-mode")),
+        (4.0, 0.0, 2.0)
+    );
+    assert_eq!(n("model-color-format"), 0.0);
+    assert_eq!(yaml["class-attrs-all"]["topk"].as_f64(), Some(20.0));
+    assert_eq!(
+        yaml["class-attrs-all"]["pre-cluster-threshold"].as_f64(),
+        Some(0.5)
+    );
+
+    // A category the model has no output for, and no data to name the classes: one line each.
+    std::fs::write(&json, r#"{"categories": [{"id": 7, "name": "boat"}]}"#).unwrap();
+    let out = export(
+        &ckpt,
+        onnx.to_str().unwrap(),
+        &["export.serialize_nvdsinfer=true", &val],
+    );
+    assert_one_line_error(
+        &out,
+        2,
+        "category 7 (boat) is outside dataset.num_classes = 4",
+    );
+    let out = export(
+        &ckpt,
+        onnx.to_str().unwrap(),
+        &[
+            "export.serialize_nvdsinfer=true",
+            "dataset.val_data_sources=[]",
+            "dataset.train_data_sources=[]",
+            "dataset.test_data_sources=[]",
+        ],
+    );
+    assert_one_line_error(&out, 2, "export.serialize_nvdsinfer needs the class names");
 }

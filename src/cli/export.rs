@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use ddetr_trainer::export::{self, ExportError, ExportOptions};
+use ddetr_trainer::export::{self, nvdsinfer, ExportError, ExportOptions};
 use ddetr_trainer::model::deformable_detr::DetrConfig;
 use ddetr_trainer::model::dino::{Dino, DinoConfig};
 use ddetr_trainer::model::DeformableDetr;
@@ -49,8 +49,24 @@ pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
             "the ONNX writer runs on the CPU whatever export.on_cpu says; the graph is the same"
         );
     }
-    let vs = VarStore::new(Device::Cpu);
     let nc = spec.dataset.num_classes;
+    // export.serialize_nvdsinfer's class names, read before anything is written.
+    let labels = if e.serialize_nvdsinfer {
+        let d = &spec.dataset;
+        let json = d
+            .val_data_sources
+            .iter()
+            .chain(&d.test_data_sources)
+            .chain(&d.train_data_sources)
+            .map(|s| PathBuf::from(&s.json_file))
+            .next()
+            .ok_or(ExportError::NoLabels)
+            .map_err(|e| UsageError(e.to_string()))?;
+        Some(nvdsinfer::class_names(&json, nc).map_err(|e| UsageError(e.to_string()))?)
+    } else {
+        None
+    };
+    let vs = VarStore::new(Device::Cpu);
     // Any published layout of the architecture (ddetr, official .pth, transformers, TAO); logs
     // what it loaded.
     let graph = match spec.architecture() {
@@ -84,5 +100,18 @@ pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
         opts.input_height,
         opts.input_width
     );
+    if let Some(names) = &labels {
+        let chw = [
+            i64::from(opts.input_channel),
+            i64::from(opts.input_height),
+            i64::from(opts.input_width),
+        ];
+        let (labels, config) = nvdsinfer::write(&onnx_file, names, chw)?;
+        eprintln!(
+            "wrote {} and {} (DeepStream nvinfer, parser NvDsInferParseCustomDDETRTAO)",
+            labels.display(),
+            config.display()
+        );
+    }
     Ok(())
 }

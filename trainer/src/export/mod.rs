@@ -15,6 +15,7 @@
 //! the model's forward by `trainer/tests/onnx_export.rs` through onnxruntime.
 
 mod dino;
+pub mod nvdsinfer;
 pub mod proto;
 
 pub use dino::to_onnx as dino_to_onnx;
@@ -69,6 +70,10 @@ pub enum ExportError {
     TwoStage,
     #[error("cannot write ONNX file {path}: {reason}: set export.onnx_file to a writable path")]
     Write { path: String, reason: String },
+    #[error("export.serialize_nvdsinfer: cannot read class names from {path}: {reason}")]
+    Labels { path: String, reason: String },
+    #[error("export.serialize_nvdsinfer needs the class names: set dataset.val_data_sources (or test_data_sources, train_data_sources) to a COCO json with categories")]
+    NoLabels,
 }
 
 /// What to export: TAO's `export` keys.
