@@ -509,3 +509,83 @@ fn with_ema_validation_and_evaluate_score_the_average() {
     let bad = args("train", "bad", &["train.ema.decay=1.0"]);
     fails_with(d, &bad, &[], 2, "train.ema.decay is 1");
 }
+
+#[test]
+fn step_checkpoints_resume_like_the_uninterrupted_run_and_early_stopping_ends_it() {
+    let _serial = serial();
+    let dir = workdir();
+    let d = dir.path();
+    // 12 images at batch 2: 6 steps an epoch; a checkpoint every 4 optimizer steps.
+    let by_step = [
+        "train.checkpoint_interval_unit=step",
+        "train.checkpoint_interval=4",
+        "train.validation_interval=10",
+    ];
+    ok(d, &args("train", "ref", &by_step));
+    let ref_dir = d.join("ref/train");
+    for n in [4, 8, 12] {
+        assert!(
+            ref_dir
+                .join(format!("model_step_{n:06}.safetensors"))
+                .is_file(),
+            "no step {n} checkpoint"
+        );
+    }
+    assert!(!ref_dir.join("model_epoch_000.safetensors").exists());
+    let meta = checkpoint::load(&ref_dir.join("model_step_000004.safetensors"))
+        .unwrap()
+        .meta;
+    assert_eq!((meta.epoch, meta.step, meta.global_step), (0, 4, 4));
+    // Resumed from the mid-epoch step checkpoint, the run ends where the uninterrupted one did.
+    let resume = format!(
+        "train.resume_training_checkpoint_path={}",
+        ref_dir.join("model_step_000004.safetensors").display()
+    );
+    let err = ok(
+        d,
+        &args("train", "cut", &[&by_step[..], &[resume.as_str()]].concat()),
+    );
+    assert_resumed_like_ref(d, &err);
+
+    // Early stopping: no gain can beat min_delta 10, so the second observation stops the run.
+    for monitor in ["train_loss", "val_mAP50"] {
+        let results = format!("stop_{monitor}");
+        let m = format!("train.early_stopping.monitor={monitor}");
+        ok(
+            d,
+            &args(
+                "train",
+                &results,
+                &[
+                    "train.num_epochs=5",
+                    "train.early_stopping.enable=true",
+                    "train.early_stopping.patience=1",
+                    "train.early_stopping.min_delta=10",
+                    &m,
+                ],
+            ),
+        );
+        let status = d.join(&results).join("train/status.json");
+        let epochs: Vec<u64> = kpis(&status)
+            .iter()
+            .filter_map(|k| k["epoch"].as_u64())
+            .collect();
+        assert_eq!(epochs.last(), Some(&1), "{monitor}: epochs {epochs:?}");
+        let text = std::fs::read_to_string(&status).unwrap();
+        assert!(
+            text.contains(&format!(
+                "Early stopping after epoch 2: {monitor} did not improve"
+            )),
+            "{text}"
+        );
+    }
+    let bad = args(
+        "train",
+        "bad",
+        &[
+            "train.early_stopping.enable=true",
+            "train.early_stopping.patience=0",
+        ],
+    );
+    fails_with(d, &bad, &[], 2, "train.early_stopping.patience is 0");
+}

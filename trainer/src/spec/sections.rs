@@ -328,6 +328,58 @@ impl Default for EmaConfig {
     }
 }
 
+/// `train.checkpoint_interval_unit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntervalUnit {
+    Epoch,
+    Step,
+}
+
+/// `train.early_stopping.monitor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EarlyStopMetric {
+    #[serde(rename = "val_mAP50")]
+    ValMap50,
+    #[serde(rename = "val_mAP")]
+    ValMap,
+    #[serde(rename = "train_loss")]
+    TrainLoss,
+}
+
+impl EarlyStopMetric {
+    /// The spec's (and status.json's) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ValMap50 => "val_mAP50",
+            Self::ValMap => "val_mAP",
+            Self::TrainLoss => "train_loss",
+        }
+    }
+}
+
+/// `train.early_stopping`: stop after `patience` observations of `monitor` (validations, or
+/// epochs for `train_loss`) without a gain above `min_delta` over the best (Lightning's rule).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EarlyStoppingConfig {
+    pub enable: bool,
+    pub monitor: EarlyStopMetric,
+    pub patience: u32,
+    pub min_delta: f64,
+}
+
+impl Default for EarlyStoppingConfig {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            monitor: EarlyStopMetric::ValMap50,
+            patience: 3,
+            min_delta: 0.0,
+        }
+    }
+}
+
 /// The `train` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -349,8 +401,13 @@ pub struct TrainConfig {
     pub grad_accum_steps: u32,
     /// (ddetr) An exponential moving average of the weights (RT-DETR's and D-FINE's `ModelEMA`).
     pub ema: EmaConfig,
-    /// Epochs between `model_epoch_NNN` checkpoints.
+    /// Epochs (or, with `checkpoint_interval_unit: step`, optimizer steps) between
+    /// `model_epoch_NNN` (`model_step_NNNNNN`) checkpoints.
     pub checkpoint_interval: u32,
+    /// (TAO 7) What `checkpoint_interval` counts: `epoch` or `step`.
+    pub checkpoint_interval_unit: IntervalUnit,
+    /// (ddetr) Stop when a metric stops improving.
+    pub early_stopping: EarlyStoppingConfig,
     /// Epochs between validations.
     pub validation_interval: u32,
     pub resume_training_checkpoint_path: Option<String>,
@@ -386,6 +443,8 @@ impl Default for TrainConfig {
             grad_accum_steps: 1,
             ema: EmaConfig::default(),
             checkpoint_interval: 1,
+            checkpoint_interval_unit: IntervalUnit::Epoch,
+            early_stopping: EarlyStoppingConfig::default(),
             validation_interval: 1,
             resume_training_checkpoint_path: None,
             results_dir: None,

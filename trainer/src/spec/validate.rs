@@ -3,7 +3,8 @@
 //! [`Notice`].
 
 use super::sections::{
-    Architecture, DistillConfig, DistillCriterion, ExperimentSpec, LrScheduler, ModelConfig,
+    Architecture, DistillConfig, DistillCriterion, EarlyStopMetric, ExperimentSpec, LrScheduler,
+    ModelConfig,
 };
 use super::SpecError;
 
@@ -460,6 +461,27 @@ fn validate_train(spec: &ExperimentSpec) -> Result<(), SpecError> {
                 t.ema.decay
             ),
         ));
+    }
+    let es = &t.early_stopping;
+    if es.enable {
+        if es.patience == 0 {
+            return Err(invalid(
+                "train.early_stopping.patience",
+                "is 0; give the observations without improvement to wait for, at least 1",
+            ));
+        }
+        if !(es.min_delta >= 0.0 && es.min_delta.is_finite()) {
+            return Err(invalid(
+                "train.early_stopping.min_delta",
+                format!("is {}; it must be 0 or more", es.min_delta),
+            ));
+        }
+        if es.monitor != EarlyStopMetric::TrainLoss && spec.dataset.val_data_sources.is_empty() {
+            return Err(invalid(
+                "train.early_stopping.monitor",
+                "watches a validation metric but dataset.val_data_sources is empty: add a validation set or monitor train_loss",
+            ));
+        }
     }
     if t.grad_accum_steps == 0 {
         return Err(invalid(

@@ -13,9 +13,11 @@
 //! | `update.rs` | one optimizer step (shared with `ddetr bench step`) |
 //! | `budget.rs` | `train.max_minutes`: the schedule fitted to measured seconds (no clock) |
 //! | `ema.rs` | `train.ema`: the moving average of the weights, its checkpoint tensors |
+//! | `early_stop.rs` | `train.early_stopping`: when a metric has stopped improving (no clock, no I/O) |
 
 pub mod budget;
 mod data;
+pub mod early_stop;
 pub mod ema;
 mod resume;
 mod trainer;
@@ -38,6 +40,12 @@ pub const LATEST: &str = "dd_model_latest.safetensors";
 /// `model_epoch_NNN.safetensors` (epoch 0-based, as Lightning names them).
 pub fn epoch_checkpoint_name(epoch: u32) -> String {
     format!("model_epoch_{epoch:03}.safetensors")
+}
+
+/// `model_step_NNNNNN.safetensors` (`train.checkpoint_interval_unit: step`; optimizer steps
+/// done).
+pub fn step_checkpoint_name(step: u64) -> String {
+    format!("model_step_{step:06}.safetensors")
 }
 
 /// How a training run ended.

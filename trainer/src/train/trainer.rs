@@ -11,10 +11,11 @@ use tch::{Device, Tensor};
 
 use super::budget::{self, Budget, Measured, Plan, PROBE_STEPS};
 use super::data::TrainData;
+use super::early_stop::EarlyStop;
 use super::ema::Ema;
 use super::resume::{find_resume, load_model_tensors};
 use super::update::{optimizer_step, MicroBatch, StepState};
-use super::{epoch_checkpoint_name, step_seed, TrainOutcome, LATEST};
+use super::{epoch_checkpoint_name, step_checkpoint_name, step_seed, TrainOutcome, LATEST};
 use crate::amp::Amp;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::coco_eval;
@@ -26,7 +27,9 @@ use crate::optim::Optim;
 use crate::predict::predict;
 use crate::progress::{fmt_secs, Display, Progress, StepStats};
 use crate::results::ResultsDir;
-use crate::spec::{ExperimentSpec, LrScheduler, OptimConfig, Precision, Task};
+use crate::spec::{
+    EarlyStopMetric, ExperimentSpec, IntervalUnit, LrScheduler, OptimConfig, Precision, Task,
+};
 use crate::strategy::Strategy;
 use crate::TrainerError;
 
@@ -72,6 +75,8 @@ pub struct Trainer<'c, D> {
     built: Built<D>,
     /// `train.ema`'s average of the weights.
     ema: Option<Ema>,
+    /// `train.early_stopping`'s count (rank 0 decides; a resumed run counts afresh).
+    early_stop: Option<EarlyStop>,
     optim: Optim,
     strategy: Strategy<'c>,
     amp: Amp,
@@ -214,6 +219,11 @@ impl<'c, D: Detector> Trainer<'c, D> {
             data,
             built,
             ema,
+            early_stop: spec
+                .train
+                .early_stopping
+                .enable
+                .then(|| EarlyStop::new(&spec.train.early_stopping)),
             optim,
             strategy,
             amp,
@@ -290,6 +300,20 @@ impl<'c, D: Detector> Trainer<'c, D> {
                 return Ok(EpochEnd::Stopped(epoch, step + 1));
             }
             self.fit_after_probe(r.measured)?;
+            let t = &self.spec.train;
+            if t.checkpoint_interval_unit == IntervalUnit::Step
+                && t.checkpoint_interval > 0
+                && self.global_step % u64::from(t.checkpoint_interval) == 0
+            {
+                // The position after this step, as a signal's checkpoint records it.
+                let at = if step + 1 == steps {
+                    (epoch + 1, 0)
+                } else {
+                    (epoch, step + 1)
+                };
+                let name = step_checkpoint_name(self.global_step);
+                self.save(at.0, at.1, &[LATEST, &name])?;
+            }
             if r.out_of_time {
                 self.out_of_budget = true;
                 self.plan.epochs = epoch + 1;
@@ -407,7 +431,8 @@ impl<'c, D: Detector> Trainer<'c, D> {
         let time_per_epoch = self.epoch_start.elapsed().as_secs_f64();
         let mut names = vec![LATEST.to_string()];
         let interval = self.spec.train.checkpoint_interval;
-        if interval > 0 && (epoch + 1) % interval == 0 {
+        let by_epoch = self.spec.train.checkpoint_interval_unit == IntervalUnit::Epoch;
+        if by_epoch && interval > 0 && (epoch + 1) % interval == 0 {
             names.push(epoch_checkpoint_name(epoch));
         }
         let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -419,7 +444,44 @@ impl<'c, D: Detector> Trainer<'c, D> {
         if self.comm.rank() == 0 {
             self.write_epoch_status(time_per_epoch, map)?;
         }
+        self.early_stopping(map)?;
         self.epoch += 1;
+        Ok(())
+    }
+
+    /// `train.early_stopping` after an epoch: rank 0 observes the metric (it alone scores the
+    /// validation), every rank learns its decision; a stop makes this the last epoch.
+    fn early_stopping(&mut self, map: Option<(f64, f64)>) -> Result<(), TrainerError> {
+        let Some(es) = &mut self.early_stop else {
+            return Ok(());
+        };
+        let monitor = self.spec.train.early_stopping.monitor;
+        let value = match monitor {
+            EarlyStopMetric::TrainLoss => Some(self.losses.total / self.losses.steps.max(1) as f64),
+            EarlyStopMetric::ValMap => map.map(|m| m.0),
+            EarlyStopMetric::ValMap50 => map.map(|m| m.1),
+        };
+        let stop = self.comm.rank() == 0 && value.is_some_and(|v| es.observe(v));
+        let mut flag = Tensor::from_slice(&[f64::from(u8::from(stop))]);
+        self.comm.all_reduce(&mut flag, ReduceOp::Sum)?;
+        if flag.double_value(&[0]) == 0.0 || self.epoch + 1 >= self.plan.epochs {
+            return Ok(());
+        }
+        let epoch = self.epoch;
+        self.plan.epochs = epoch + 1;
+        self.progress.set_epochs(self.plan.epochs);
+        let es = &self.spec.train.early_stopping;
+        let what = format!(
+            "Early stopping after epoch {}: {} did not improve by more than {} for {} observation(s).",
+            epoch + 1,
+            monitor.name(),
+            es.min_delta,
+            es.patience
+        );
+        tracing::info!("{what}");
+        if self.comm.rank() == 0 {
+            self.dir.status("RUNNING", &what, None)?;
+        }
         Ok(())
     }
 
