@@ -483,8 +483,8 @@ fn with_ema_validation_and_evaluate_score_the_average() {
     assert!(!w.equal(a), "the average equals the weights");
     let last_val = kpis(&d.join("ema/train/status.json"))
         .iter()
-        .filter_map(|k| k["val_mAP"].as_f64())
-        .last()
+        .rev()
+        .find_map(|k| k["val_mAP"].as_f64())
         .unwrap();
     let err = ok(
         d,

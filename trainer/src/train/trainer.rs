@@ -303,7 +303,9 @@ impl<'c, D: Detector> Trainer<'c, D> {
             let t = &self.spec.train;
             if t.checkpoint_interval_unit == IntervalUnit::Step
                 && t.checkpoint_interval > 0
-                && self.global_step % u64::from(t.checkpoint_interval) == 0
+                && self
+                    .global_step
+                    .is_multiple_of(u64::from(t.checkpoint_interval))
             {
                 // The position after this step, as a signal's checkpoint records it.
                 let at = if step + 1 == steps {
@@ -432,7 +434,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
         let mut names = vec![LATEST.to_string()];
         let interval = self.spec.train.checkpoint_interval;
         let by_epoch = self.spec.train.checkpoint_interval_unit == IntervalUnit::Epoch;
-        if by_epoch && interval > 0 && (epoch + 1) % interval == 0 {
+        if by_epoch && interval > 0 && (epoch + 1).is_multiple_of(interval) {
             names.push(epoch_checkpoint_name(epoch));
         }
         let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
