@@ -135,3 +135,43 @@ fn libtorch_cuda_is_opened_where_a_driver_is_present_and_only_there() {
     assert!(!opened(&without));
     assert!(text(&without.stdout).contains("no NVIDIA driver"));
 }
+
+#[test]
+fn model_info_counts_parameters_per_module() {
+    let out = ddetr(&["model", "info", "-e", "configs/dino_r50.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.starts_with(
+            "model: dino (resnet_50, 4 levels, d 256, 6+6 layers, 300 queries, 91 classes)"
+        ),
+        "{table}"
+    );
+    // The rows add up to the total; the official DINO-4scale R50 has 46.79 M parameters at 300
+    // queries, here plus the FrozenBatchNorm running statistics (frozen).
+    let num = |s: &str| s.replace(',', "").parse::<i64>().unwrap();
+    let (mut t, mut f) = (0, 0);
+    for line in table.lines().skip(2) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() != 3 || line.contains('=') {
+            continue;
+        }
+        if cols[0] == "total" {
+            assert_eq!((num(cols[1]), num(cols[2])), (t, f), "{table}");
+        } else {
+            t += num(cols[1]);
+            f += num(cols[2]);
+        }
+    }
+    assert!(table.contains("transformer.encoder ") && table.contains("backbone.0.body.layer4 "));
+    let last = table.lines().last().unwrap();
+    assert_eq!(last, "params=46845822 trainable=46517182 frozen=328640");
+    let out = ddetr(&[
+        "model",
+        "info",
+        "-e",
+        "configs/shapes_tiny.yaml",
+        "model.nheads=3",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}

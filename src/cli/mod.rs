@@ -5,6 +5,7 @@ mod convert;
 mod dataset;
 mod export;
 mod inference;
+mod model;
 mod spec;
 mod train;
 
@@ -52,6 +53,9 @@ pub enum Command {
     /// `ddetr train -e spec.yaml model_name=dino` (a spec naming another model is refused).
     #[command(subcommand)]
     Dino(DinoCommand),
+    /// The spec's network: parameters per module, trainable and frozen.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Print the ddetr and libtorch versions, CPU threads, CUDA devices, NCCL and the venv in use.
     Doctor,
 }
@@ -98,6 +102,12 @@ impl DinoCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Build the spec's model and count its parameters per module (no checkpoint needed).
+    Info(SpecArgs),
+}
+
+#[derive(Debug, Subcommand)]
 pub enum SpecCommand {
     /// Print the resolved spec (defaults + file + overrides) as YAML.
     Show(SpecArgs),
@@ -132,6 +142,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inference(args) => inference::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Model(ModelCommand::Info(args)) => model::info(&args),
         Command::Dino(cmd) => run(Cli {
             log: cli.log,
             command: cmd.into_generic(),
