@@ -110,10 +110,12 @@ impl Progress {
         }
     }
 
-    /// Call after each optimizer step.
-    pub fn step(&mut self, epoch: u32, step: usize, s: StepStats) {
+    /// Call after each optimizer step; `step` is the last loader step it took and
+    /// `loader_steps` how many it took (`train.grad_accum_steps` micro batches, fewer at an
+    /// epoch's end), so images/s, the ETA and the step times count loader steps.
+    pub fn step(&mut self, epoch: u32, step: usize, loader_steps: usize, s: StepStats) {
         let now = Instant::now();
-        if let Some(line) = self.update(now, epoch, step, s) {
+        if let Some(line) = self.update(now, epoch, step, loader_steps, s) {
             match &self.bar {
                 Some(b) => {
                     b.set_message(line);
@@ -142,12 +144,22 @@ impl Progress {
     }
 
     /// Records the step ending at `now`; returns the text to show, when it is time to show one.
-    fn update(&mut self, now: Instant, epoch: u32, step: usize, s: StepStats) -> Option<String> {
+    fn update(
+        &mut self,
+        now: Instant,
+        epoch: u32,
+        step: usize,
+        loader_steps: usize,
+        s: StepStats,
+    ) -> Option<String> {
         let dt = now.saturating_duration_since(self.mark);
         self.mark = now;
         self.busy += dt;
-        self.done += 1;
-        self.step_s.push(dt.as_secs_f64());
+        let n = loader_steps.max(1);
+        self.done += n as u64;
+        // One time per loader step: the budget multiplies them by the loader's steps.
+        let each = dt.as_secs_f64() / n as f64;
+        self.step_s.extend(std::iter::repeat_n(each, n));
         let due = match self.display {
             Display::Off => false,
             Display::Bar => true,
@@ -213,7 +225,7 @@ mod tests {
         for step in 0..10 {
             // 3 s per step: 4 images / 3 s.
             let now = t0 + Duration::from_secs(3 * (step as u64 + 1));
-            if let Some(l) = p.update(now, 0, step, S) {
+            if let Some(l) = p.update(now, 0, step, 1, S) {
                 shown.push((step, l));
             }
         }
@@ -236,7 +248,7 @@ mod tests {
         let t0 = p.mark;
         for step in 0..3 {
             let now = t0 + Duration::from_millis(500 * (step as u64 + 1));
-            assert_eq!(p.update(now, 0, step, S), None);
+            assert_eq!(p.update(now, 0, step, 1, S), None);
         }
         assert_eq!(p.step_seconds(), &[0.5, 0.5, 0.5]);
     }
@@ -246,12 +258,23 @@ mod tests {
         let mut p = Progress::new(Display::Off, 2, 1, 2, (0, 0));
         p.start_epoch(0);
         let t0 = p.mark;
-        p.update(t0 + Duration::from_secs(1), 0, 0, S);
+        p.update(t0 + Duration::from_secs(1), 0, 0, 1, S);
         std::thread::sleep(Duration::from_millis(30));
         p.start_epoch(1);
         let t1 = p.mark;
-        p.update(t1 + Duration::from_secs(1), 1, 0, S);
+        p.update(t1 + Duration::from_secs(1), 1, 0, 1, S);
         assert_eq!(p.step_seconds(), &[1.0, 1.0]);
+    }
+
+    #[test]
+    fn an_accumulated_step_counts_its_loader_steps() {
+        let mut p = Progress::new(Display::Off, 1, 4, 2, (0, 0));
+        let t0 = p.mark;
+        // Two optimizer steps of 2 micro batches, 1 s each: 4 loader steps of 0.5 s.
+        p.update(t0 + Duration::from_secs(1), 0, 1, 2, S);
+        p.update(t0 + Duration::from_secs(2), 0, 3, 2, S);
+        assert_eq!(p.step_seconds(), &[0.5, 0.5, 0.5, 0.5]);
+        assert!((p.images_per_s() - 4.0).abs() < 1e-9);
     }
 }
 

@@ -411,6 +411,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
         self.progress.step(
             epoch,
             step,
+            batches.len(),
             StepStats {
                 loss: mean[2],
                 loss_ce: term("loss_ce"),
