@@ -9,28 +9,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{assert_one_error_line, ddetr_at_root as ddetr, text, tiny_spec};
-use ddetr_trainer::model::deformable_detr::DetrConfig;
-use ddetr_trainer::model::DeformableDetr;
-use tch::nn::VarStore;
-use tch::Device;
+use common::{
+    assert_one_error_line, ddetr_at_root as ddetr, random_checkpoint as checkpoint, text,
+};
 
 const SPEC: &str = "configs/shapes_tiny.yaml";
-
-/// Saves a freshly initialised model of the spec (with `num_classes`) as a checkpoint.
-fn checkpoint(dir: &Path, num_classes: u32) -> PathBuf {
-    let spec = ddetr_trainer::spec::load(&tiny_spec(), &[], None)
-        .unwrap()
-        .spec;
-    let vs = VarStore::new(Device::Cpu);
-    let _model = DeformableDetr::new(
-        &vs.root(),
-        DetrConfig::from_spec(&spec.model, num_classes).unwrap(),
-    );
-    let path = dir.join(format!("model_{num_classes}.safetensors"));
-    ddetr_trainer::weights::save_safetensors(&vs, &path).unwrap();
-    path
-}
 
 fn export(ckpt: &Path, onnx: &str, extra: &[&str]) -> Output {
     let c = format!("export.checkpoint={}", ckpt.display());

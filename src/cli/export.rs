@@ -5,13 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use ddetr_trainer::export::{self, nvdsinfer, ExportError, ExportOptions};
-use ddetr_trainer::model::deformable_detr::DetrConfig;
-use ddetr_trainer::model::dino::{Dino, DinoConfig};
-use ddetr_trainer::model::DeformableDetr;
-use ddetr_trainer::model_checkpoint;
-use ddetr_trainer::spec::{Architecture, Task};
-use tch::nn::VarStore;
-use tch::Device;
+use ddetr_trainer::spec::Task;
+use ddetr_trainer::TrainerError;
 
 use super::SpecArgs;
 use crate::exit::UsageError;
@@ -66,27 +61,14 @@ pub(super) fn run(args: &SpecArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let vs = VarStore::new(Device::Cpu);
     // Any published layout of the architecture (ddetr, official .pth, transformers, TAO); logs
     // what it loaded.
-    let graph = match spec.architecture() {
-        Architecture::DeformableDetr => {
-            let model = DeformableDetr::new(&vs.root(), DetrConfig::from_spec(&spec.model, nc)?);
-            model_checkpoint::load_for_task(&vs, &checkpoint)?;
-            export::to_onnx(&model, &opts)
-        }
-        Architecture::Dino => {
-            let model = Dino::new(&vs.root(), DinoConfig::from_spec(&spec.model, nc)?);
-            model_checkpoint::load_for_architecture(&vs, &checkpoint, Architecture::Dino)?;
-            export::dino_to_onnx(&model, &opts)
-        }
+    let graph = match export::checkpoint_graph(&spec, &checkpoint, &opts) {
+        Ok(g) => g,
+        Err(TrainerError::Export(err)) => return Err(UsageError(err.to_string()).into()),
+        Err(other) => return Err(other.into()),
     };
-    let bytes = graph
-        .and_then(|bytes| export::write_file(&bytes, &onnx_file))
-        .map_err(|err| match err {
-            ExportError::Write { .. } => anyhow::Error::new(err),
-            other => anyhow::Error::new(UsageError(other.to_string())),
-        })
+    let bytes = export::write_file(&graph.to_bytes(), &onnx_file)
         .with_context(|| format!("export of {}", checkpoint.display()))?;
     let batch = if opts.batch_size < 0 {
         "batch".to_string()

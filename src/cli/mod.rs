@@ -6,6 +6,7 @@ mod dataset;
 mod export;
 mod inference;
 mod model;
+mod quantize;
 mod spec;
 mod train;
 
@@ -49,6 +50,9 @@ pub enum Command {
     Inference(SpecArgs),
     /// Export a checkpoint to ONNX (TAO's export task: export.checkpoint, export.onnx_file, …).
     Export(SpecArgs),
+    /// INT8 post-training quantization (TAO's quantize task): the checkpoint exported and
+    /// calibrated into a QDQ ONNX model, both models scored and timed in onnxruntime.
+    Quantize(SpecArgs),
     /// DINO's tasks, as TAO's `dino` entry point: `ddetr dino train -e spec.yaml` is
     /// `ddetr train -e spec.yaml model_name=dino` (a spec naming another model is refused).
     #[command(subcommand)]
@@ -74,6 +78,8 @@ pub enum DinoCommand {
     Inference(SpecArgs),
     /// Export a DINO checkpoint to ONNX.
     Export(SpecArgs),
+    /// INT8 QDQ ONNX of a DINO checkpoint.
+    Quantize(SpecArgs),
     /// Resolve, print or check a DINO spec.
     #[command(subcommand)]
     Spec(SpecCommand),
@@ -93,6 +99,7 @@ impl DinoCommand {
             DinoCommand::Evaluate(a) => Command::Evaluate(dino(a)),
             DinoCommand::Inference(a) => Command::Inference(dino(a)),
             DinoCommand::Export(a) => Command::Export(dino(a)),
+            DinoCommand::Quantize(a) => Command::Quantize(dino(a)),
             DinoCommand::Spec(SpecCommand::Show(a)) => Command::Spec(SpecCommand::Show(dino(a))),
             DinoCommand::Spec(SpecCommand::Validate(a)) => {
                 Command::Spec(SpecCommand::Validate(dino(a)))
@@ -141,6 +148,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evaluate(args) => train::evaluate(&args),
         Command::Inference(args) => inference::run(&args),
         Command::Export(args) => export::run(&args),
+        Command::Quantize(args) => quantize::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Model(ModelCommand::Info(args)) => model::info(&args),
         Command::Dino(cmd) => run(Cli {

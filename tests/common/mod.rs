@@ -85,6 +85,22 @@ pub fn tiny_spec() -> PathBuf {
     root().join("configs/shapes_tiny.yaml")
 }
 
+/// Saves a freshly initialised model of the tiny spec (with `num_classes`) as a checkpoint.
+pub fn random_checkpoint(dir: &Path, num_classes: u32) -> PathBuf {
+    let spec = ddetr_trainer::spec::load(&tiny_spec(), &[], None)
+        .unwrap()
+        .spec;
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _model = ddetr_trainer::model::DeformableDetr::new(
+        &vs.root(),
+        ddetr_trainer::model::deformable_detr::DetrConfig::from_spec(&spec.model, num_classes)
+            .unwrap(),
+    );
+    let path = dir.join(format!("model_{num_classes}.safetensors"));
+    ddetr_trainer::weights::save_safetensors(&vs, &path).unwrap();
+    path
+}
+
 /// The demo spec at 64×64 with batch 2 and one loader worker (overrides after `-e`).
 pub const TINY_64: &[&str] = &[
     "dataset.batch_size=2",

@@ -43,6 +43,7 @@ pub mod lsa;
 pub mod matcher;
 pub mod model;
 pub mod model_checkpoint;
+pub mod onnx_runtime;
 pub mod optim;
 pub mod param_groups;
 pub mod plot;
@@ -50,6 +51,7 @@ pub mod post_process;
 pub mod predict;
 pub mod process_group;
 pub mod progress;
+pub mod quantize;
 pub mod results;
 pub mod spec;
 pub mod step;
@@ -131,6 +133,8 @@ pub enum TrainerError {
     Dataset(#[from] ddetr_dataset::DatasetError),
     #[error("{0}")]
     Collective(#[from] ddetr_collective::CollectiveError),
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
 }
 
 impl TrainerError {
@@ -157,6 +161,7 @@ impl TrainerError {
             TrainerError::Dataset(e) => {
                 e.is_usage() || matches!(e, ddetr_dataset::DatasetError::NumClassesTooSmall { .. })
             }
+            TrainerError::Export(e) => !matches!(e, crate::export::ExportError::Write { .. }),
             _ => false,
         }
     }

@@ -8,6 +8,7 @@ use tch::{Device, Kind, Tensor};
 use crate::coco_eval::Detection;
 use crate::detector::Detector;
 use crate::input_sizes::InputSizes;
+use crate::post_process::Detections;
 use crate::TrainerError;
 
 /// Runs `model` over this rank's shard of `loader` and gathers every rank's detections on every
@@ -38,22 +39,7 @@ pub fn predict<D: Detector>(
                 .collect();
             let dets = model.post_process(&out, &sizes, num_select, conf_threshold);
             for (t, d) in batch.targets.iter().zip(dets).take(real) {
-                let scores: Vec<f32> = Vec::try_from(&d.scores.to_device(Device::Cpu))?;
-                let labels: Vec<i64> = Vec::try_from(&d.labels.to_device(Device::Cpu))?;
-                let boxes: Vec<f32> = Vec::try_from(&d.boxes.to_device(Device::Cpu).reshape([-1]))?;
-                for k in 0..scores.len() {
-                    let b = &boxes[4 * k..4 * k + 4];
-                    let det = Detection {
-                        image_id: t.image_id,
-                        category_id: labels[k],
-                        bbox: [
-                            f64::from(b[0]),
-                            f64::from(b[1]),
-                            f64::from(b[2] - b[0]),
-                            f64::from(b[3] - b[1]),
-                        ],
-                        score: f64::from(scores[k]),
-                    };
+                for det in coco_detections(t.image_id, &d)? {
                     rows.extend_from_slice(&det.to_row());
                 }
             }
@@ -66,6 +52,29 @@ pub fn predict<D: Detector>(
         .map(Detection::from_row)
         .collect();
     Ok((dets, sizes_seen))
+}
+
+/// One image's post-processed detections (xyxy pixels) as COCO detections (xywh).
+pub fn coco_detections(image_id: i64, d: &Detections) -> Result<Vec<Detection>, TrainerError> {
+    let scores: Vec<f32> = Vec::try_from(&d.scores.to_device(Device::Cpu))?;
+    let labels: Vec<i64> = Vec::try_from(&d.labels.to_device(Device::Cpu))?;
+    let boxes: Vec<f32> = Vec::try_from(&d.boxes.to_device(Device::Cpu).reshape([-1]))?;
+    Ok((0..scores.len())
+        .map(|k| {
+            let b = &boxes[4 * k..4 * k + 4];
+            Detection {
+                image_id,
+                category_id: labels[k],
+                bbox: [
+                    f64::from(b[0]),
+                    f64::from(b[1]),
+                    f64::from(b[2] - b[0]),
+                    f64::from(b[3] - b[1]),
+                ],
+                score: f64::from(scores[k]),
+            }
+        })
+        .collect())
 }
 
 /// All-gathers variable-length f64 rows: sizes first, then the rows padded to the largest.

@@ -13,6 +13,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::graph::Graph;
 use super::{
     Attr, ExportError, ExportOptions, Refs, Writer, INPUT_NAME, OUTPUT_BOXES, OUTPUT_LOGITS, V,
 };
@@ -22,6 +23,11 @@ use crate::model::position_encoding::{sine_dim_t, SCALE};
 
 /// Exports `model` (eval mode) to an ONNX model's bytes.
 pub fn to_onnx(model: &Dino, opts: &ExportOptions) -> Result<Vec<u8>, ExportError> {
+    Ok(to_graph(model, opts)?.to_bytes())
+}
+
+/// Exports `model` (eval mode) to an in-memory ONNX graph.
+pub fn to_graph(model: &Dino, opts: &ExportOptions) -> Result<Graph, ExportError> {
     opts.check()?;
     let (h, w) = (opts.input_height as i64, opts.input_width as i64);
     let positions = model.encoder_positions(h, w);
@@ -39,7 +45,7 @@ pub fn to_onnx(model: &Dino, opts: &ExportOptions) -> Result<Vec<u8>, ExportErro
 }
 
 impl Writer {
-    fn dino(mut self, model: &Dino, opts: &ExportOptions) -> Vec<u8> {
+    fn dino(mut self, model: &Dino, opts: &ExportOptions) -> Graph {
         let (h, w) = (opts.input_height as i64, opts.input_width as i64);
         let tc = model.config.base.transformer;
         let (d, nq) = (tc.d_model, model.num_queries());
@@ -164,7 +170,7 @@ impl Writer {
         let values = self.fresh("TopK_values");
         let indices = self.fresh("TopK_indices");
         let name = format!("TopK_node_{}", self.nodes.len());
-        self.nodes.push(super::proto::node(
+        self.nodes.push(super::graph::Node::new(
             "TopK",
             &name,
             &[x, k],

@@ -5,8 +5,8 @@
 //! ONNX node per tensor operation of that forward, in the same order and with the same constants.
 //! Multi-scale deformable attention becomes standard ops (`GridSample` bilinear / zeros /
 //! `align_corners = 0`, the model's own sampling convention), `GroupNorm` becomes
-//! `Reshape → InstanceNormalization → Reshape → Mul → Add`, `FrozenBatchNorm2d` becomes `Mul → Add`
-//! with the model's folded scale and shift, and the decoder's `MultiheadAttention` becomes
+//! `Reshape → InstanceNormalization → Reshape → Mul → Add`, `FrozenBatchNorm2d` is folded into
+//! the convolution before it (weight·scale, bias = shift), and the decoder's `MultiheadAttention` becomes
 //! `MatMul → Softmax → MatMul`.
 //!
 //! The input size is fixed at export (TAO exports without a padding mask), so the sine position
@@ -15,10 +15,11 @@
 //! the model's forward by `trainer/tests/onnx_export.rs` through onnxruntime.
 
 mod dino;
+pub mod graph;
 pub mod nvdsinfer;
 pub mod proto;
 
-pub use dino::to_onnx as dino_to_onnx;
+pub use dino::{to_graph as dino_to_graph, to_onnx as dino_to_onnx};
 
 use std::path::Path;
 
@@ -26,14 +27,20 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use crate::model::backbone::{Backbone, Block, Conv, FrozenBatchNorm2d, FROZEN_BN_EPS};
+use crate::model::deformable_detr::DetrConfig;
 use crate::model::deformable_detr::{InputProj, Mlp};
 use crate::model::deformable_transformer::{
     DecoderLayer, DeformableTransformer, EncoderLayer, MultiheadAttention,
 };
+use crate::model::dino::{Dino, DinoConfig};
 use crate::model::ms_deform_attn::MSDeformAttn;
 use crate::model::position_encoding::PositionEmbeddingSine;
 use crate::model::{DeformableDetr, INVERSE_SIGMOID_EPS};
-use proto::{Attr, Dim, Msg};
+use crate::model_checkpoint;
+use crate::spec::{Architecture, ExperimentSpec};
+use crate::TrainerError;
+use graph::{Graph, Init, Node, ValueInfo};
+use proto::{Attr, Dim};
 
 /// The lowest opset the graph needs: `LayerNormalization` is opset 17 (`GridSample` 16).
 pub const MIN_OPSET: u32 = 17;
@@ -119,17 +126,13 @@ impl ExportOptions {
     }
 }
 
-/// The IR version that goes with an opset (onnx's `VERSION_TABLE`).
-fn ir_version(opset: u32) -> i64 {
-    match opset {
-        ..=18 => 8,
-        19 | 20 => 9,
-        _ => 10,
-    }
-}
-
 /// Exports `model` (in eval mode: no dropout) to an ONNX model's bytes.
 pub fn to_onnx(model: &DeformableDetr, opts: &ExportOptions) -> Result<Vec<u8>, ExportError> {
+    Ok(to_graph(model, opts)?.to_bytes())
+}
+
+/// Exports `model` (in eval mode) to an in-memory ONNX graph.
+pub fn to_graph(model: &DeformableDetr, opts: &ExportOptions) -> Result<Graph, ExportError> {
     opts.check()?;
     if model.config.transformer.two_stage {
         return Err(ExportError::TwoStage);
@@ -137,6 +140,29 @@ pub fn to_onnx(model: &DeformableDetr, opts: &ExportOptions) -> Result<Vec<u8>, 
     Ok(tch::no_grad(|| {
         Writer::new(opts.opset_version).model(model, opts)
     }))
+}
+
+/// The spec's architecture built at its `model` section, `checkpoint` loaded (any published
+/// layout: ddetr, official .pth, transformers, TAO; logged), exported to a graph.
+pub fn checkpoint_graph(
+    spec: &ExperimentSpec,
+    checkpoint: &Path,
+    opts: &ExportOptions,
+) -> Result<Graph, TrainerError> {
+    let nc = spec.dataset.num_classes;
+    let vs = nn::VarStore::new(Device::Cpu);
+    Ok(match spec.architecture() {
+        Architecture::DeformableDetr => {
+            let model = DeformableDetr::new(&vs.root(), DetrConfig::from_spec(&spec.model, nc)?);
+            model_checkpoint::load_for_task(&vs, checkpoint)?;
+            to_graph(&model, opts)?
+        }
+        Architecture::Dino => {
+            let model = Dino::new(&vs.root(), DinoConfig::from_spec(&spec.model, nc)?);
+            model_checkpoint::load_for_architecture(&vs, checkpoint, Architecture::Dino)?;
+            dino_to_graph(&model, opts)?
+        }
+    })
 }
 
 /// [`to_onnx`] and write the file.
@@ -184,8 +210,8 @@ struct LevelConstants {
 /// Graph builder: nodes in execution order, initializers, fresh names.
 struct Writer {
     opset: u32,
-    nodes: Vec<Msg>,
-    inits: Vec<Msg>,
+    nodes: Vec<Node>,
+    inits: Vec<Init>,
     counter: usize,
 }
 
@@ -227,24 +253,26 @@ impl Writer {
 
     fn op_into(&mut self, op: &str, inputs: &[&str], attrs: &[(&str, Attr)], out: &str) {
         let name = format!("{op}_node_{}", self.nodes.len());
-        self.nodes
-            .push(proto::node(op, &name, inputs, &[out], attrs));
+        self.nodes.push(Node::new(op, &name, inputs, &[out], attrs));
     }
 
     /// An f32 initializer (`name` made unique).
     fn tensor(&mut self, name: &str, t: &Tensor) -> V {
         let name = self.fresh(name);
         let (dims, raw) = f32_raw(t);
-        self.inits
-            .push(proto::tensor(&name, &dims, proto::FLOAT, &raw));
+        self.inits.push(Init {
+            name: name.clone(),
+            dims,
+            data_type: proto::FLOAT,
+            raw,
+        });
         name
     }
 
     /// A 0-d f32 constant.
     fn scalar(&mut self, v: f32) -> V {
         let name = self.fresh("scalar");
-        self.inits
-            .push(proto::tensor(&name, &[], proto::FLOAT, &v.to_le_bytes()));
+        self.inits.push(Init::f32(&name, &[], &[v]));
         name
     }
 
@@ -252,8 +280,12 @@ impl Writer {
     fn ints(&mut self, vals: &[i64], dims: &[i64]) -> V {
         let name = self.fresh("ints");
         let raw: Vec<u8> = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.inits
-            .push(proto::tensor(&name, dims, proto::INT64, &raw));
+        self.inits.push(Init {
+            name: name.clone(),
+            dims: dims.to_vec(),
+            data_type: proto::INT64,
+            raw,
+        });
         name
     }
 
@@ -346,17 +378,34 @@ impl Writer {
         self.op("Log", &[&r], &[])
     }
 
-    /// A backbone convolution (no bias); tracks the spatial size.
-    fn conv(&mut self, x: &str, c: &Conv, name: &str, hw: &mut (i64, i64)) -> V {
+    /// A backbone convolution (no bias) and the `FrozenBatchNorm2d` after it, folded into one
+    /// `Conv`: weight·scale per output channel, bias = shift, with the model's scale and shift
+    /// (`x·scale + shift`). Tracks the spatial size. One node keeps the pair a single quantizable
+    /// op for `ddetr quantize`; runtimes fold it the same way.
+    fn conv_bn(
+        &mut self,
+        x: &str,
+        c: &Conv,
+        bn: &FrozenBatchNorm2d,
+        name: &str,
+        bn_name: &str,
+        hw: &mut (i64, i64),
+    ) -> V {
         let k = c.weight.size()[2];
-        let w = self.tensor(&format!("{name}.weight"), &c.weight);
+        let scale = &bn.weight * (&bn.running_var + FROZEN_BN_EPS).rsqrt();
+        let shift = &bn.bias - &bn.running_mean * &scale;
+        let w = self.tensor(
+            &format!("{name}.weight"),
+            &(&c.weight * scale.view([-1, 1, 1, 1])),
+        );
+        let b = self.tensor(&format!("{bn_name}.shift"), &shift);
         *hw = (
             conv_out(hw.0, k, c.stride, c.padding, c.dilation),
             conv_out(hw.1, k, c.stride, c.padding, c.dilation),
         );
         self.op(
             "Conv",
-            &[x, &w],
+            &[x, &w, &b],
             &[
                 ("kernel_shape", Attr::Ints(vec![k, k])),
                 ("strides", Attr::Ints(vec![c.stride, c.stride])),
@@ -366,23 +415,19 @@ impl Writer {
         )
     }
 
-    /// `FrozenBatchNorm2d` with the model's folded scale and shift: `x·scale + shift`.
-    fn frozen_bn(&mut self, x: &str, bn: &FrozenBatchNorm2d, name: &str) -> V {
-        let scale = &bn.weight * (&bn.running_var + FROZEN_BN_EPS).rsqrt();
-        let shift = &bn.bias - &bn.running_mean * &scale;
-        let s = self.tensor(&format!("{name}.scale"), &scale.view([1, -1, 1, 1]));
-        let b = self.tensor(&format!("{name}.shift"), &shift.view([1, -1, 1, 1]));
-        let y = self.binary("Mul", x, &s);
-        self.binary("Add", &y, &b)
-    }
-
     fn block(&mut self, x: &str, block: &Block, name: &str, hw: &mut (i64, i64)) -> V {
         let n = block.convs.len();
         let mut out = x.to_string();
         let mut out_hw = *hw;
         for (i, (conv, bn)) in block.convs.iter().zip(&block.bns).enumerate() {
-            out = self.conv(&out, conv, &format!("{name}.conv{}", i + 1), &mut out_hw);
-            out = self.frozen_bn(&out, bn, &format!("{name}.bn{}", i + 1));
+            out = self.conv_bn(
+                &out,
+                conv,
+                bn,
+                &format!("{name}.conv{}", i + 1),
+                &format!("{name}.bn{}", i + 1),
+                &mut out_hw,
+            );
             if i + 1 < n {
                 out = self.op("Relu", &[&out], &[]);
             }
@@ -390,8 +435,14 @@ impl Writer {
         let identity = match &block.downsample {
             Some(d) => {
                 let mut ds_hw = *hw;
-                let y = self.conv(x, &d.conv, &format!("{name}.downsample.0"), &mut ds_hw);
-                self.frozen_bn(&y, &d.bn, &format!("{name}.downsample.1"))
+                self.conv_bn(
+                    x,
+                    &d.conv,
+                    &d.bn,
+                    &format!("{name}.downsample.0"),
+                    &format!("{name}.downsample.1"),
+                    &mut ds_hw,
+                )
             }
             None => x.to_string(),
         };
@@ -667,8 +718,8 @@ impl Writer {
         self.layer_norm(&t, &layer.norm3, &format!("{name}.norm3"))
     }
 
-    /// The whole model → ModelProto bytes.
-    fn model(mut self, model: &DeformableDetr, opts: &ExportOptions) -> Vec<u8> {
+    /// The whole model → its graph.
+    fn model(mut self, model: &DeformableDetr, opts: &ExportOptions) -> Graph {
         let (h, w) = (opts.input_height as i64, opts.input_width as i64);
         let features = self.backbone(&model.backbone, (h, w));
         let srcs = self.input_levels(&model.input_proj, &features);
@@ -701,8 +752,14 @@ impl Writer {
     fn backbone(&mut self, backbone: &Backbone, input_hw: (i64, i64)) -> Vec<(V, (i64, i64))> {
         let body = &backbone.body;
         let mut hw = input_hw;
-        let x = self.conv(INPUT_NAME, &body.conv1, "backbone.0.body.conv1", &mut hw);
-        let x = self.frozen_bn(&x, &body.bn1, "backbone.0.body.bn1");
+        let x = self.conv_bn(
+            INPUT_NAME,
+            &body.conv1,
+            &body.bn1,
+            "backbone.0.body.conv1",
+            "backbone.0.body.bn1",
+            &mut hw,
+        );
         let x = self.op("Relu", &[&x], &[]);
         let mut x = self.op(
             "MaxPool",
@@ -988,46 +1045,41 @@ impl Writer {
     }
 
     /// The graph's input and outputs declared (the batch axis dynamic when
-    /// `opts.batch_size < 0`) → ModelProto bytes.
-    fn finish(self, nq: i64, nc: i64, graph_name: &str, opts: &ExportOptions) -> Vec<u8> {
+    /// `opts.batch_size < 0`) → the graph.
+    fn finish(self, nq: i64, nc: i64, graph_name: &str, opts: &ExportOptions) -> Graph {
         let (h, w) = (opts.input_height as i64, opts.input_width as i64);
         let batch_dim = if opts.batch_size < 0 {
             Dim::Param("batch".into())
         } else {
             Dim::Fixed(opts.batch_size as i64)
         };
-        let inputs = [proto::value_info(
-            INPUT_NAME,
-            proto::FLOAT,
-            &[
-                batch_dim.clone(),
-                Dim::Fixed(3),
-                Dim::Fixed(h),
-                Dim::Fixed(w),
+        let value = |name: &str, shape: Vec<Dim>| ValueInfo {
+            name: name.into(),
+            elem_type: proto::FLOAT,
+            shape: Some(shape),
+        };
+        Graph {
+            name: graph_name.into(),
+            opset: self.opset,
+            nodes: self.nodes,
+            inits: self.inits,
+            inputs: vec![value(
+                INPUT_NAME,
+                vec![
+                    batch_dim.clone(),
+                    Dim::Fixed(3),
+                    Dim::Fixed(h),
+                    Dim::Fixed(w),
+                ],
+            )],
+            outputs: vec![
+                value(
+                    OUTPUT_LOGITS,
+                    vec![batch_dim.clone(), Dim::Fixed(nq), Dim::Fixed(nc)],
+                ),
+                value(OUTPUT_BOXES, vec![batch_dim, Dim::Fixed(nq), Dim::Fixed(4)]),
             ],
-        )];
-        let outputs = [
-            proto::value_info(
-                OUTPUT_LOGITS,
-                proto::FLOAT,
-                &[batch_dim.clone(), Dim::Fixed(nq), Dim::Fixed(nc)],
-            ),
-            proto::value_info(
-                OUTPUT_BOXES,
-                proto::FLOAT,
-                &[batch_dim, Dim::Fixed(nq), Dim::Fixed(4)],
-            ),
-        ];
-        proto::model(
-            ir_version(self.opset),
-            self.opset as i64,
-            env!("CARGO_PKG_VERSION"),
-            graph_name,
-            &self.nodes,
-            &self.inits,
-            &inputs,
-            &outputs,
-        )
+        }
     }
 }
 

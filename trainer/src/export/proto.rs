@@ -5,6 +5,12 @@
 
 /// `TensorProto.DataType.FLOAT`.
 pub const FLOAT: i32 = 1;
+/// `TensorProto.DataType.UINT8`.
+pub const UINT8: i32 = 2;
+/// `TensorProto.DataType.INT8`.
+pub const INT8: i32 = 3;
+/// `TensorProto.DataType.INT32`.
+pub const INT32: i32 = 6;
 /// `TensorProto.DataType.INT64`.
 pub const INT64: i32 = 7;
 
@@ -136,19 +142,22 @@ pub enum Dim {
     Param(String),
 }
 
-/// `ValueInfoProto` of a tensor.
-pub fn value_info(name: &str, elem_type: i32, shape: &[Dim]) -> Msg {
-    let mut shape_m = Msg::default();
-    for d in shape {
-        let mut dm = Msg::default();
-        match d {
-            Dim::Fixed(v) => dm.int(1, *v),
-            Dim::Param(p) => dm.str(2, p),
-        };
-        shape_m.msg(1, &dm);
-    }
+/// `ValueInfoProto` of a tensor (`shape: None`: the shape is left unknown).
+pub fn value_info(name: &str, elem_type: i32, shape: Option<&[Dim]>) -> Msg {
     let mut tensor_type = Msg::default();
-    tensor_type.int(1, elem_type as i64).msg(2, &shape_m);
+    tensor_type.int(1, elem_type as i64);
+    if let Some(shape) = shape {
+        let mut shape_m = Msg::default();
+        for d in shape {
+            let mut dm = Msg::default();
+            match d {
+                Dim::Fixed(v) => dm.int(1, *v),
+                Dim::Param(p) => dm.str(2, p),
+            };
+            shape_m.msg(1, &dm);
+        }
+        tensor_type.msg(2, &shape_m);
+    }
     let mut type_proto = Msg::default();
     type_proto.msg(1, &tensor_type);
     let mut m = Msg::default();

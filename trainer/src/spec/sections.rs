@@ -577,6 +577,127 @@ impl Default for ExportConfig {
     }
 }
 
+/// `quantize.backend` (TAO's names). ddetr quantizes the exported ONNX graph, which is what TAO's
+/// `modelopt.onnx` backend does; the PyTorch backends (`torchao`, `modelopt.pytorch`) are
+/// refused with a line that says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuantizeBackend {
+    #[serde(rename = "modelopt.onnx")]
+    ModeloptOnnx,
+    #[serde(rename = "modelopt.pytorch")]
+    ModeloptPytorch,
+    #[serde(rename = "torchao")]
+    Torchao,
+}
+
+/// `quantize.mode`: weights and activations (`static_ptq`) or weights only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantizeMode {
+    StaticPtq,
+    WeightOnlyPtq,
+}
+
+/// `quantize.algorithm`: the activation calibration (TAO's names; `percentile` is ddetr's, its
+/// `p` in `backend_kwargs.percentile`). TAO's weight-only LLM methods (`awq_*`, `rtn_dq`) are
+/// refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CalibrationAlgorithm {
+    Minmax,
+    Max,
+    Entropy,
+    Percentile,
+    AwqClip,
+    AwqLite,
+    AwqFull,
+    RtnDq,
+}
+
+/// `quantize.layers[].weights` / `.activations`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TensorQuantization {
+    /// `int8` or `native` (keep float); TAO's fp8 types are refused (no CPU kernels).
+    pub dtype: String,
+    pub observer_or_fake_quant: String,
+    pub quant_axis: Option<i64>,
+    pub observer_or_fake_quant_kwargs: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for TensorQuantization {
+    fn default() -> Self {
+        Self {
+            dtype: "int8".into(),
+            observer_or_fake_quant: String::new(),
+            quant_axis: None,
+            observer_or_fake_quant_kwargs: BTreeMap::new(),
+        }
+    }
+}
+
+/// `quantize.layers[]`: modules matched by `module_name` (an `fnmatch` pattern on the module
+/// path, else on the class name `Conv2d`/`Linear`) and how they are quantized; a `null`
+/// `weights`/`activations` keeps that part float. The last matching entry wins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LayerQuantization {
+    pub module_name: String,
+    pub weights: Option<TensorQuantization>,
+    pub activations: Option<TensorQuantization>,
+}
+
+impl Default for LayerQuantization {
+    fn default() -> Self {
+        Self {
+            module_name: String::new(),
+            weights: None,
+            activations: None,
+        }
+    }
+}
+
+/// The `quantize` section (TAO's `ModelQuantizationConfig`). ddetr's defaults differ from TAO's
+/// (`torchao`, `weight_only_ptq`) because ddetr quantizes the ONNX graph: `modelopt.onnx`,
+/// `static_ptq`, `minmax`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuantizeConfig {
+    pub backend: QuantizeBackend,
+    pub mode: QuantizeMode,
+    pub algorithm: CalibrationAlgorithm,
+    /// Empty: every Conv2d and Linear, weights and activations in int8.
+    pub layers: Vec<LayerQuantization>,
+    /// Modules kept in float besides ddetr's own list (the heads and the deformable sampling).
+    pub skip_names: Vec<String>,
+    /// The trained checkpoint to quantize; empty: `export.checkpoint`.
+    pub model_path: Option<String>,
+    /// Defaults to `<results_dir>/quantize`.
+    pub results_dir: Option<String>,
+    /// (ddetr) `calibration_images` (default 64), `percentile` (default 99.99), `weight_bits`
+    /// (8, or 7 for CPUs without VNNI whose u8×s8 kernels saturate; default 8), `latency_runs`
+    /// (default 30; 0 skips the timing).
+    pub backend_kwargs: BTreeMap<String, serde_json::Value>,
+    /// `cpu` (ddetr calibrates with onnxruntime on the CPU; `cuda` is accepted and runs there too).
+    pub device: String,
+}
+
+impl Default for QuantizeConfig {
+    fn default() -> Self {
+        Self {
+            backend: QuantizeBackend::ModeloptOnnx,
+            mode: QuantizeMode::StaticPtq,
+            algorithm: CalibrationAlgorithm::Minmax,
+            layers: Vec::new(),
+            skip_names: Vec::new(),
+            model_path: None,
+            results_dir: None,
+            backend_kwargs: BTreeMap::new(),
+            device: "cpu".into(),
+        }
+    }
+}
+
 /// `distill.bindings[].criterion` (TAO's `core/distillation/losses.py`): the mean absolute or
 /// squared difference, or KL(teacher ‖ student) of the softmax over the last dimension (element
 /// mean, no temperature).
@@ -691,6 +812,8 @@ pub struct ExperimentSpec {
     pub evaluate: EvaluateConfig,
     pub inference: InferenceConfig,
     pub export: ExportConfig,
+    /// TAO's `quantize` task: INT8 QDQ ONNX from a trained checkpoint.
+    pub quantize: QuantizeConfig,
     pub convert: ConvertConfig,
     /// TAO's Weights & Biases settings (accepted; ddetr does not upload anywhere).
     pub wandb: Option<serde_json::Value>,
@@ -713,6 +836,7 @@ impl Default for ExperimentSpec {
             evaluate: EvaluateConfig::default(),
             inference: InferenceConfig::default(),
             export: ExportConfig::default(),
+            quantize: QuantizeConfig::default(),
             convert: ConvertConfig::default(),
             wandb: None,
             gen_trt_engine: None,
@@ -729,6 +853,7 @@ pub enum Task {
     Inference,
     Export,
     Distill,
+    Quantize,
 }
 
 impl ExperimentSpec {
@@ -763,6 +888,7 @@ impl ExperimentSpec {
             Task::Evaluate => (&self.evaluate.results_dir, "evaluate"),
             Task::Inference => (&self.inference.results_dir, "inference"),
             Task::Export => (&self.export.results_dir, "export"),
+            Task::Quantize => (&self.quantize.results_dir, "quantize"),
             Task::Distill => (
                 self.distill.as_ref().map_or(&None, |d| &d.results_dir),
                 "distill",

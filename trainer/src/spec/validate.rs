@@ -39,6 +39,7 @@ pub fn validate(spec: &mut ExperimentSpec) -> Result<Vec<Notice>, SpecError> {
     }
     validate_dataset(spec)?;
     validate_train(spec)?;
+    crate::quantize::Settings::from_spec(&spec.quantize).map_err(|(k, m)| invalid(&k, m))?;
     for (section, num_gpus, gpu_ids) in [
         ("train", &mut spec.train.num_gpus, &mut spec.train.gpu_ids),
         (
