@@ -165,7 +165,19 @@ fn model_info_counts_parameters_per_module() {
     }
     assert!(table.contains("transformer.encoder ") && table.contains("backbone.0.body.layer4 "));
     let last = table.lines().last().unwrap();
-    assert_eq!(last, "params=46845822 trainable=46517182 frozen=328640");
+    assert!(
+        last.starts_with("params=46845822 trainable=46517182 frozen=328640 input=544x960 gflops="),
+        "{last}"
+    );
+    // FLOPs at TAO's export size: the backbone's convolutions alone are ~4.1 GFLOPs per
+    // 224² image for ResNet-50, about 43 at 544×960; the transformer adds tens more.
+    let gflops: f64 = last
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("gflops="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((60.0..250.0).contains(&gflops), "{last}");
     let out = ddetr(&[
         "model",
         "info",

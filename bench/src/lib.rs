@@ -34,6 +34,7 @@ mod data;
 mod distill;
 mod launch;
 mod peer;
+mod quantize;
 mod ranks;
 mod step;
 mod train;
@@ -62,6 +63,9 @@ pub enum BenchCommand {
     /// Distillation: the same DINO student trained alone and from a trained teacher, for the
     /// same wall time; both curves in one PNG.
     Distill(distill::DistillArgs),
+    /// INT8 quantization: ddetr's QDQ model against the FP32 one and onnxruntime's
+    /// quantize_static, scored and timed by the same code.
+    Quantize(quantize::QuantizeBenchArgs),
     /// Data path: transform img/s on one core, cache build/open/RSS on COCO-sized annotations.
     Data(data::DataBenchArgs),
     /// Collective bandwidth (nccl-tests' time/algbw/busbw) against torch.distributed's gloo on the
@@ -81,6 +85,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Converge(args) => converge::run(args),
         BenchCommand::Data(args) => data::run(args),
         BenchCommand::Distill(args) => distill::run(args),
+        BenchCommand::Quantize(args) => quantize::run(args),
         BenchCommand::Collective(args) => collective::run(args),
         BenchCommand::Barrier(args) => barrier::run(args),
         BenchCommand::Launch(args) => launch::run(args),

@@ -1,11 +1,14 @@
 //! `ddetr model info -e spec.yaml`: the spec's network built (no checkpoint needed), its
 //! parameters counted per module — trainable (in an optimizer group) and frozen (FrozenBatchNorm
 //! statistics and affine terms, the backbone stages TAO keeps frozen, `train.freeze`) — so a
-//! user can size a run before starting it. The last line is `key=value`.
+//! user can size a run before starting it — and the FLOPs of one forward at the export size
+//! (`ddetr_trainer::flops`, counted on the exported graph). The last line is `key=value`.
 
 use std::collections::BTreeMap;
 
 use ddetr_trainer::detector::{build_model, Built, DeformableDetrDetector, Detector, DinoDetector};
+use ddetr_trainer::export::{self, ExportOptions};
+use ddetr_trainer::flops::FlopCount;
 use ddetr_trainer::spec::{Architecture, Backbone, ExperimentSpec};
 use tch::Device;
 
@@ -21,8 +24,25 @@ pub(super) fn info(args: &SpecArgs) -> anyhow::Result<()> {
         )?),
         Architecture::Dino => count(&build_model::<DinoDetector>(&spec, Device::Cpu, 0)?),
     };
-    print!("{}", render(&spec, &rows));
+    let flops = flops(&spec);
+    print!("{}", render(&spec, &rows, flops.as_ref()));
     Ok(())
+}
+
+/// FLOPs at the export size, or `None` with one line saying why (a model the exporter does not
+/// write, no onnxruntime).
+fn flops(spec: &ExperimentSpec) -> Option<(u32, u32, FlopCount)> {
+    let opts = ExportOptions::from_spec(&spec.export);
+    let hw = (opts.input_height, opts.input_width);
+    let counted =
+        export::spec_graph(spec, None, &opts).and_then(|g| ddetr_trainer::flops::count(&g, hw));
+    match counted {
+        Ok(c) => Some((hw.0, hw.1, c)),
+        Err(e) => {
+            eprintln!("FLOPs not counted: {e}");
+            None
+        }
+    }
 }
 
 /// The module a variable belongs to: `transformer.<part>`, `backbone.0.body.<stage>`, or its
@@ -55,7 +75,11 @@ fn count<D: Detector>(built: &Built<D>) -> BTreeMap<String, (i64, i64)> {
     rows
 }
 
-fn render(spec: &ExperimentSpec, rows: &BTreeMap<String, (i64, i64)>) -> String {
+fn render(
+    spec: &ExperimentSpec,
+    rows: &BTreeMap<String, (i64, i64)>,
+    flops: Option<&(u32, u32, FlopCount)>,
+) -> String {
     let m = &spec.model;
     let mut out = format!(
         "model: {} ({}, {} levels, d {}, {}+{} layers, {} queries, {} classes)\n",
@@ -85,11 +109,27 @@ fn render(spec: &ExperimentSpec, rows: &BTreeMap<String, (i64, i64)>) -> String 
         group(trainable),
         group(frozen)
     );
-    out += &format!(
-        "params={} trainable={trainable} frozen={frozen}\n",
+    let mut kv = format!(
+        "params={} trainable={trainable} frozen={frozen}",
         trainable + frozen
     );
-    out
+    if let Some((h, w, c)) = flops {
+        let g = |x: f64| x / 1e9;
+        out += &format!(
+            "FLOPs of one {h}x{w} image (export.input_height x input_width; multiply-adds, fvcore's convention): {:.2} G = conv {:.2} + linear {:.2} + attention {:.2}; deformable sampling {:.2} G more (fvcore leaves it out)\n",
+            g(c.fvcore()),
+            g(c.conv),
+            g(c.linear),
+            g(c.attention),
+            g(c.sampling)
+        );
+        kv += &format!(
+            " input={h}x{w} gflops={:.3} gflops_with_sampling={:.3}",
+            g(c.fvcore()),
+            g(c.total())
+        );
+    }
+    out + &kv + "\n"
 }
 
 /// `1234567` → `1,234,567`.

@@ -37,6 +37,7 @@ pub mod dino_criterion;
 pub mod distill;
 pub mod evaluate;
 pub mod export;
+pub mod flops;
 pub mod inference;
 pub mod input_sizes;
 pub mod lsa;

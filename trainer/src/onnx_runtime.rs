@@ -139,7 +139,8 @@ impl OnnxModel {
     }
 
     /// Runs one batch (`images` `[N, 3, H, W]` row-major, normalised) and returns the named
-    /// outputs as (shape, values), in the order asked.
+    /// outputs as (shape, values), in the order asked. Never ask for a graph input as an output:
+    /// onnxruntime returns the input's own buffer, which is gone when the call returns.
     pub fn run(
         &mut self,
         images: Vec<f32>,

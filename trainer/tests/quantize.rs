@@ -121,8 +121,15 @@ fn int8_graph_keeps_heads_and_sampling_float_and_tracks_the_float_model() {
     assert!(kept.iter().any(|m| m.contains("class_embed")));
     assert!(kept.iter().any(|m| m.contains("sampling_offsets")));
 
-    let ranges = quantize::calibrate(&g, &ops, &images(6, 1), (H, W), Method::MinMax).unwrap();
+    let calib = images(6, 1);
+    let ranges = quantize::calibrate(&g, &ops, &calib, (H, W), Method::MinMax).unwrap();
     assert_eq!(ranges.len(), qdq::activation_tensors(&g, &ops).len());
+    // The image input's range is the images' own (read from them, not from the runtime).
+    let (lo, hi) = calib
+        .iter()
+        .flatten()
+        .fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+    assert_eq!(ranges[export::INPUT_NAME], (lo, hi));
     let q = qdq::rewrite(&g, &ops, &ranges, 127.0);
     // Structure: one INT8 weight behind a DequantizeLinear per op, one Q/DQ pair per activation.
     let int8_weights = q

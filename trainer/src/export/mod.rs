@@ -149,17 +149,31 @@ pub fn checkpoint_graph(
     checkpoint: &Path,
     opts: &ExportOptions,
 ) -> Result<Graph, TrainerError> {
+    spec_graph(spec, Some(checkpoint), opts)
+}
+
+/// The spec's architecture exported to a graph, with `checkpoint`'s weights or freshly
+/// initialised ones (`None`: for counting, not for running).
+pub fn spec_graph(
+    spec: &ExperimentSpec,
+    checkpoint: Option<&Path>,
+    opts: &ExportOptions,
+) -> Result<Graph, TrainerError> {
     let nc = spec.dataset.num_classes;
     let vs = nn::VarStore::new(Device::Cpu);
     Ok(match spec.architecture() {
         Architecture::DeformableDetr => {
             let model = DeformableDetr::new(&vs.root(), DetrConfig::from_spec(&spec.model, nc)?);
-            model_checkpoint::load_for_task(&vs, checkpoint)?;
+            if let Some(c) = checkpoint {
+                model_checkpoint::load_for_task(&vs, c)?;
+            }
             to_graph(&model, opts)?
         }
         Architecture::Dino => {
             let model = Dino::new(&vs.root(), DinoConfig::from_spec(&spec.model, nc)?);
-            model_checkpoint::load_for_architecture(&vs, checkpoint, Architecture::Dino)?;
+            if let Some(c) = checkpoint {
+                model_checkpoint::load_for_architecture(&vs, c, Architecture::Dino)?;
+            }
             dino_to_graph(&model, opts)?
         }
     })

@@ -178,12 +178,14 @@ impl Settings {
         let weight_qmax = match num("weight_bits", 8.0)? {
             b if b == 8.0 => 127.0,
             b if b == 7.0 => 63.0,
-            b => return Err((
-                "quantize.backend_kwargs.weight_bits".into(),
-                format!(
+            b => {
+                return Err((
+                    "quantize.backend_kwargs.weight_bits".into(),
+                    format!(
                     "is {b}: use 8, or 7 for CPUs without VNNI whose u8×s8 kernels can saturate"
                 ),
-            )),
+                ))
+            }
         };
         let latency_runs = num("latency_runs", 30.0)?;
         if latency_runs < 0.0 || latency_runs.fract() != 0.0 {
@@ -298,8 +300,12 @@ pub fn calibrate(
     if tensors.is_empty() {
         return Ok(Ranges::new());
     }
-    let mut model = OnnxModel::new(&graph.with_outputs(&tensors).to_bytes(), 0)?;
-    let names: Vec<&str> = tensors.iter().map(String::as_str).collect();
+    // A graph input is observed from the images themselves: asking a runtime to return its own
+    // input as an output hands back a buffer that dies with the call.
+    let is_input = |t: &str| graph.inputs.iter().any(|i| i.name == t);
+    let computed: Vec<String> = tensors.iter().filter(|t| !is_input(t)).cloned().collect();
+    let mut model = OnnxModel::new(&graph.with_outputs(&computed).to_bytes(), 0)?;
+    let names: Vec<&str> = computed.iter().map(String::as_str).collect();
     let shape = [1, 3, i64::from(h), i64::from(w)];
     let mut extremes = vec![Extremes::default(); tensors.len()];
     let passes = if method.needs_histogram() { 2 } else { 1 };
@@ -313,7 +319,13 @@ pub fn calibrate(
         }
         for (i, img) in images.iter().enumerate() {
             let outs = model.run(img.clone(), shape, &names)?;
-            for (k, (_, v)) in outs.iter().enumerate() {
+            let mut outs = outs.iter();
+            for (k, t) in tensors.iter().enumerate() {
+                let v: &[f32] = if is_input(t) {
+                    img
+                } else {
+                    &outs.next().expect("one output per computed tensor").1
+                };
                 if pass == 0 {
                     extremes[k].observe(v);
                 } else {
@@ -412,6 +424,8 @@ pub struct QuantizeOutcome {
     pub quantized_ops: usize,
     pub quantizable_ops: usize,
     pub calibration_images: usize,
+    /// The names of the Conv/MatMul nodes left float (for a peer quantizer's exclude list).
+    pub float_nodes: Vec<String>,
     /// (FP32, INT8) COCO scores over the validation data, when the spec has some.
     pub scores: Option<(CocoStats, CocoStats)>,
     /// (FP32, INT8) median one-image milliseconds, when timed.
@@ -467,6 +481,29 @@ fn calibration_files(spec: &ExperimentSpec, n: usize) -> Result<Vec<PathBuf>, Tr
     Ok(files)
 }
 
+/// The calibration images as the model takes them (see [`model_input`]).
+pub fn calibration_inputs(
+    spec: &ExperimentSpec,
+    settings: &Settings,
+    hw: (u32, u32),
+) -> Result<Vec<Vec<f32>>, TrainerError> {
+    let aug = &spec.dataset.augmentation;
+    let mut resizer = Resizer::new();
+    calibration_files(spec, settings.calibration_images)?
+        .iter()
+        .map(|f| {
+            model_input(
+                &read(f)?,
+                &f.display().to_string(),
+                hw,
+                &aug.input_mean,
+                &aug.input_std,
+                &mut resizer,
+            )
+        })
+        .collect()
+}
+
 /// The checkpoint to quantize: `quantize.model_path`, else `export.checkpoint`.
 fn checkpoint(spec: &ExperimentSpec) -> Result<PathBuf, TrainerError> {
     let set = |p: &Option<String>| p.as_deref().filter(|p| !p.is_empty()).map(PathBuf::from);
@@ -509,24 +546,9 @@ pub fn quantize(spec: &ExperimentSpec) -> Result<QuantizeOutcome, TrainerError> 
         ops.len(),
         ops.iter().filter(|o| o.activations).count()
     );
-    let aug = &spec.dataset.augmentation;
     let mut calibrated = 0;
     let ranges = if ops.iter().any(|o| o.activations) {
-        let files = calibration_files(spec, settings.calibration_images)?;
-        let mut resizer = Resizer::new();
-        let images = files
-            .iter()
-            .map(|f| {
-                model_input(
-                    &read(f)?,
-                    &f.display().to_string(),
-                    hw,
-                    &aug.input_mean,
-                    &aug.input_std,
-                    &mut resizer,
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let images = calibration_inputs(spec, &settings, hw)?;
         calibrated = images.len();
         tracing::info!("calibrating on {calibrated} images ({:?})", settings.method);
         calibrate(&graph, &ops, &images, hw, settings.method)?
@@ -593,6 +615,15 @@ pub fn quantize(spec: &ExperimentSpec) -> Result<QuantizeOutcome, TrainerError> 
         quantized_ops: ops.len(),
         quantizable_ops: quantizable,
         calibration_images: calibrated,
+        float_nodes: graph
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| {
+                matches!(n.op.as_str(), "Conv" | "MatMul") && !ops.iter().any(|o| o.node == *i)
+            })
+            .map(|(_, n)| n.name.clone())
+            .collect(),
         scores,
         latency_ms: latency,
     };
