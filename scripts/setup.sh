@@ -91,12 +91,14 @@ else
   venv_ok || die "the virtualenv at $venv is incomplete after install: remove it and rerun"
 fi
 
-# onnx + onnxruntime: the export tests check the ONNX files with them (trainer/tests/onnx_export.rs).
-if "$venv/bin/python" -c 'import onnx, onnxruntime, numpy' 2>/dev/null; then
+# onnx + onnxruntime: the export tests check the ONNX files with them (trainer/tests/onnx_export.rs),
+# and `ddetr quantize` opens the wheel's libonnxruntime.so at run time (the ort crate's C API 22:
+# onnxruntime 1.22 or newer).
+if "$venv/bin/python" -c 'import onnx, numpy, onnxruntime as o; assert tuple(map(int, o.__version__.split(".")[:2])) >= (1, 22)' 2>/dev/null; then
   say "onnx and onnxruntime present"
 else
   say "installing onnx and onnxruntime into $venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check onnx onnxruntime numpy \
+  "$venv/bin/pip" install -q --disable-pip-version-check onnx "onnxruntime>=1.22" numpy \
     || die "pip install onnx onnxruntime failed (network to PyPI?)"
 fi
 

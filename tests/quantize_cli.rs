@@ -12,20 +12,23 @@ use common::{
 };
 
 fn quantize(dir: &Path, ckpt: &Path, extra: &[&str]) -> std::process::Output {
-    let spec = tiny_spec();
+    quantize_with(&["quantize"], &tiny_spec(), dir, ckpt, extra)
+}
+
+fn quantize_with(
+    task: &[&str],
+    spec: &Path,
+    dir: &Path,
+    ckpt: &Path,
+    extra: &[&str],
+) -> std::process::Output {
     let model = format!("quantize.model_path={}", ckpt.display());
-    let mut args: Vec<&str> = vec![
-        "quantize",
-        "-e",
-        spec.to_str().unwrap(),
-        "-r",
-        "results",
-        &model,
-    ];
+    let mut args: Vec<&str> = task.to_vec();
+    args.extend_from_slice(&["-e", spec.to_str().unwrap(), "-r", "results", &model]);
     args.extend_from_slice(TINY_64);
     args.extend_from_slice(&[
-        "export.input_height=64",
-        "export.input_width=64",
+        "export.input_height=96",
+        "export.input_width=96",
         "dataset.train_data_sources=[{image_dir: data/train/images, json_file: data/train/annotations.json}]",
         "dataset.val_data_sources=[{image_dir: data/val/images, json_file: data/val/annotations.json}]",
         "quantize.backend_kwargs={calibration_images: 4, latency_runs: 2}",
@@ -89,4 +92,30 @@ fn bad_quantize_inputs_get_one_line() {
     assert_one_error_line(out.status, &text(&out.stderr), 2, "is an ONNX file");
     let out = quantize(work.path(), &work.path().join("missing.safetensors"), &[]);
     assert_one_error_line(out.status, &text(&out.stderr), 2, "does not exist");
+}
+
+#[test]
+fn dino_quantizes_through_its_command_group() {
+    let work = tiny_workdir();
+    let spec_path = common::root().join("configs/shapes_dino_tiny.yaml");
+    let spec = ddetr_trainer::spec::load(&spec_path, &[], None)
+        .unwrap()
+        .spec;
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _model = ddetr_trainer::model::dino::Dino::new(
+        &vs.root(),
+        ddetr_trainer::model::dino::DinoConfig::from_spec(&spec.model, spec.dataset.num_classes)
+            .unwrap(),
+    );
+    let ckpt = work.path().join("dino.safetensors");
+    ddetr_trainer::weights::save_safetensors(&vs, &ckpt).unwrap();
+    let out = quantize_with(&["dino", "quantize"], &spec_path, work.path(), &ckpt, &[]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let metrics: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(work.path().join("results/quantize/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(metrics["int8_mAP50"].is_number(), "{metrics}");
+    assert!(metrics["size_ratio"].as_f64().unwrap() < 0.4, "{metrics}");
 }

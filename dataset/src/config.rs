@@ -27,7 +27,7 @@ pub struct InferDataSource {
     pub classmap: String,
 }
 
-/// TAO's quantization-calibration source (accepted for spec compatibility; ddetr does not quantize).
+/// TAO's quantization-calibration source: the images `ddetr quantize` calibrates on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CalibrationDataSource {

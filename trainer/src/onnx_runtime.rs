@@ -107,6 +107,9 @@ fn environment() -> Result<&'static ort::environment::Environment, TrainerError>
     .map_err(|e| TrainerError::Config(format!("onnxruntime: {e}")))
 }
 
+/// An output tensor: its shape and values.
+pub type Output = (Vec<i64>, Vec<f32>);
+
 /// One loaded model, run on the CPU.
 pub struct OnnxModel {
     session: Session,
@@ -146,7 +149,7 @@ impl OnnxModel {
         images: Vec<f32>,
         shape: [i64; 4],
         outputs: &[&str],
-    ) -> Result<Vec<(Vec<i64>, Vec<f32>)>, TrainerError> {
+    ) -> Result<Vec<Output>, TrainerError> {
         let input = Tensor::from_array((shape.to_vec(), images)).map_err(|e| err("input", e))?;
         let out = self
             .session

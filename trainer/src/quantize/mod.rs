@@ -176,8 +176,8 @@ impl Settings {
             ));
         }
         let weight_qmax = match num("weight_bits", 8.0)? {
-            b if b == 8.0 => 127.0,
-            b if b == 7.0 => 63.0,
+            8.0 => 127.0,
+            7.0 => 63.0,
             b => {
                 return Err((
                     "quantize.backend_kwargs.weight_bits".into(),
