@@ -347,14 +347,21 @@ impl Controller {
         !more
     }
 
-    /// The best trial by its last metric.
+    /// The best trial by its last metric (the earliest of equals).
     pub fn best(&self) -> Option<&Trial> {
-        self.trials
-            .iter()
-            .filter(|t| !matches!(t.state, TrialState::Failed { .. }))
-            .filter_map(|t| t.metric().map(|m| (self.score(m), t)))
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, t)| t)
+        let mut best: Option<(f64, &Trial)> = None;
+        for t in &self.trials {
+            if matches!(t.state, TrialState::Failed { .. }) {
+                continue;
+            }
+            if let Some(m) = t.metric() {
+                let s = self.score(m);
+                if best.is_none_or(|(b, _)| s > b) {
+                    best = Some((s, t));
+                }
+            }
+        }
+        best.map(|(_, t)| t)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `ddetr` command line (clap derive). Each subcommand parses its flags here and calls into a
 //! library crate; nothing below prints except through the functions in this module.
 
+mod automl;
 mod convert;
 mod dataset;
 mod export;
@@ -50,6 +51,9 @@ pub enum Command {
     Inference(SpecArgs),
     /// Export a checkpoint to ONNX (TAO's export task: export.checkpoint, export.onnx_file, …).
     Export(SpecArgs),
+    /// Hyper-parameter search over the spec (its `automl` section): trials are `ddetr train` runs
+    /// under ddetr-launch in `<results_dir>/automl/trial_NNN`; resumable after a kill.
+    Automl(automl::AutomlArgs),
     /// INT8 post-training quantization (TAO's quantize task): the checkpoint exported and
     /// calibrated into a QDQ ONNX model, both models scored and timed in onnxruntime.
     Quantize(SpecArgs),
@@ -149,6 +153,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inference(args) => inference::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Quantize(args) => quantize::run(&args),
+        Command::Automl(args) => automl::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Model(ModelCommand::Info(args)) => model::info(&args),
         Command::Dino(cmd) => run(Cli {

@@ -21,6 +21,16 @@ pub(super) enum Run {
 
 pub(super) fn train(args: &SpecArgs, run: Run) -> anyhow::Result<()> {
     let spec = resolve(args)?.spec;
+    if run == Run::Train && spec.automl_policy == ddetr_trainer::spec::AutomlPolicy::On {
+        if std::env::var_os("RANK").is_some() {
+            return Err(crate::exit::UsageError(
+                "automl_policy is on, which runs the search from a plain `ddetr train` (it starts its own trials under ddetr-launch): run it without ddetr-launch, or set automl_policy=off".into(),
+            )
+            .into());
+        }
+        eprintln!("train: automl_policy is on: running the automl search (set automl_policy=off to train once)");
+        return super::automl::search(args);
+    }
     let task = match run {
         Run::Train => "train",
         Run::Distill => "distill",

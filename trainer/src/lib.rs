@@ -26,6 +26,7 @@
 //! to regenerate.
 
 pub mod amp;
+pub mod automl_space;
 pub mod checkpoint;
 pub mod coco_eval;
 pub mod criterion;

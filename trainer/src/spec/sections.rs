@@ -698,6 +698,120 @@ impl Default for QuantizeConfig {
     }
 }
 
+/// `automl_policy` (TAO's skills): `on` makes `ddetr train` run the search of the `automl`
+/// section instead of one training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AutomlPolicy {
+    #[default]
+    Off,
+    On,
+}
+
+/// `automl.automl_algorithm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AutomlAlgorithm {
+    Bayesian,
+    Hyperband,
+    Random,
+}
+
+/// `automl.metric`: what a trial is judged by (`train_loss` is minimised).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AutomlMetric {
+    #[serde(rename = "val_mAP50")]
+    ValMap50,
+    #[serde(rename = "val_mAP")]
+    ValMap,
+    #[serde(rename = "train_loss")]
+    TrainLoss,
+}
+
+impl AutomlMetric {
+    /// The `status.json` kpi key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::ValMap50 => "val_mAP50",
+            Self::ValMap => "val_mAP",
+            Self::TrainLoss => "train_loss",
+        }
+    }
+}
+
+/// `automl.automl_range_override[]`: a searched parameter's bounds, options or scale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutomlRange {
+    /// The spec key (`train.optim.lr`).
+    pub parameter: String,
+    #[serde(default)]
+    pub valid_min: Option<f64>,
+    #[serde(default)]
+    pub valid_max: Option<f64>,
+    /// A choice among these values instead of a range.
+    #[serde(default)]
+    pub valid_options: Option<Vec<serde_json::Value>>,
+    /// (ddetr) `log` or `linear`; the default list's scale otherwise (log for rates and decays).
+    #[serde(default)]
+    pub scale: Option<String>,
+}
+
+/// The `automl` section (TAO's AutoML settings; ddetr's additions marked).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutomlConfig {
+    pub automl_algorithm: AutomlAlgorithm,
+    /// Trials in all.
+    pub automl_max_recommendations: u32,
+    /// Trials at once (the machine's cores divided among them).
+    pub automl_max_concurrent: u32,
+    pub metric: AutomlMetric,
+    /// Hyperband's largest epochs per trial (`R`; TAO 6.26 calls it `automl_max_epochs`); 0:
+    /// `train.num_epochs`.
+    #[serde(rename = "automl_R", alias = "automl_max_epochs")]
+    pub automl_r: u32,
+    /// Hyperband's reduction factor (`ν`; TAO 6.26: `automl_reduction_factor`).
+    #[serde(alias = "automl_reduction_factor")]
+    pub automl_nu: u32,
+    /// Trial epochs are multiplied by this.
+    pub epoch_multiplier: u32,
+    /// Spec keys searched; empty: ddetr's default list for the architecture.
+    pub automl_hyperparameters: Vec<String>,
+    pub automl_range_override: Vec<AutomlRange>,
+    /// (ddetr) Wall-clock minutes for the whole search; 0: no limit.
+    pub budget_minutes: f64,
+    /// (ddetr) Trainer processes per trial (`ddetr-launch --nproc-per-node`).
+    pub nproc_per_trial: u32,
+    /// (ddetr) The search's seed.
+    pub seed: u64,
+    /// Defaults to `<results_dir>/automl`.
+    pub results_dir: Option<String>,
+    /// TAO: delete the checkpoints of trials that are not the best (ddetr keeps the best's).
+    pub automl_delete_intermediate_ckpt: bool,
+}
+
+impl Default for AutomlConfig {
+    fn default() -> Self {
+        Self {
+            automl_algorithm: AutomlAlgorithm::Bayesian,
+            automl_max_recommendations: 20,
+            automl_max_concurrent: 1,
+            metric: AutomlMetric::ValMap50,
+            automl_r: 0,
+            automl_nu: 3,
+            epoch_multiplier: 1,
+            automl_hyperparameters: Vec::new(),
+            automl_range_override: Vec::new(),
+            budget_minutes: 0.0,
+            nproc_per_trial: 1,
+            seed: 1,
+            results_dir: None,
+            automl_delete_intermediate_ckpt: false,
+        }
+    }
+}
+
 /// `distill.bindings[].criterion` (TAO's `core/distillation/losses.py`): the mean absolute or
 /// squared difference, or KL(teacher ‖ student) of the softmax over the last dimension (element
 /// mean, no temperature).
@@ -814,6 +928,10 @@ pub struct ExperimentSpec {
     pub export: ExportConfig,
     /// TAO's `quantize` task: INT8 QDQ ONNX from a trained checkpoint.
     pub quantize: QuantizeConfig,
+    /// `on`: `ddetr train` runs the `automl` search.
+    pub automl_policy: AutomlPolicy,
+    /// `ddetr automl`'s search.
+    pub automl: AutomlConfig,
     pub convert: ConvertConfig,
     /// TAO's Weights & Biases settings (accepted; ddetr does not upload anywhere).
     pub wandb: Option<serde_json::Value>,
@@ -837,6 +955,8 @@ impl Default for ExperimentSpec {
             inference: InferenceConfig::default(),
             export: ExportConfig::default(),
             quantize: QuantizeConfig::default(),
+            automl_policy: AutomlPolicy::Off,
+            automl: AutomlConfig::default(),
             convert: ConvertConfig::default(),
             wandb: None,
             gen_trt_engine: None,
@@ -854,6 +974,7 @@ pub enum Task {
     Export,
     Distill,
     Quantize,
+    Automl,
 }
 
 impl ExperimentSpec {
@@ -889,6 +1010,7 @@ impl ExperimentSpec {
             Task::Inference => (&self.inference.results_dir, "inference"),
             Task::Export => (&self.export.results_dir, "export"),
             Task::Quantize => (&self.quantize.results_dir, "quantize"),
+            Task::Automl => (&self.automl.results_dir, "automl"),
             Task::Distill => (
                 self.distill.as_ref().map_or(&None, |d| &d.results_dir),
                 "distill",

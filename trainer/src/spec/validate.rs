@@ -40,6 +40,7 @@ pub fn validate(spec: &mut ExperimentSpec) -> Result<Vec<Notice>, SpecError> {
     validate_dataset(spec)?;
     validate_train(spec)?;
     crate::quantize::Settings::from_spec(&spec.quantize).map_err(|(k, m)| invalid(&k, m))?;
+    validate_automl(spec)?;
     for (section, num_gpus, gpu_ids) in [
         ("train", &mut spec.train.num_gpus, &mut spec.train.gpu_ids),
         (
@@ -586,4 +587,50 @@ fn reconcile_gpus(
             "{before}: using the larger, gpu_ids = {gpu_ids:?}"
         ))))
     }
+}
+
+/// The `automl` section: its numbers, and a search space that can be searched.
+fn validate_automl(spec: &ExperimentSpec) -> Result<(), SpecError> {
+    let a = &spec.automl;
+    if a.automl_max_recommendations == 0 {
+        return Err(invalid(
+            "automl.automl_max_recommendations",
+            "is 0: give the number of trials, at least 1",
+        ));
+    }
+    if a.automl_max_concurrent == 0 {
+        return Err(invalid(
+            "automl.automl_max_concurrent",
+            "is 0: give how many trials run at once, at least 1",
+        ));
+    }
+    if a.automl_nu < 2 {
+        return Err(invalid(
+            "automl.automl_nu",
+            format!(
+                "is {}: Hyperband's reduction factor must be at least 2",
+                a.automl_nu
+            ),
+        ));
+    }
+    if a.epoch_multiplier == 0 {
+        return Err(invalid("automl.epoch_multiplier", "is 0: give at least 1"));
+    }
+    if a.nproc_per_trial == 0 {
+        return Err(invalid(
+            "automl.nproc_per_trial",
+            "is 0: give at least 1 trainer process per trial",
+        ));
+    }
+    if !(a.budget_minutes >= 0.0) {
+        return Err(invalid(
+            "automl.budget_minutes",
+            format!("is {}: give minutes ≥ 0 (0: no limit)", a.budget_minutes),
+        ));
+    }
+    crate::automl_space::space(spec).map_err(|m| {
+        let (key, rest) = m.split_once(": ").unwrap_or(("automl", m.as_str()));
+        invalid(key, rest.to_string())
+    })?;
+    Ok(())
 }
