@@ -174,12 +174,22 @@ pub(super) fn search(args: &SpecArgs) -> anyhow::Result<()> {
     let slots = spec.automl.automl_max_concurrent as usize;
     let per_trial = (cores / slots).max(1);
     let mut running: BTreeMap<usize, (Running, usize)> = BTreeMap::new();
-    // Trials a killed search had started: wait for their old launchers, then run them again.
+    let budget = spec.automl.budget_minutes;
+    let spent_before = budget > 0.0 && state.minutes >= budget;
+    // Trials a killed search had started: wait for their old launchers, then run them again
+    // (or, with the budget spent, record them as stopped: their checkpoints are there).
     let interrupted = state.controller.interrupted();
     for (slot, a) in interrupted.into_iter().enumerate() {
         let Action::Run { trial, .. } = a;
-        if let Some(pid) = state.pids.get(&trial) {
-            wait_gone(*pid);
+        if let Some(pid) = state.pids.remove(&trial) {
+            wait_gone(pid);
+        }
+        if spent_before {
+            state.controller.handle(Event::Stopped {
+                trial,
+                minutes: 0.0,
+            });
+            continue;
         }
         let point = state.controller.trials[trial].params.clone();
         let r = start(
@@ -198,11 +208,17 @@ pub(super) fn search(args: &SpecArgs) -> anyhow::Result<()> {
     save(&state)?;
     let t0 = Instant::now();
     let minutes_before = state.minutes;
-    let budget = spec.automl.budget_minutes;
     let mut last_line = String::new();
     loop {
+        let spent = minutes_before + t0.elapsed().as_secs_f64() / 60.0;
+        let out_of_budget = budget > 0.0 && spent >= budget;
         // Start what the controller asks for, on free slots.
-        for a in state.controller.next() {
+        let actions = if out_of_budget {
+            Vec::new()
+        } else {
+            state.controller.schedule()
+        };
+        for a in actions {
             let Action::Run { trial, .. } = a;
             let used: Vec<usize> = running.values().map(|(_, s)| *s).collect();
             let slot = (0..slots).find(|s| !used.contains(s)).unwrap_or(0);
@@ -238,8 +254,7 @@ pub(super) fn search(args: &SpecArgs) -> anyhow::Result<()> {
             eprintln!("{line}");
             last_line = line;
         }
-        let spent = minutes_before + t0.elapsed().as_secs_f64() / 60.0;
-        if budget > 0.0 && spent >= budget {
+        if out_of_budget {
             eprintln!("automl: budget of {budget} minutes spent: stopping the running trials (their checkpoints are written)");
             for (id, (mut r, _)) in std::mem::take(&mut running) {
                 // SAFETY: kill(2) on our own child's pid.
@@ -265,13 +280,11 @@ pub(super) fn search(args: &SpecArgs) -> anyhow::Result<()> {
     let c = &state.controller;
     match c.best() {
         Some(b) => eprintln!(
-            "automl: done — best {} {:.4} (trial_{:03}, {}); {} and {} in {}",
+            "automl: done — best {} {:.4} (trial_{:03}, {}); results.csv and best_spec.yaml in {}",
             spec.automl.metric.key(),
             b.metric().unwrap_or(f64::NAN),
             b.id,
             params_text(&b.params),
-            "results.csv",
-            "best_spec.yaml",
             dir.display()
         ),
         None => eprintln!(
