@@ -277,6 +277,9 @@ pub(super) fn search(args: &SpecArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
     write_reports(&state, &spec, args, &dir)?;
+    if spec.automl.automl_delete_intermediate_ckpt && state.controller.finished() {
+        delete_other_checkpoints(&state.controller, &dir)?;
+    }
     let c = &state.controller;
     match c.best() {
         Some(b) => eprintln!(
@@ -292,6 +295,31 @@ pub(super) fn search(args: &SpecArgs) -> anyhow::Result<()> {
             spec.automl.metric.key()
         ),
     }
+    Ok(())
+}
+
+/// `automl_delete_intermediate_ckpt`: the checkpoints of every trial but the best are removed
+/// once the search is over (their status.json, logs and plots stay).
+fn delete_other_checkpoints(c: &Controller, dir: &Path) -> anyhow::Result<()> {
+    let best = c.best().map(|b| b.id);
+    let mut freed = 0u64;
+    for t in c.trials.iter().filter(|t| Some(t.id) != best) {
+        let train = trial_dir(dir, t.id).join("train");
+        let Ok(entries) = std::fs::read_dir(&train) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                freed += e.metadata().map_or(0, |m| m.len());
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+    }
+    eprintln!(
+        "automl: automl_delete_intermediate_ckpt: removed the other trials' checkpoints ({:.1} MB)",
+        freed as f64 / 1e6
+    );
     Ok(())
 }
 
