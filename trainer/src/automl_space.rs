@@ -4,7 +4,7 @@
 //! and changed by `automl.automl_range_override`.
 //!
 //! Where ddetr differs, on purpose: learning rates, the weight decay and the projection-lr
-//! multiplier are searched on a log scale from 1/100 of TAO's default to TAO's maximum (TAO maps
+//! multiplier are searched on a log scale from 1/100 of the spec's value to TAO's maximum (TAO maps
 //! `[0, 0.01]` linearly, so nearly every draw of a learning rate lands above 1e-4); a maximum TAO
 //! gives as "inf" is the spec's own value (as TAO's `get_valid_range` does); `momentum`,
 //! `lr_step_size` (unused by the MultiStep schedule), `workers` (speed only) and `num_select`
@@ -18,10 +18,17 @@ use crate::spec::{Architecture, ExperimentSpec};
 pub fn default_params(spec: &ExperimentSpec) -> Vec<Param> {
     let o = &spec.train.optim;
     let a = &spec.dataset.augmentation;
+    // From 1/100 of the spec's value (1/10⁴ of the maximum when the spec's is 0, e.g. a frozen
+    // backbone's lr_backbone) to the maximum.
     let log = |name: &str, default: f64, max: f64| Param {
         name: name.into(),
         domain: Domain::Float {
-            min: (default / 100.0).min(max),
+            min: if default > 0.0 {
+                default / 100.0
+            } else {
+                max / 1e4
+            }
+            .min(max),
             max,
             log: true,
         },
@@ -242,4 +249,49 @@ pub fn overrides(spec: &ExperimentSpec, point: &Point) -> Vec<String> {
         );
     }
     p.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Architecture, ExperimentSpec};
+
+    #[test]
+    fn the_default_space_is_valid_for_any_valid_spec() {
+        for arch in [Architecture::DeformableDetr, Architecture::Dino] {
+            let mut spec = ExperimentSpec::defaults_for(arch);
+            assert!(space(&spec).is_ok());
+            // A frozen backbone (lr_backbone 0), a batch of 1, a crop below TAO's minimum.
+            spec.train.optim.lr_backbone = 0.0;
+            spec.dataset.batch_size = 1;
+            spec.dataset.augmentation.train_random_crop_min = 16;
+            let s = space(&spec).unwrap();
+            assert_eq!(s.params.len(), default_params(&spec).len());
+        }
+    }
+
+    #[test]
+    fn trial_overrides_keep_the_crop_pair_ordered_and_num_select_within_queries() {
+        let spec = ExperimentSpec::default();
+        let mut p = Point::new();
+        p.insert(
+            "dataset.augmentation.train_random_crop_min".into(),
+            500.into(),
+        );
+        p.insert(
+            "dataset.augmentation.train_random_crop_max".into(),
+            400.into(),
+        );
+        p.insert("model.num_queries".into(), 80.into());
+        let o = overrides(&spec, &p);
+        assert!(
+            o.contains(&"dataset.augmentation.train_random_crop_max=500".to_string()),
+            "{o:?}"
+        );
+        assert!(
+            o.contains(&"dataset.augmentation.train_random_crop_min=500".to_string()),
+            "{o:?}"
+        );
+        assert!(o.contains(&"model.num_select=80".to_string()), "{o:?}");
+    }
 }
