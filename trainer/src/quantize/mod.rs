@@ -97,17 +97,21 @@ fn dtype_quantizes(
     }
 }
 
+/// A spec enum value as the spec spells it (`torchao`, `awq_lite`).
+fn spec_name(v: impl serde::Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 impl Settings {
     /// Checks `quantize` (each error: the key and one line of what to set).
     pub fn from_spec(q: &QuantizeConfig) -> Result<Self, (String, String)> {
         match q.backend {
             QuantizeBackend::ModeloptOnnx => {}
             other => {
-                let name = serde_json::to_value(other)
-                    .expect("enum")
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string();
+                let name = spec_name(other);
                 return Err((
                     "quantize.backend".into(),
                     format!("is {name}, a PyTorch backend; ddetr quantizes the exported ONNX graph (the modelopt.onnx way): set quantize.backend: modelopt.onnx"),
@@ -157,11 +161,7 @@ impl Settings {
             CalibrationAlgorithm::Entropy => Method::Entropy,
             CalibrationAlgorithm::Percentile => Method::Percentile(percentile),
             other => {
-                let name = serde_json::to_value(other)
-                    .expect("enum")
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string();
+                let name = spec_name(other);
                 return Err((
                     "quantize.algorithm".into(),
                     format!("is {name}, a weight-only method for language models: use minmax, max, entropy or percentile"),
