@@ -170,9 +170,10 @@ pub(super) fn search(args: &SpecArgs) -> anyhow::Result<()> {
         write_atomic(&state_file, &serde_json::to_vec_pretty(state)?)
     };
     let launch = std::env::current_exe()?.with_file_name("ddetr-launch");
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let allowed = allowed_cpus();
     let slots = spec.automl.automl_max_concurrent as usize;
-    let per_trial = (cores / slots).max(1);
+    let per_trial = (allowed.len() / slots).max(1);
+    let cpus = |slot: usize| slot_cpus(&allowed, slot, per_trial);
     let mut running: BTreeMap<usize, (Running, usize)> = BTreeMap::new();
     let budget = spec.automl.budget_minutes;
     let spent_before = budget > 0.0 && state.minutes >= budget;
@@ -192,16 +193,7 @@ pub(super) fn search(args: &SpecArgs) -> anyhow::Result<()> {
             continue;
         }
         let point = state.controller.trials[trial].params.clone();
-        let r = start(
-            &launch,
-            args,
-            &spec,
-            &dir,
-            &a,
-            &point,
-            slot % slots,
-            per_trial,
-        )?;
+        let r = start(&launch, args, &spec, &dir, &a, &point, cpus(slot % slots))?;
         state.pids.insert(trial, r.child.id());
         running.insert(trial, (r, slot % slots));
     }
@@ -223,7 +215,7 @@ pub(super) fn search(args: &SpecArgs) -> anyhow::Result<()> {
             let used: Vec<usize> = running.values().map(|(_, s)| *s).collect();
             let slot = (0..slots).find(|s| !used.contains(s)).unwrap_or(0);
             let point = state.controller.trials[trial].params.clone();
-            let r = start(&launch, args, &spec, &dir, &a, &point, slot, per_trial)?;
+            let r = start(&launch, args, &spec, &dir, &a, &point, cpus(slot))?;
             state.pids.insert(trial, r.child.id());
             running.insert(trial, (r, slot));
             save(&state)?;
@@ -352,8 +344,7 @@ fn start(
     dir: &Path,
     action: &Action,
     point: &ddetr_automl::Point,
-    slot: usize,
-    per_trial: usize,
+    cpus: Vec<usize>,
 ) -> anyhow::Result<Running> {
     let Action::Run { trial, epochs } = *action;
     let tdir = trial_dir(dir, trial);
@@ -377,7 +368,6 @@ fn start(
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    let cpus: Vec<usize> = (slot * per_trial..(slot + 1) * per_trial).collect();
     // SAFETY: between fork and exec only async-signal-safe calls (prctl, sched_setaffinity).
     unsafe {
         cmd.pre_exec(move || {
@@ -401,6 +391,35 @@ fn start(
         child,
         started: Instant::now(),
     })
+}
+
+/// The CPUs this process may run on (its affinity mask; all online CPUs if that cannot be read).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let ok =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+            == 0;
+    let cpus: Vec<usize> = if ok {
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return (0..n).collect();
+    }
+    cpus
+}
+
+/// Slot `slot`'s share of the allowed CPUs: `per_trial` of them, wrapping around when more
+/// trials run at once than there are CPUs (two trials then share a core).
+fn slot_cpus(allowed: &[usize], slot: usize, per_trial: usize) -> Vec<usize> {
+    (slot * per_trial..(slot + 1) * per_trial)
+        .map(|i| allowed[i % allowed.len()])
+        .collect()
 }
 
 /// The trial's overrides, written to `trial.json` the first time (so a resumed search runs the
@@ -575,4 +594,19 @@ fn write_reports(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot_cpus;
+
+    #[test]
+    fn slots_divide_the_allowed_cpus_and_wrap() {
+        let allowed = [2, 3, 5, 7];
+        assert_eq!(slot_cpus(&allowed, 0, 2), vec![2, 3]);
+        assert_eq!(slot_cpus(&allowed, 1, 2), vec![5, 7]);
+        // Five trials on four CPUs: the fifth shares the first CPU.
+        assert_eq!(slot_cpus(&allowed, 3, 1), vec![7]);
+        assert_eq!(slot_cpus(&allowed, 4, 1), vec![2]);
+    }
 }
