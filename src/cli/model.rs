@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use ddetr_trainer::detector::{build_model, Built, DeformableDetrDetector, Detector, DinoDetector};
 use ddetr_trainer::export::{self, ExportOptions};
 use ddetr_trainer::flops::FlopCount;
-use ddetr_trainer::spec::{Architecture, Backbone, ExperimentSpec};
+use ddetr_trainer::spec::{Architecture, ExperimentSpec};
 use tch::Device;
 
 use super::SpecArgs;
@@ -84,11 +84,7 @@ fn render(
     let mut out = format!(
         "model: {} ({}, {} levels, d {}, {}+{} layers, {} queries, {} classes)\n",
         spec.architecture().name(),
-        match m.backbone {
-            Backbone::Resnet18 => "resnet_18",
-            Backbone::Resnet34 => "resnet_34",
-            Backbone::Resnet50 => "resnet_50",
-        },
+        m.backbone.name(),
         m.num_feature_levels,
         m.hidden_dim,
         m.enc_layers,

@@ -732,6 +732,31 @@ fn two_stage_keys(map: &BTreeMap<String, Tensor>) -> Vec<&String> {
 
 /// The backbone a checkpoint's `backbone.0.body.*` keys describe, as `model.backbone` names it.
 fn backbone_name(ck: &BTreeMap<String, Tensor>) -> Option<&'static str> {
+    if let Some(proj) = ck.get(&format!("{BACKBONE_BODY_PREFIX}patch_embed.proj.weight")) {
+        let blocks = |l: usize| {
+            indices(
+                ck.keys(),
+                &format!("{BACKBONE_BODY_PREFIX}levels.{l}.blocks."),
+            )
+            .len()
+        };
+        let table = ck
+            .get(&format!(
+                "{BACKBONE_BODY_PREFIX}levels.0.blocks.0.attn.relative_position_bias_table"
+            ))
+            .map_or(0, |t| t.size()[0]);
+        // (2·window − 1)² rows: 169 for window 7, 529 for window 12.
+        return match (proj.size()[0], blocks(0), blocks(2), table) {
+            (64, 2, 6, 169) => Some("gc_vit_xxtiny"),
+            (64, 3, 6, 169) => Some("gc_vit_xtiny"),
+            (64, 3, 19, 169) => Some("gc_vit_tiny"),
+            (96, 3, 19, 169) => Some("gc_vit_small"),
+            (128, 3, 19, 169) => Some("gc_vit_base"),
+            (192, 3, 19, 169) => Some("gc_vit_large"),
+            (192, 3, 19, 529) => Some("gc_vit_large_384"),
+            _ => None,
+        };
+    }
     let bottleneck = ck.contains_key(&format!("{BACKBONE_BODY_PREFIX}layer1.0.conv3.weight"));
     let blocks = indices(ck.keys(), &format!("{BACKBONE_BODY_PREFIX}layer3.")).len();
     match (bottleneck, blocks) {
@@ -745,7 +770,7 @@ fn backbone_name(ck: &BTreeMap<String, Tensor>) -> Option<&'static str> {
 fn backbone_hint(ck: &BTreeMap<String, Tensor>) -> String {
     match backbone_name(ck) {
         Some(name) => format!("the checkpoint's backbone is {name}: set model.backbone to {name}"),
-        None => "the checkpoint's backbone is not one model.backbone names (resnet_18, resnet_34, resnet_50)".into(),
+        None => "the checkpoint's backbone is not one model.backbone names (resnet_18, resnet_34, resnet_50, gc_vit_*)".into(),
     }
 }
 

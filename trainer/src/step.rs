@@ -42,8 +42,14 @@ pub struct StepMode {
 pub trait Stages {
     /// The decoder's predictions.
     type Output;
-    /// The returned backbone stages' feature maps and their padding masks.
-    fn backbone_features(&self, images: &Tensor, mask: &Tensor) -> Vec<(Tensor, Tensor)>;
+    /// The returned backbone stages' feature maps and their padding masks (`train`: stochastic
+    /// depth where the backbone has it).
+    fn backbone_features(
+        &self,
+        images: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> Vec<(Tensor, Tensor)>;
     /// Input projections and position embeddings, flattened for the encoder.
     fn encoder_inputs(&self, features: &[(Tensor, Tensor)], mask: &Tensor) -> EncoderInputs;
     fn num_encoder_layers(&self) -> usize;
@@ -85,7 +91,7 @@ pub trait Stages {
         targets: Option<&[Target]>,
         train: bool,
     ) -> (EncoderInputs, Self::Output) {
-        let features = self.backbone_features(images, mask);
+        let features = self.backbone_features(images, mask, train);
         let inputs = self.encoder_inputs(&features, mask);
         let mut memory = inputs.src.shallow_clone();
         for i in 0..self.num_encoder_layers() {
@@ -139,8 +145,12 @@ pub fn forward_backward<M: Stages>(
         backward(&losses.total);
         return Ok(losses);
     }
+    // The backbone's random draws (stochastic depth) seeded so its recomputation repeats them.
+    let backbone_seed =
+        Tensor::randint(1 << 40, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]);
+    tch::manual_seed(backbone_seed);
     let leaves: Vec<(Tensor, Tensor)> = tch::no_grad(|| {
-        amp.autocast(|| model.backbone_features(images, mask))
+        amp.autocast(|| model.backbone_features(images, mask, true))
             .into_iter()
             .map(|(f, m)| (f.detach().set_requires_grad(true), m))
             .collect()
@@ -201,7 +211,8 @@ pub fn forward_backward<M: Stages>(
         s.backward();
     }
     drop(inputs);
-    let again = amp.autocast(|| model.backbone_features(images, mask));
+    tch::manual_seed(backbone_seed);
+    let again = amp.autocast(|| model.backbone_features(images, mask, true));
     let mut surrogate: Option<Tensor> = None;
     for ((f, _), (leaf, _)) in again.iter().zip(&leaves) {
         let g = leaf.grad();

@@ -363,6 +363,132 @@ pub fn load_torchvision_backbone(vs: &VarStore, path: &Path) -> Result<LoadRepor
     Ok(report)
 }
 
+/// `model.pretrained_backbone_path` for the spec's backbone: a torchvision ResNet state dict
+/// ([`load_torchvision_backbone`]) or a GCViT one ([`load_gcvit_backbone`]).
+pub fn load_backbone(
+    vs: &VarStore,
+    path: &Path,
+    kind: crate::spec::Backbone,
+) -> Result<LoadReport, TrainerError> {
+    if kind.is_gcvit() {
+        load_gcvit_backbone(vs, path)
+    } else {
+        load_torchvision_backbone(vs, path)
+    }
+}
+
+/// Prefixes a GCViT state dict may carry before the trunk's own keys (a detector's, TAO's
+/// classification model's, DDP's).
+const GCVIT_PREFIXES: [&str; 5] = [
+    BACKBONE_BODY_PREFIX,
+    "model.backbone.",
+    "backbone.",
+    "model.",
+    "module.",
+];
+
+/// A GCViT state dict into `backbone.0.body`: TAO's names (`levels.0.blocks.0.attn.qkv.weight`,
+/// as TAO's classification and detection GCViTs save them) or timm's (`stages.0.blocks.0.…`,
+/// mapped by [`crate::model::gcvit::timm_to_tao`]; squeeze-excitation 1×1 convolutions reshaped
+/// to TAO's linear layers). As TAO (`load_state_dict(strict=False)`): variables the file lacks —
+/// always the detector's `norm{i}` layers when the file is a classifier — keep their
+/// initialisation and are reported, as are the file's tensors the detector has no place for
+/// (a classifier's `head` and final `norm`). A file that fills none of the trunk is an error.
+pub fn load_gcvit_backbone(vs: &VarStore, path: &Path) -> Result<LoadReport, TrainerError> {
+    let source = path.display().to_string();
+    let raw = read_tensors(path)?;
+    let timm = raw.iter().any(|(k, _)| {
+        let k = strip_any(k, &GCVIT_PREFIXES);
+        k.starts_with("stages.") || k.starts_with("stem.")
+    });
+    let mut unexpected = Vec::new();
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (k, t) in raw {
+        let short = strip_any(&k, &GCVIT_PREFIXES).to_string();
+        let tao = if timm {
+            crate::model::gcvit::timm_to_tao(&short)
+        } else {
+            (!short.ends_with("relative_position_index")).then_some(short)
+        };
+        match tao {
+            Some(name) => {
+                tensors.insert(format!("{BACKBONE_BODY_PREFIX}{name}"), t);
+            }
+            None if k.ends_with("relative_position_index") => {}
+            None => unexpected.push(k),
+        }
+    }
+    let vars = vs.variables();
+    let mut report = LoadReport::default();
+    for (name, var) in vars
+        .iter()
+        .filter(|(k, _)| k.starts_with(BACKBONE_BODY_PREFIX))
+    {
+        let Some(src) = tensors.get(name) else {
+            report.missing.push(name.clone());
+            continue;
+        };
+        let src = if src.size() != var.size() && src.numel() == var.numel() && src.dim() == 4 {
+            src.reshape(var.size())
+        } else {
+            src.shallow_clone()
+        };
+        if src.size() != var.size() {
+            return Err(TrainerError::ShapeMismatch {
+                path: source,
+                key: name.clone(),
+                found: src.size(),
+                expected: var.size(),
+                hint: "model.backbone must name the GCViT size of these weights".into(),
+            });
+        }
+        tch::no_grad(|| {
+            var.shallow_clone()
+                .copy_(&src.to_device(var.device()).to_kind(var.kind()))
+        });
+        report.loaded += 1;
+    }
+    unexpected.extend(tensors.keys().filter(|k| !vars.contains_key(*k)).cloned());
+    report.unexpected = unexpected;
+    report.missing.sort();
+    // Only the detector's own output norms may be missing: anything else means another size.
+    let trunk_missing: Vec<&String> = report
+        .missing
+        .iter()
+        .filter(|k| !is_output_norm(k))
+        .collect();
+    if report.loaded == 0 || !trunk_missing.is_empty() {
+        return Err(TrainerError::MissingKeys {
+            path: source,
+            count: trunk_missing.len().max(report.missing.len()),
+            first: trunk_missing
+                .first()
+                .copied()
+                .or(report.missing.first())
+                .cloned()
+                .unwrap_or_default(),
+            hint: "give a GCViT state dict (TAO's or timm's names) of the size named by model.backbone".into(),
+        });
+    }
+    Ok(report)
+}
+
+/// `backbone.0.body.norm{i}.*`: a detection GCViT's per-level output norm, which classifier
+/// weights never hold.
+fn is_output_norm(key: &str) -> bool {
+    key.strip_prefix(BACKBONE_BODY_PREFIX)
+        .and_then(|k| k.strip_prefix("norm"))
+        .is_some_and(|k| k.len() > 1 && k.as_bytes()[0].is_ascii_digit() && k.as_bytes()[1] == b'.')
+}
+
+/// `key` without the first of `prefixes` it starts with.
+fn strip_any<'a>(key: &'a str, prefixes: &[&str]) -> &'a str {
+    prefixes
+        .iter()
+        .find_map(|p| key.strip_prefix(p))
+        .unwrap_or(key)
+}
+
 /// Saves every variable (parameters and FrozenBatchNorm buffers) under its official key.
 pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<(), TrainerError> {
     let vars = vs.variables();

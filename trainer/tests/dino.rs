@@ -331,7 +331,7 @@ fn denoising_queries_do_not_change_the_matching_predictions() {
 fn query_selection_takes_the_top_encoder_proposals_by_best_class() {
     let (_vs, net, _) = tiny_model(&[]);
     let (images, mask) = batch();
-    let features = net.backbone_features(&images, &mask);
+    let features = net.backbone_features(&images, &mask, false);
     let inputs = net.encoder_inputs(&features, &mask);
     let mut memory = inputs.src.shallow_clone();
     for i in 0..net.num_encoder_layers() {
@@ -629,7 +629,7 @@ fn the_encoder_position_count_is_known_before_the_forward() {
     for (h, w) in [(96, 128), (97, 131), (33, 40)] {
         let images = Tensor::zeros([1, 3, h, w], (Kind::Float, Device::Cpu));
         let mask = Tensor::zeros([1, h, w], (Kind::Bool, Device::Cpu));
-        let features = net.backbone_features(&images, &mask);
+        let features = net.backbone_features(&images, &mask, false);
         let s = net.encoder_inputs(&features, &mask).src.size()[1];
         assert_eq!(net.encoder_positions(h, w), s, "{h}x{w}");
     }

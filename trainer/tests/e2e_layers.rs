@@ -107,7 +107,7 @@ fn tao_default_model_matches_transformers_stage_by_stage_at_800x1066() {
     );
 
     tch::no_grad(|| {
-        let features = model.backbone_features(&images, &mask);
+        let features = model.backbone_features(&images, &mask, false);
         for (i, (f, _)) in features.iter().enumerate() {
             reference.check(&format!("backbone.{i}"), f);
         }

@@ -288,3 +288,65 @@ fn dino_matches_onnxruntime() {
         .to_string();
     assert!(e.contains("model.num_queries = 30"), "{e}");
 }
+
+/// A small Deformable DETR or DINO spec over `backbone`, built and filled.
+fn gcvit_spec(extra: &[&str]) -> ddetr_trainer::spec::ExperimentSpec {
+    let o: Vec<String> = [
+        "model.backbone=gc_vit_xxtiny",
+        "model.hidden_dim=64",
+        "model.nheads=4",
+        "model.enc_layers=1",
+        "model.dec_layers=2",
+        "model.dim_feedforward=64",
+        "model.num_queries=20",
+        "model.num_select=20",
+        "dataset.num_classes=5",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect();
+    ddetr_trainer::spec::load_str("", &o, None).unwrap().spec
+}
+
+#[test]
+fn gcvit_backbone_matches_onnxruntime_off_the_window_grid() {
+    // 100×140: level maps 25×35 … 4×5 against windows 7, 7, 14, 7, so blocks pad and crop, and
+    // the pooled global queries are resized to the window.
+    let spec = gcvit_spec(&["model.with_box_refine=true"]);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let cfg = ddetr_trainer::model::deformable_detr::DetrConfig::from_spec(
+        &spec.model,
+        spec.dataset.num_classes,
+    )
+    .unwrap();
+    let model = DeformableDetr::new(&vs.root(), cfg);
+    common::fill_model(&vs);
+    let report = check(
+        &model,
+        &opts(100, 140, -1),
+        &[synthetic(2, 100, 140, 6), synthetic(1, 100, 140, 7)],
+        0,
+    );
+    assert_eq!(report["runs"][0]["batch"], 2);
+}
+
+#[test]
+fn dino_with_a_gcvit_backbone_matches_onnxruntime() {
+    let spec = gcvit_spec(&["model_name=dino"]);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let cfg = DinoConfig::from_spec(&spec.model, spec.dataset.num_classes).unwrap();
+    let model = Dino::new(&vs.root(), cfg);
+    common::fill_model(&vs);
+    let graph = export::dino_to_onnx(&model, &opts(96, 128, -1)).expect("export succeeds");
+    check_graph(
+        &graph,
+        &|images, mask| {
+            let out = model.forward(images, mask, None, false);
+            let last = out.last();
+            (last.logits.shallow_clone(), last.boxes.shallow_clone())
+        },
+        &[synthetic(1, 96, 128, 8)],
+        0,
+    );
+}

@@ -265,10 +265,12 @@ fn unknown_key_names_the_nearest_valid_one() {
 fn unknown_values_name_the_valid_ones() {
     assert_eq!(
         err("", &["model.backbone=resnet_5"]),
-        "model.backbone: unknown value 'resnet_5' (did you mean 'resnet_50'?); valid values are resnet_18, resnet_34, resnet_50"
+        "model.backbone: unknown value 'resnet_5' (did you mean 'resnet_50'?); valid values are resnet_18, resnet_34, resnet_50, gc_vit_xxtiny, gc_vit_xtiny, gc_vit_tiny, gc_vit_small, gc_vit_base, gc_vit_large, gc_vit_large_384"
     );
-    assert!(err("", &["model.backbone=gc_vit_tiny"])
-        .contains("GCViT backbones are not supported by ddetr"));
+    assert_eq!(
+        err("", &["model.backbone=gc_vit_tny"]),
+        "model.backbone: unknown value 'gc_vit_tny' (did you mean 'gc_vit_tiny'?); valid values are resnet_18, resnet_34, resnet_50, gc_vit_xxtiny, gc_vit_xtiny, gc_vit_tiny, gc_vit_small, gc_vit_base, gc_vit_large, gc_vit_large_384"
+    );
     assert_eq!(
         err("", &["train.optim.optimizer=Adam"]),
         "train.optim.optimizer: unknown value 'Adam' (did you mean 'AdamW'?); valid values are AdamW, SGD"

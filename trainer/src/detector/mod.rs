@@ -89,6 +89,9 @@ pub struct Built<D> {
     pub buffers: Vec<(String, Tensor)>,
 }
 
+/// The GCViT trunk's variable prefix.
+const GCVIT_BODY: &str = "backbone.0.body";
+
 /// Builds the detector on `device` with `seed` and applies `train.freeze`.
 pub fn build_model<D: Detector>(
     spec: &ExperimentSpec,
@@ -98,7 +101,13 @@ pub fn build_model<D: Detector>(
     tch::manual_seed(seed);
     let vs = VarStore::new(device);
     let model = D::build(&vs.root(), spec)?;
-    let (params, buffers) = split_variables(&vs, &spec.train.freeze)?;
+    // A GCViT trains whole, or (`model.train_backbone: false`) not at all, as TAO's
+    // `BackboneBase` sets it; a ResNet's frozen stem and layer1 are built frozen.
+    let mut freeze = spec.train.freeze.clone();
+    if spec.model.backbone.is_gcvit() && !spec.model.train_backbone {
+        freeze.push(GCVIT_BODY.into());
+    }
+    let (params, buffers) = split_variables(&vs, &freeze)?;
     Ok(Built {
         vs,
         model,

@@ -125,7 +125,7 @@ impl Taps {
         M::Output: FinalPrediction,
     {
         if !predictions {
-            let features = model.backbone_features(images, mask);
+            let features = model.backbone_features(images, mask, false);
             let inputs = model.encoder_inputs(&features, mask);
             return Taps {
                 srcs: level_maps(&inputs),

@@ -15,6 +15,7 @@
 //! the model's forward by `trainer/tests/onnx_export.rs` through onnxruntime.
 
 mod dino;
+mod gcvit;
 pub mod graph;
 pub mod nvdsinfer;
 pub mod proto;
@@ -26,7 +27,7 @@ use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-use crate::model::backbone::{Backbone, Block, Conv, FrozenBatchNorm2d, FROZEN_BN_EPS};
+use crate::model::backbone::{Backbone, Block, Body, Conv, FrozenBatchNorm2d, FROZEN_BN_EPS};
 use crate::model::deformable_detr::DetrConfig;
 use crate::model::deformable_detr::{InputProj, Mlp};
 use crate::model::deformable_transformer::{
@@ -764,7 +765,10 @@ impl Writer {
     /// The backbone's body from the input: the stem, then every stage. Returns the stages the
     /// model returns (`return_stages`) with their spatial sizes.
     fn backbone(&mut self, backbone: &Backbone, input_hw: (i64, i64)) -> Vec<(V, (i64, i64))> {
-        let body = &backbone.body;
+        let body = match &backbone.body {
+            Body::ResNet(r) => r,
+            Body::GcVit(g) => return self.gcvit(g, &backbone.return_stages, input_hw),
+        };
         let mut hw = input_hw;
         let x = self.conv_bn(
             INPUT_NAME,

@@ -1,4 +1,4 @@
-//! The ResNet backbone in torchvision's layout with `FrozenBatchNorm2d` — upstream
+//! The backbone: a ResNet, or a GCViT (`super::gcvit`). The ResNet is in torchvision's layout with `FrozenBatchNorm2d` — upstream
 //! `models/backbone.py` (`FrozenBatchNorm2d`, `BackboneBase`, `Backbone`) over torchvision's
 //! `resnet.py`. Paths are `backbone.0.body.{conv1,bn1,layer1..layer4}.*` as in the official
 //! checkpoints; the stem and `layer1` never train (upstream freezes every parameter whose name lacks
@@ -7,6 +7,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
+use super::gcvit::{GcVit, GcVitConfig};
 use crate::spec::Backbone as BackboneKind;
 
 /// `FrozenBatchNorm2d`'s epsilon (upstream hard-codes 1e-5).
@@ -198,6 +199,7 @@ fn layout(kind: BackboneKind) -> ([i64; 4], bool) {
         BackboneKind::Resnet18 => ([2, 2, 2, 2], false),
         BackboneKind::Resnet34 => ([3, 4, 6, 3], false),
         BackboneKind::Resnet50 => ([3, 4, 6, 3], true),
+        gcvit => unreachable!("{} is not a ResNet", gcvit.name()),
     }
 }
 
@@ -342,10 +344,17 @@ impl ResNetBody {
     }
 }
 
+/// The trunk (`backbone.0.body`).
+#[derive(Debug)]
+pub enum Body {
+    ResNet(ResNetBody),
+    GcVit(GcVit),
+}
+
 /// `backbone.0`: the trunk plus which stages feed the transformer.
 #[derive(Debug)]
 pub struct Backbone {
-    pub body: ResNetBody,
+    pub body: Body,
     /// Stage indices (0 = layer1) returned to the transformer, in order.
     pub return_stages: Vec<usize>,
     /// Channels of each returned stage.
@@ -365,6 +374,14 @@ impl Backbone {
         dilation: bool,
         from_scratch: bool,
     ) -> Self {
+        if let Some(config) = GcVitConfig::of(kind) {
+            return Self {
+                body: Body::GcVit(GcVit::new(&(p / "body"), config, stages)),
+                return_stages: stages.to_vec(),
+                num_channels: stages.iter().map(|&s| config.channels(s)).collect(),
+                strides: stages.iter().map(|&s| 4i64 << s).collect(),
+            };
+        }
         let num_stages = stages.iter().max().map_or(0, |m| m + 1);
         let body = ResNetBody::new(
             &(p / "body"),
@@ -387,7 +404,7 @@ impl Backbone {
             })
             .collect();
         Self {
-            body,
+            body: Body::ResNet(body),
             return_stages: stages.to_vec(),
             num_channels,
             strides,
@@ -396,12 +413,21 @@ impl Backbone {
 
     /// Feature maps of the returned stages and their padding masks (true = padding), the masks
     /// nearest-resized from the pixel mask as upstream's `F.interpolate(m[None].float(), size)`.
-    pub fn forward(&self, images: &Tensor, pixel_mask: &Tensor) -> Vec<(Tensor, Tensor)> {
-        let outs = self.body.forward(images);
+    /// `train` enables the GCViT's stochastic depth (a ResNet's frozen norms have no mode).
+    pub fn forward(
+        &self,
+        images: &Tensor,
+        pixel_mask: &Tensor,
+        train: bool,
+    ) -> Vec<(Tensor, Tensor)> {
+        let outs: Vec<Option<Tensor>> = match &self.body {
+            Body::ResNet(r) => r.forward(images).into_iter().map(Some).collect(),
+            Body::GcVit(g) => g.forward(images, train),
+        };
         self.return_stages
             .iter()
             .map(|&s| {
-                let feat = outs[s].shallow_clone();
+                let feat = outs[s].as_ref().expect("a returned stage").shallow_clone();
                 let mask = resize_mask(pixel_mask, feat.size()[2], feat.size()[3]);
                 (feat, mask)
             })

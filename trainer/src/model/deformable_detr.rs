@@ -380,14 +380,19 @@ impl DeformableDetr {
     /// Two-stage, when the feature maps have fewer positions than `num_queries` (upstream's
     /// `topk` fails the same way).
     pub fn forward(&self, images: &Tensor, pixel_mask: &Tensor, train: bool) -> DetrOutput {
-        let features = self.backbone_features(images, pixel_mask);
+        let features = self.backbone_features(images, pixel_mask, train);
         self.forward_from_features(&features, pixel_mask, train)
     }
 
     /// The backbone half of [`DeformableDetr::forward`]: the returned stages' feature maps and
-    /// their padding masks.
-    pub fn backbone_features(&self, images: &Tensor, pixel_mask: &Tensor) -> Vec<(Tensor, Tensor)> {
-        self.backbone.forward(images, pixel_mask)
+    /// their padding masks (`train`: the GCViT's stochastic depth).
+    pub fn backbone_features(
+        &self,
+        images: &Tensor,
+        pixel_mask: &Tensor,
+        train: bool,
+    ) -> Vec<(Tensor, Tensor)> {
+        self.backbone.forward(images, pixel_mask, train)
     }
 
     /// The rest of [`DeformableDetr::forward`] from [`DeformableDetr::backbone_features`].
@@ -489,8 +494,13 @@ impl DeformableDetr {
 
 impl crate::step::Stages for DeformableDetr {
     type Output = DetrOutput;
-    fn backbone_features(&self, images: &Tensor, mask: &Tensor) -> Vec<(Tensor, Tensor)> {
-        Self::backbone_features(self, images, mask)
+    fn backbone_features(
+        &self,
+        images: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> Vec<(Tensor, Tensor)> {
+        Self::backbone_features(self, images, mask, train)
     }
     fn encoder_inputs(&self, features: &[(Tensor, Tensor)], mask: &Tensor) -> EncoderInputs {
         Self::encoder_inputs(self, features, mask)

@@ -80,11 +80,6 @@ fn unknown_value_message(
             "{key} '{value}': FAN backbones are not supported by ddetr (TAO's distill wants a FAN teacher; ddetr takes a ResNet one); use resnet_50 (or resnet_18/resnet_34 for small CPU runs)"
         );
     }
-    if key == "model.backbone" && value.starts_with("gc_vit") {
-        return format!(
-            "model.backbone '{value}': GCViT backbones are not supported by ddetr; use resnet_50 (or resnet_18/resnet_34 for small CPU runs)"
-        );
-    }
     let hint = suggestion
         .as_ref()
         .map(|s| format!(" (did you mean '{s}'?)"))

@@ -25,6 +25,44 @@ pub enum Backbone {
     Resnet34,
     #[serde(rename = "resnet_50")]
     Resnet50,
+    /// TAO's GCViT family (`trainer/src/model/gcvit.rs`).
+    #[serde(rename = "gc_vit_xxtiny")]
+    GcVitXxtiny,
+    #[serde(rename = "gc_vit_xtiny")]
+    GcVitXtiny,
+    #[serde(rename = "gc_vit_tiny")]
+    GcVitTiny,
+    #[serde(rename = "gc_vit_small")]
+    GcVitSmall,
+    #[serde(rename = "gc_vit_base")]
+    GcVitBase,
+    #[serde(rename = "gc_vit_large")]
+    GcVitLarge,
+    #[serde(rename = "gc_vit_large_384")]
+    GcVitLarge384,
+}
+
+impl Backbone {
+    /// Whether this is one of the GCViT sizes.
+    pub fn is_gcvit(self) -> bool {
+        !matches!(self, Self::Resnet18 | Self::Resnet34 | Self::Resnet50)
+    }
+
+    /// The spec's name (`resnet_50`, `gc_vit_tiny`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Resnet18 => "resnet_18",
+            Self::Resnet34 => "resnet_34",
+            Self::Resnet50 => "resnet_50",
+            Self::GcVitXxtiny => "gc_vit_xxtiny",
+            Self::GcVitXtiny => "gc_vit_xtiny",
+            Self::GcVitTiny => "gc_vit_tiny",
+            Self::GcVitSmall => "gc_vit_small",
+            Self::GcVitBase => "gc_vit_base",
+            Self::GcVitLarge => "gc_vit_large",
+            Self::GcVitLarge384 => "gc_vit_large_384",
+        }
+    }
 }
 
 /// `train.optim.optimizer`.
@@ -83,12 +121,14 @@ pub enum ExportFormat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// A torchvision ResNet state dict loaded into `backbone.0.body`.
+    /// A torchvision ResNet or a GCViT (TAO's or timm's names) state dict loaded into
+    /// `backbone.0.body` before training starts (`trainer/src/weights.rs load_backbone`).
     pub pretrained_backbone_path: Option<String>,
     /// TAO DLD export directory (accepted for compatibility; unused).
     pub dld_model_dir_path: Option<String>,
     pub backbone: Backbone,
-    /// Train the backbone (layer2..layer4; the stem and layer1 stay frozen, as upstream).
+    /// Train the backbone (ResNet: layer2..layer4, the stem and layer1 stay frozen, as
+    /// upstream; GCViT: all of it).
     pub train_backbone: bool,
     pub num_queries: u32,
     pub num_feature_levels: u32,

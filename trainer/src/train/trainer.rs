@@ -140,23 +140,8 @@ impl<'c, D: Detector> Trainer<'c, D> {
                 start.1 = 0;
             }
             tracing::info!(path = %ck.path.display(), epoch = start.0, step = start.1, "resuming");
-        } else if let Some(p) = spec
-            .train
-            .pretrained_model_path
-            .as_deref()
-            .filter(|p| !p.is_empty())
-        {
-            let r = crate::weights::load_file(
-                &built.vs,
-                std::path::Path::new(p),
-                crate::weights::LoadMode::Pretrained,
-            )?;
-            tracing::info!(
-                path = p,
-                loaded = r.loaded,
-                skipped = r.skipped_shape.len(),
-                "pretrained weights loaded"
-            );
+        } else {
+            load_pretrained(spec, &built)?;
         }
         let mut ema = spec
             .train
@@ -715,4 +700,49 @@ fn targets_of(batch: &Batch, device: Device) -> Vec<Target> {
             boxes: t.boxes.to_device(device),
         })
         .collect()
+}
+
+/// A fresh run's starting weights, as TAO builds them: `model.pretrained_backbone_path` into
+/// the backbone, then `train.pretrained_model_path` over the whole model.
+fn load_pretrained<D: Detector>(
+    spec: &ExperimentSpec,
+    built: &Built<D>,
+) -> Result<(), TrainerError> {
+    if let Some(p) = spec
+        .model
+        .pretrained_backbone_path
+        .as_deref()
+        .filter(|p| !p.is_empty())
+    {
+        let r =
+            crate::weights::load_backbone(&built.vs, std::path::Path::new(p), spec.model.backbone)?;
+        tracing::info!(
+            path = p,
+            loaded = r.loaded,
+            missing = r.missing.len(),
+            unexpected = r.unexpected.len(),
+            first_missing = r.missing.first().map(String::as_str),
+            first_unexpected = r.unexpected.first().map(String::as_str),
+            "pretrained backbone loaded"
+        );
+    }
+    if let Some(p) = spec
+        .train
+        .pretrained_model_path
+        .as_deref()
+        .filter(|p| !p.is_empty())
+    {
+        let r = crate::weights::load_file(
+            &built.vs,
+            std::path::Path::new(p),
+            crate::weights::LoadMode::Pretrained,
+        )?;
+        tracing::info!(
+            path = p,
+            loaded = r.loaded,
+            skipped = r.skipped_shape.len(),
+            "pretrained weights loaded"
+        );
+    }
+    Ok(())
 }

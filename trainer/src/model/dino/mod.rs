@@ -370,8 +370,13 @@ impl Dino {
 impl Stages for Dino {
     type Output = DinoOutput;
 
-    fn backbone_features(&self, images: &Tensor, mask: &Tensor) -> Vec<(Tensor, Tensor)> {
-        self.backbone.forward(images, mask)
+    fn backbone_features(
+        &self,
+        images: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> Vec<(Tensor, Tensor)> {
+        self.backbone.forward(images, mask, train)
     }
 
     fn encoder_inputs(&self, features: &[(Tensor, Tensor)], mask: &Tensor) -> EncoderInputs {
