@@ -12,7 +12,8 @@
 //!    (the vector–Jacobian product the one-graph backward computes); the position embeddings'
 //!    gradient accumulates over the layers;
 //! 5. the same through the input projections (and level embeddings), then the backbone, which
-//!    is run once more with autograd.
+//!    is run once more with autograd: a ResNet whole, a GCViT one level at a time from the last
+//!    (from level inputs kept by step 1; `Backbone::backward`).
 //!
 //! So at most one encoder layer's activations are alive at a time (deformable attention's
 //! sampled values are the bulk at detection resolutions), and never together with the
@@ -42,6 +43,8 @@ pub struct StepMode {
 pub trait Stages {
     /// The decoder's predictions.
     type Output;
+    /// The backbone (its checkpointed backward runs through it).
+    fn backbone(&self) -> &crate::model::backbone::Backbone;
     /// The returned backbone stages' feature maps and their padding masks (`train`: stochastic
     /// depth where the backbone has it).
     fn backbone_features(
@@ -145,16 +148,21 @@ pub fn forward_backward<M: Stages>(
         backward(&losses.total);
         return Ok(losses);
     }
-    // The backbone's random draws (stochastic depth) seeded so its recomputation repeats them.
+    // The backbone without autograd, keeping what its staged backward recomputes from; its
+    // random draws (stochastic depth) seeded so the recomputation repeats them.
     let backbone_seed =
         Tensor::randint(1 << 40, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0]);
-    tch::manual_seed(backbone_seed);
-    let leaves: Vec<(Tensor, Tensor)> = tch::no_grad(|| {
-        amp.autocast(|| model.backbone_features(images, mask, true))
-            .into_iter()
-            .map(|(f, m)| (f.detach().set_requires_grad(true), m))
-            .collect()
+    let (features, saved) = tch::no_grad(|| {
+        amp.autocast(|| {
+            model
+                .backbone()
+                .forward_saved(images, mask, true, backbone_seed)
+        })
     });
+    let leaves: Vec<(Tensor, Tensor)> = features
+        .into_iter()
+        .map(|(f, m)| (f.detach().set_requires_grad(true), m))
+        .collect();
     // Input projections, with autograd (small next to the encoder's activations).
     let inputs = amp.autocast(|| model.encoder_inputs(&leaves, mask));
     // Encoder layers without autograd; each layer's input kept, each layer's dropout seeded so
@@ -211,22 +219,11 @@ pub fn forward_backward<M: Stages>(
         s.backward();
     }
     drop(inputs);
-    tch::manual_seed(backbone_seed);
-    let again = amp.autocast(|| model.backbone_features(images, mask, true));
-    let mut surrogate: Option<Tensor> = None;
-    for ((f, _), (leaf, _)) in again.iter().zip(&leaves) {
-        let g = leaf.grad();
-        if !f.requires_grad() || !g.defined() {
-            continue;
-        }
-        let term = (f * &g).sum(Kind::Float);
-        surrogate = Some(match surrogate {
-            Some(s) => s + term,
-            None => term,
-        });
-    }
-    if let Some(s) = surrogate {
-        s.backward();
-    }
+    let grads: Vec<Tensor> = leaves.iter().map(|(leaf, _)| leaf.grad()).collect();
+    amp.autocast(|| {
+        model
+            .backbone()
+            .backward(images, mask, saved, true, backbone_seed, &grads)
+    });
     Ok(losses)
 }

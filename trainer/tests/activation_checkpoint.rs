@@ -1,5 +1,6 @@
-//! `train.activation_checkpoint`: the staged backward (backbone recomputed) gives the gradients
-//! of the one-graph backward, for every trainable parameter.
+//! `train.activation_checkpoint`: the staged backward (backbone recomputed: a ResNet whole, a
+//! GCViT level by level) gives the gradients of the one-graph backward, for every trainable
+//! parameter.
 
 mod common;
 
@@ -9,20 +10,19 @@ use common::*;
 use ddetr_trainer::amp::Amp;
 use ddetr_trainer::criterion::{local_num_boxes, normalizer, SetCriterion};
 use ddetr_trainer::matcher::Target;
-use ddetr_trainer::spec::Precision;
+use ddetr_trainer::spec::{Backbone, ModelConfig, Precision};
 use ddetr_trainer::step::{forward_backward, StepLoss, StepMode};
 use tch::{Device, Tensor};
 
-fn gradients(activation_checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
-    let cfg = model_config(4, true, false);
-    let (vs, model) = build(&cfg);
+fn gradients(cfg: &ModelConfig, activation_checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
+    let (vs, model) = build(cfg);
     fill_model(&vs);
     let (images, mask) = inputs();
     let targets: Vec<Target> = targets()
         .into_iter()
         .map(|(labels, boxes)| Target { labels, boxes })
         .collect();
-    let criterion = SetCriterion::from_spec(&cfg, NUM_CLASSES);
+    let criterion = SetCriterion::from_spec(cfg, NUM_CLASSES);
     let num_boxes = normalizer(local_num_boxes(&targets));
     let losses = forward_backward(
         &model,
@@ -49,10 +49,9 @@ fn gradients(activation_checkpoint: bool) -> (f64, BTreeMap<String, Tensor>) {
     (losses.total.double_value(&[]), grads)
 }
 
-#[test]
-fn staged_backward_gives_the_one_graph_gradients() {
-    let (loss_a, plain) = gradients(false);
-    let (loss_b, staged) = gradients(true);
+fn staged_equals_one_graph(cfg: &ModelConfig) {
+    let (loss_a, plain) = gradients(cfg, false);
+    let (loss_b, staged) = gradients(cfg, true);
     assert_eq!(loss_a, loss_b);
     assert_eq!(
         plain.keys().collect::<Vec<_>>(),
@@ -76,4 +75,19 @@ fn staged_backward_gives_the_one_graph_gradients() {
             "{name}: staged gradient differs by {diff} (max |g| {scale})"
         );
     }
+}
+
+#[test]
+fn staged_backward_gives_the_one_graph_gradients() {
+    staged_equals_one_graph(&model_config(4, true, false));
+}
+
+#[test]
+fn gcvit_level_by_level_backward_gives_the_one_graph_gradients() {
+    // Stochastic depth off: the one-graph path draws its masks unseeded.
+    staged_equals_one_graph(&ModelConfig {
+        backbone: Backbone::GcVitXxtiny,
+        backbone_drop_path_rate: 0.0,
+        ..model_config(4, true, false)
+    });
 }

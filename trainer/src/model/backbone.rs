@@ -365,7 +365,7 @@ pub struct Backbone {
 
 impl Backbone {
     /// `p` is the `backbone.0` path. `stages` are the backbone entries of `return_interm_indices`
-    /// (those below [`EXTRA_LEVEL_INDEX`]).
+    /// (those below [`EXTRA_LEVEL_INDEX`]); `drop_path_rate` is a GCViT's stochastic depth.
     pub fn new(
         p: &nn::Path,
         kind: BackboneKind,
@@ -373,8 +373,10 @@ impl Backbone {
         train_backbone: bool,
         dilation: bool,
         from_scratch: bool,
+        drop_path_rate: f64,
     ) -> Self {
-        if let Some(config) = GcVitConfig::of(kind) {
+        if let Some(mut config) = GcVitConfig::of(kind) {
+            config.drop_path_rate = drop_path_rate;
             return Self {
                 body: Body::GcVit(GcVit::new(&(p / "body"), config, stages)),
                 return_stages: stages.to_vec(),
@@ -424,6 +426,106 @@ impl Backbone {
             Body::ResNet(r) => r.forward(images).into_iter().map(Some).collect(),
             Body::GcVit(g) => g.forward(images, train),
         };
+        self.with_masks(outs, pixel_mask)
+    }
+}
+
+/// What a checkpointed training step keeps of the backbone's gradient-free first pass: a
+/// GCViT's level inputs (a ResNet is recomputed whole).
+#[derive(Debug, Default)]
+pub struct Saved {
+    level_inputs: Vec<Tensor>,
+}
+
+impl Backbone {
+    /// [`Backbone::forward`] keeping what [`Backbone::backward`] recomputes from; level `i`
+    /// of a GCViT runs after `tch::manual_seed(seed + i)` so its recomputation draws the same
+    /// stochastic depth.
+    pub fn forward_saved(
+        &self,
+        images: &Tensor,
+        pixel_mask: &Tensor,
+        train: bool,
+        seed: i64,
+    ) -> (Vec<(Tensor, Tensor)>, Saved) {
+        let Body::GcVit(g) = &self.body else {
+            return (self.forward(images, pixel_mask, train), Saved::default());
+        };
+        let last = g.last_level();
+        let mut x = g.stem(images);
+        let mut saved = Saved::default();
+        let mut outs = Vec::with_capacity(last + 1);
+        for i in 0..=last {
+            tch::manual_seed(seed + i as i64);
+            saved.level_inputs.push(x.shallow_clone());
+            let (raw, next) = g.level(i, &x, train, i < last);
+            outs.push(g.output(i, &raw));
+            if let Some(next) = next {
+                x = next;
+            }
+        }
+        (self.with_masks(outs, pixel_mask), saved)
+    }
+
+    /// The backward of the backbone given the gradients of its returned feature maps (one per
+    /// returned stage; undefined where none flowed), recomputing from `saved` with autograd. A
+    /// ResNet is recomputed whole; a GCViT one level at a time from the last (TAO checkpoints
+    /// each level): level `i` is rerun from its kept input and backward of ⟨its feature map,
+    /// its gradient⟩ + ⟨the next level's input, that input's gradient⟩ fills its parameters'
+    /// gradients and its input's, then the patch embedding's. Only one level's activations are
+    /// alive at a time.
+    pub fn backward(
+        &self,
+        images: &Tensor,
+        pixel_mask: &Tensor,
+        saved: Saved,
+        train: bool,
+        seed: i64,
+        grads: &[Tensor],
+    ) {
+        let surrogate = |terms: Vec<Tensor>| terms.into_iter().reduce(|a, b| a + b);
+        let Body::GcVit(g) = &self.body else {
+            let again = self.forward(images, pixel_mask, train);
+            let terms = again
+                .iter()
+                .zip(grads)
+                .filter(|((f, _), g)| f.requires_grad() && g.defined())
+                .map(|((f, _), g)| (f * g).sum(Kind::Float))
+                .collect();
+            if let Some(s) = surrogate(terms) {
+                s.backward();
+            }
+            return;
+        };
+        let last = saved.level_inputs.len() - 1;
+        let mut next_grad: Option<Tensor> = None;
+        for (i, input) in saved.level_inputs.into_iter().enumerate().rev() {
+            let x = input.detach().set_requires_grad(true);
+            tch::manual_seed(seed + i as i64);
+            let (raw, next) = g.level(i, &x, train, i < last);
+            let mut terms = Vec::new();
+            if let Some(pos) = self.return_stages.iter().position(|&s| s == i) {
+                let grad = &grads[pos];
+                if grad.defined() {
+                    let out = g.output(i, &raw).expect("a returned level has its norm");
+                    terms.push((out * grad).sum(Kind::Float));
+                }
+            }
+            if let (Some(next), Some(grad)) = (next, next_grad.take()) {
+                terms.push((next * grad).sum(Kind::Float));
+            }
+            let Some(s) = surrogate(terms) else { continue };
+            s.backward();
+            let grad = x.grad();
+            next_grad = grad.defined().then_some(grad);
+        }
+        if let Some(grad) = next_grad {
+            (g.stem(images) * grad).sum(Kind::Float).backward();
+        }
+    }
+
+    /// The returned stages' maps from every level's (optional) output, with their masks.
+    fn with_masks(&self, outs: Vec<Option<Tensor>>, pixel_mask: &Tensor) -> Vec<(Tensor, Tensor)> {
         self.return_stages
             .iter()
             .map(|&s| {

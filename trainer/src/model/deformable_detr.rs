@@ -171,6 +171,8 @@ pub struct DetrConfig {
     pub dilation: bool,
     /// `model.backbone_from_scratch` (see [`crate::model::backbone::ResNetBody::new`]).
     pub backbone_from_scratch: bool,
+    /// `model.backbone_drop_path_rate` (a GCViT's stochastic depth).
+    pub backbone_drop_path_rate: f64,
     /// Backbone stages (0 = layer1) feeding the transformer.
     pub backbone_stages: Vec<usize>,
     pub num_classes: i64,
@@ -221,6 +223,7 @@ impl DetrConfig {
             train_backbone: m.train_backbone,
             dilation: m.dilation,
             backbone_from_scratch: m.backbone_from_scratch,
+            backbone_drop_path_rate: m.backbone_drop_path_rate,
             backbone_stages,
             num_classes: num_classes as i64,
             with_box_refine: m.with_box_refine,
@@ -296,6 +299,7 @@ impl DeformableDetr {
             config.train_backbone,
             config.dilation,
             config.backbone_from_scratch,
+            config.backbone_drop_path_rate,
         );
         let transformer = DeformableTransformer::new(&(root / "transformer"), tc);
 
@@ -494,6 +498,9 @@ impl DeformableDetr {
 
 impl crate::step::Stages for DeformableDetr {
     type Output = DetrOutput;
+    fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
     fn backbone_features(
         &self,
         images: &Tensor,

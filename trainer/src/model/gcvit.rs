@@ -38,6 +38,8 @@ pub struct GcVitConfig {
     pub window: [i64; 4],
     pub mlp_ratio: f64,
     pub layer_scale: Option<f64>,
+    /// Stochastic depth of the last block (0 for the first, linear between).
+    pub drop_path_rate: f64,
 }
 
 impl GcVitConfig {
@@ -50,6 +52,7 @@ impl GcVitConfig {
             window: [7, 7, 14, 7],
             mlp_ratio: 3.0,
             layer_scale: None,
+            drop_path_rate: DROP_PATH_RATE,
         };
         let wide = |dim, num_heads, window| Self {
             dim,
@@ -58,6 +61,7 @@ impl GcVitConfig {
             window,
             mlp_ratio: 2.0,
             layer_scale: Some(1e-5),
+            drop_path_rate: DROP_PATH_RATE,
         };
         Some(match kind {
             BackboneKind::GcVitXxtiny => tiny([2, 2, 6, 2]),
@@ -492,7 +496,7 @@ impl GcVit {
         let total: usize = c.depths.iter().sum();
         let rate = |i: usize| {
             if total > 1 {
-                DROP_PATH_RATE * i as f64 / (total - 1) as f64
+                c.drop_path_rate * i as f64 / (total - 1) as f64
             } else {
                 0.0
             }
@@ -548,41 +552,68 @@ impl GcVit {
         }
     }
 
+    /// The last level any output needs.
+    pub fn last_level(&self) -> usize {
+        self.norms.iter().rposition(Option::is_some).unwrap_or(0)
+    }
+
     /// Every level's normalised output up to the last returned one, NCHW (None for levels
     /// not returned).
     pub fn forward(&self, images: &Tensor, train: bool) -> Vec<Option<Tensor>> {
-        let last = self.norms.iter().rposition(Option::is_some).unwrap_or(0);
+        let last = self.last_level();
         self.levels_up_to(images, last, train)
             .iter()
-            .zip(&self.norms)
-            .map(|(x, norm)| {
-                norm.as_ref()
-                    .map(|n| n.forward(x).permute([0, 3, 1, 2]).contiguous())
-            })
+            .enumerate()
+            .map(|(i, x)| self.output(i, x))
             .collect()
     }
 
     /// The outputs of levels `0..=last` before their `norm{i}` (and before the downsampling to
     /// the next level), NHWC.
     pub fn levels_up_to(&self, images: &Tensor, last: usize, train: bool) -> Vec<Tensor> {
-        let x = self.patch_embed_proj.forward(images).permute([0, 2, 3, 1]);
-        let mut x = self.patch_embed_down.forward(&x);
+        let mut x = self.stem(images);
         let mut outs = Vec::with_capacity(last + 1);
-        for (i, level) in self.levels.iter().enumerate().take(last + 1) {
-            let q = level.q_global_gen.forward(&x.permute([0, 3, 1, 2]));
-            for block in &level.blocks {
-                x = block.forward(&x, &q, train);
-            }
-            outs.push(x.shallow_clone());
-            if i < last {
-                x = level
-                    .downsample
-                    .as_ref()
-                    .expect("levels 0-2 downsample")
-                    .forward(&x);
+        for i in 0..=last {
+            let (out, next) = self.level(i, &x, train, i < last);
+            outs.push(out);
+            if let Some(next) = next {
+                x = next;
             }
         }
         outs
+    }
+
+    /// The patch embedding: level 0's input, NHWC.
+    pub fn stem(&self, images: &Tensor) -> Tensor {
+        let x = self.patch_embed_proj.forward(images).permute([0, 2, 3, 1]);
+        self.patch_embed_down.forward(&x)
+    }
+
+    /// Level `i` on its NHWC input: its output before `norm{i}` and, with `next`, the
+    /// downsampled input of level `i + 1`.
+    pub fn level(&self, i: usize, x: &Tensor, train: bool, next: bool) -> (Tensor, Option<Tensor>) {
+        let level = &self.levels[i];
+        let q = level.q_global_gen.forward(&x.permute([0, 3, 1, 2]));
+        let mut x = x.shallow_clone();
+        for block in &level.blocks {
+            x = block.forward(&x, &q, train);
+        }
+        let down = next.then(|| {
+            level
+                .downsample
+                .as_ref()
+                .expect("levels 0-2 downsample")
+                .forward(&x)
+        });
+        (x, down)
+    }
+
+    /// Level `i`'s returned feature map (`norm{i}` of its output, NCHW); None when the level
+    /// is not returned.
+    pub fn output(&self, i: usize, raw: &Tensor) -> Option<Tensor> {
+        self.norms[i]
+            .as_ref()
+            .map(|n| n.forward(raw).permute([0, 3, 1, 2]).contiguous())
     }
 }
 

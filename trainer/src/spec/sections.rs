@@ -149,6 +149,9 @@ pub struct ModelConfig {
     /// torchvision's `zero_init_residual`), so those branches add nothing and their convs are
     /// frozen and skipped; the stem and layer1 train (upstream freezes them as pretrained).
     pub backbone_from_scratch: bool,
+    /// (ddetr) A GCViT backbone's stochastic-depth rate, rising linearly over its blocks from 0
+    /// to this (TAO fixes 0.2 for every detection GCViT); unused by a ResNet.
+    pub backbone_drop_path_rate: f64,
     /// Top-k detections kept by the post-process.
     pub num_select: u32,
     pub nheads: u32,
@@ -244,6 +247,7 @@ impl Default for ModelConfig {
             with_box_refine: true,
             two_stage: false,
             backbone_from_scratch: false,
+            backbone_drop_path_rate: crate::model::gcvit::DROP_PATH_RATE,
             num_select: 100,
             nheads: 8,
             dropout_ratio: 0.3,

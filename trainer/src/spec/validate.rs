@@ -290,6 +290,15 @@ fn validate_model(spec: &ExperimentSpec) -> Result<(), SpecError> {
             ),
         ));
     }
+    if !(0.0..1.0).contains(&m.backbone_drop_path_rate) {
+        return Err(invalid(
+            "model.backbone_drop_path_rate",
+            format!(
+                "is {}; a stochastic-depth rate must be within [0, 1) (TAO's GCViT uses 0.2)",
+                m.backbone_drop_path_rate
+            ),
+        ));
+    }
     let candidates = u64::from(m.num_queries) * u64::from(spec.dataset.num_classes);
     if u64::from(m.num_select) >= candidates {
         return Err(invalid(

@@ -193,6 +193,7 @@ impl Dino {
             c.train_backbone,
             c.dilation,
             c.backbone_from_scratch,
+            c.backbone_drop_path_rate,
         );
         let tp = root / "transformer";
         let encoder = (0..tc.enc_layers)
@@ -369,6 +370,10 @@ impl Dino {
 
 impl Stages for Dino {
     type Output = DinoOutput;
+
+    fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
 
     fn backbone_features(
         &self,
