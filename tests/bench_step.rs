@@ -176,3 +176,64 @@ fn dino_is_measured_alone_with_its_model_in_the_last_line() {
     assert!(!last.contains("ratio="), "{last}");
     assert!(kv(last, "step_s=").parse::<f64>().unwrap() > 0.0);
 }
+
+#[test]
+fn gcvit_backbone_step_against_a_stand_in_timm_and_its_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stand-in python: checks the peer's arguments (script variant batch size steps threads)
+    // and prints what timm_gcvit_step.py prints.
+    let python = dir.path().join("python");
+    std::fs::write(
+        &python,
+        "#!/bin/sh\n[ \"$2 $3 $4 $5 $6\" = \"xxtiny 1 64 1 2\" ] || { echo \"bad args $*\" >&2; exit 3; }\n\
+         echo params=1000\necho \"timm-gcvit median_step=2.0s\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddetr"));
+    cmd.args([
+        "bench",
+        "step",
+        "--backbone",
+        "gc_vit_xxtiny",
+        "--batch",
+        "1",
+    ])
+    .args(["--size", "64", "--steps", "1", "--rounds", "1", "--python"])
+    .arg(&python);
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    assert_eq!(kv(last, "backbone="), "gc_vit_xxtiny");
+    assert_eq!(kv(last, "peer_params="), "1000");
+    let ours: f64 = kv(last, "step_s=").parse().unwrap();
+    let ratio: f64 = kv(last, "ratio=").parse().unwrap();
+    assert!((ratio - ours / 2.0).abs() < 2e-3, "{last}");
+    // timm_gcvit_step.py is the peer script the stand-in was given.
+    assert!(stdout.contains("peer (timm gcvit_xxtiny)"), "{stdout}");
+
+    for (args, want) in [
+        (&["--backbone", "resnet_50"][..], "compares GCViT backbones"),
+        (
+            &["--backbone", "gc_vit_tny"][..],
+            "did you mean 'gc_vit_tiny'",
+        ),
+        (&["--backbone", "gc_vit_tiny", "--cuda"][..], "on the CPU"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ddetr"))
+            .args(["bench", "step", "--no-peer"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}

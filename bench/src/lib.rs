@@ -26,6 +26,7 @@
 //! - `peers/`: the peer scripts carried inside the binary (`include_str!`):
 //!   `hf_coco_convergence.py` (converge) and `gloo_allreduce.py` (collective).
 
+mod backbone_step;
 mod bandwidth;
 mod barrier;
 mod collective;

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::bail;
 use clap::{Args, ValueEnum};
-use ddetr_trainer::spec::{Architecture, Precision};
+use ddetr_trainer::spec::{Architecture, Backbone, Precision};
 
 use crate::peer::{self, PeerArgs};
 use crate::training_step::{step_bench, StepBenchConfig};
@@ -102,6 +102,17 @@ pub struct StepArgs {
     /// its CUDA extension, transformers has no DINO): ours is measured alone.
     #[arg(long, value_enum, default_value_t = BenchModel::DeformableDetr)]
     pub model: BenchModel,
+    /// A GCViT (`gc_vit_tiny`, …): time a training step of the backbone alone, ours against
+    /// timm's (`bench/peers/timm_gcvit_step.py`), with both parameter counts.
+    #[arg(long, value_name = "NAME", value_parser = parse_backbone)]
+    pub backbone: Option<Backbone>,
+}
+
+/// `--backbone`: a `model.backbone` name.
+fn parse_backbone(s: &str) -> Result<Backbone, String> {
+    ddetr_trainer::spec::load_str("", &[format!("model.backbone={s}")], None)
+        .map(|r| r.spec.model.backbone)
+        .map_err(|e| e.to_string())
 }
 
 /// `--model`.
@@ -171,6 +182,20 @@ fn gib(bytes: u64) -> f64 {
 
 pub fn run(args: &StepArgs) -> anyhow::Result<()> {
     tch::set_num_threads(args.threads);
+    if let Some(kind) = args.backbone {
+        if args.cuda || args.activation_checkpoint || args.precision != BenchPrecision::Fp32 {
+            bail!("--backbone times the backbone alone in fp32 on the CPU: drop --cuda, --precision and --activation-checkpoint");
+        }
+        return crate::backbone_step::run(
+            kind,
+            args.batch,
+            args.size,
+            args.steps,
+            args.threads,
+            args.rounds,
+            &args.peer,
+        );
+    }
     let device = if args.cuda {
         if !ddetr_trainer::cuda_runtime::cuda_available() {
             bail!("--cuda asked for a GPU but libtorch sees no CUDA device: drop --cuda or run on a GPU machine");
