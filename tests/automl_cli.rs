@@ -142,8 +142,45 @@ fn automl_policy_on_makes_train_search_and_bad_spaces_are_one_line() {
             "swap them",
         ),
         ("automl.automl_nu=1", "automl.automl_nu"),
+        ("automl.nodes_per_trial=2", "automl.launch_prefix is empty"),
     ] {
         let out = output(ddetr_in(work.path()).args(search_args(&[extra])));
         assert_one_error_line(out.status, &text(&out.stderr), 2, want);
     }
+}
+
+#[test]
+fn trials_run_under_the_launch_prefix_with_the_launcher_flags() {
+    let work = tiny_workdir();
+    // A stand-in for `srun …`: logs its arguments, drops its own flag and runs the rest.
+    let prefix = work.path().join("prefix.sh");
+    std::fs::write(
+        &prefix,
+        "#!/bin/sh\necho \"$@\" >> prefix.log\nshift\nexec \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&prefix, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = output(ddetr_in(work.path()).args(search_args(&[
+        "train.num_epochs=1",
+        "automl.automl_max_recommendations=1",
+        &format!(
+            "automl.launch_prefix=[{}, --fake-srun-flag]",
+            prefix.display()
+        ),
+        "automl.nproc_per_trial=2",
+    ])));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let log = std::fs::read_to_string(work.path().join("prefix.log")).unwrap();
+    assert!(
+        log.starts_with("--fake-srun-flag ")
+            && log.contains("ddetr-launch --nodes 1 --nproc-per-node 2 -- train -e"),
+        "{log}"
+    );
+    let trial = work.path().join("results/automl/trial_000");
+    assert!(
+        trial.join("train/status.json").is_file(),
+        "{}",
+        std::fs::read_to_string(trial.join("log.txt")).unwrap_or_default()
+    );
 }

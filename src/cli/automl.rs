@@ -350,13 +350,27 @@ fn start(
     let tdir = trial_dir(dir, trial);
     let params = &trial_overrides(dir, trial, spec, point)?;
     let epochs = epochs * spec.automl.epoch_multiplier;
-    let nproc = spec.automl.nproc_per_trial;
+    let a = &spec.automl;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(tdir.join("log.txt"))?;
-    let mut cmd = Command::new(launch);
-    cmd.args(["--nodes", "1", "--nproc-per-node", &nproc.to_string(), "--"])
+    // `<launch_prefix…> ddetr-launch --nodes N --nproc-per-node P [--master-port …] -- train …`
+    let mut cmd = match a.launch_prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(launch);
+            c
+        }
+        None => Command::new(launch),
+    };
+    cmd.args(["--nodes", &a.nodes_per_trial.to_string()])
+        .args(["--nproc-per-node", &a.nproc_per_trial.to_string()]);
+    if a.nodes_per_trial > 1 {
+        let port = u32::from(a.master_port) + trial as u32;
+        cmd.args(["--master-port", &port.to_string()]);
+    }
+    cmd.arg("--")
         .arg("train")
         .arg("-e")
         .arg(&args.spec)
@@ -368,15 +382,19 @@ fn start(
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+    // Pinned to the slot's cores when the launcher runs here; a prefix places the agents itself.
+    let pin = a.launch_prefix.is_empty();
     // SAFETY: between fork and exec only async-signal-safe calls (prctl, sched_setaffinity).
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            for &c in &cpus {
-                libc::CPU_SET(c, &mut set);
+            if pin {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                for &c in &cpus {
+                    libc::CPU_SET(c, &mut set);
+                }
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
             }
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
             Ok(())
         });
     }

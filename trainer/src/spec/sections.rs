@@ -827,6 +827,14 @@ pub struct AutomlConfig {
     pub budget_minutes: f64,
     /// (ddetr) Trainer processes per trial (`ddetr-launch --nproc-per-node`).
     pub nproc_per_trial: u32,
+    /// (ddetr) Nodes per trial (`ddetr-launch --nodes`); above 1 needs `launch_prefix`, the
+    /// command that starts one agent per node (e.g. `[srun, --nodes=2, --ntasks-per-node=1]`).
+    pub nodes_per_trial: u32,
+    /// (ddetr) A command the trial's `ddetr-launch` runs under (`srun …`, `mpirun …`); empty: the
+    /// launcher runs here, pinned to the trial's share of the cores.
+    pub launch_prefix: Vec<String>,
+    /// (ddetr) Node 0's rendezvous port of a multi-node trial is this + the trial's number.
+    pub master_port: u16,
     /// (ddetr) The search's seed.
     pub seed: u64,
     /// Defaults to `<results_dir>/automl`.
@@ -849,6 +857,9 @@ impl Default for AutomlConfig {
             automl_range_override: Vec::new(),
             budget_minutes: 0.0,
             nproc_per_trial: 1,
+            nodes_per_trial: 1,
+            launch_prefix: Vec::new(),
+            master_port: 29400,
             seed: 1,
             results_dir: None,
             automl_delete_intermediate_ckpt: false,

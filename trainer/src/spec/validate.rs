@@ -631,6 +631,21 @@ fn validate_automl(spec: &ExperimentSpec) -> Result<(), SpecError> {
             "is 0: give at least 1 trainer process per trial",
         ));
     }
+    if a.nodes_per_trial == 0 {
+        return Err(invalid(
+            "automl.nodes_per_trial",
+            "is 0: give at least 1 node per trial",
+        ));
+    }
+    if a.nodes_per_trial > 1 && a.launch_prefix.is_empty() {
+        return Err(invalid(
+            "automl.nodes_per_trial",
+            format!(
+                "is {n} but automl.launch_prefix is empty: one process cannot start agents on other nodes; set e.g. automl.launch_prefix=[srun,--nodes={n},--ntasks-per-node=1]",
+                n = a.nodes_per_trial
+            ),
+        ));
+    }
     if !(a.budget_minutes >= 0.0) {
         return Err(invalid(
             "automl.budget_minutes",
