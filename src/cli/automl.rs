@@ -369,6 +369,11 @@ fn start(
     if a.nodes_per_trial > 1 {
         let port = u32::from(a.master_port) + trial as u32;
         cmd.args(["--master-port", &port.to_string()]);
+        // Every agent of the trial must hold the same job token (the prefix passes the
+        // environment on); a fresh one per trial unless the user set one.
+        if std::env::var_os("DDETR_JOB_TOKEN").is_none() {
+            cmd.env("DDETR_JOB_TOKEN", job_token()?);
+        }
     }
     cmd.arg("--")
         .arg("train")
@@ -409,6 +414,14 @@ fn start(
         child,
         started: Instant::now(),
     })
+}
+
+/// 16 random bytes as hex, from the kernel.
+fn job_token() -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The CPUs this process may run on (its affinity mask; all online CPUs if that cannot be read).
