@@ -184,3 +184,21 @@ fn trials_run_under_the_launch_prefix_with_the_launcher_flags() {
         std::fs::read_to_string(trial.join("log.txt")).unwrap_or_default()
     );
 }
+
+#[test]
+fn max_concurrent_two_runs_two_trials_at_once() {
+    let work = tiny_workdir();
+    let mut args = search_args(&["train.num_epochs=1"]);
+    // --trials 2 --max-concurrent 2 (the values search_args puts at 8 and 10).
+    args[8] = "2".into();
+    args[10] = "2".into();
+    let out = output(ddetr_in(work.path()).args(&args));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("2 running"),
+        "never two trials at once:\n{err}"
+    );
+    let csv = std::fs::read_to_string(work.path().join("results/automl/results.csv")).unwrap();
+    assert_eq!(csv.matches(",done,").count(), 2, "{csv}");
+}

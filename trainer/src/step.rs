@@ -52,7 +52,9 @@ pub trait Stages {
         images: &Tensor,
         mask: &Tensor,
         train: bool,
-    ) -> Vec<(Tensor, Tensor)>;
+    ) -> Vec<(Tensor, Tensor)> {
+        self.backbone().forward(images, mask, train)
+    }
     /// Input projections and position embeddings, flattened for the encoder.
     fn encoder_inputs(&self, features: &[(Tensor, Tensor)], mask: &Tensor) -> EncoderInputs;
     fn num_encoder_layers(&self) -> usize;

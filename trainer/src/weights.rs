@@ -30,7 +30,7 @@
 //! [`crate::model_checkpoint`], which recognises every published layout (ddetr, official,
 //! transformers, TAO Lightning) on top of this map and names the spec field a mismatch calls for.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use tch::nn::VarStore;
@@ -321,30 +321,13 @@ pub fn load_torchvision_backbone(vs: &VarStore, path: &Path) -> Result<LoadRepor
         })
         .collect();
     let vars = vs.variables();
-    let mut report = LoadReport::default();
-    for (name, var) in vars
-        .iter()
-        .filter(|(k, _)| k.starts_with(BACKBONE_BODY_PREFIX))
-    {
-        let Some(src) = tensors.get(name) else {
-            report.missing.push(name.clone());
-            continue;
-        };
-        if src.size() != var.size() {
-            return Err(TrainerError::ShapeMismatch {
-                path: source,
-                key: name.clone(),
-                found: src.size(),
-                expected: var.size(),
-                hint: "model.backbone must name the ResNet depth of these weights".into(),
-            });
-        }
-        tch::no_grad(|| {
-            var.shallow_clone()
-                .copy_(&src.to_device(var.device()).to_kind(var.kind()))
-        });
-        report.loaded += 1;
-    }
+    let mut report = copy_into_body(
+        &vars,
+        &tensors,
+        &source,
+        "model.backbone must name the ResNet depth of these weights",
+        false,
+    )?;
     // Stages the model does not use (e.g. layer4 with return_interm_indices [1, 2]) are expected.
     report.unexpected = tensors
         .keys()
@@ -419,38 +402,15 @@ pub fn load_gcvit_backbone(vs: &VarStore, path: &Path) -> Result<LoadReport, Tra
         }
     }
     let vars = vs.variables();
-    let mut report = LoadReport::default();
-    for (name, var) in vars
-        .iter()
-        .filter(|(k, _)| k.starts_with(BACKBONE_BODY_PREFIX))
-    {
-        let Some(src) = tensors.get(name) else {
-            report.missing.push(name.clone());
-            continue;
-        };
-        let src = if src.size() != var.size() && src.numel() == var.numel() && src.dim() == 4 {
-            src.reshape(var.size())
-        } else {
-            src.shallow_clone()
-        };
-        if src.size() != var.size() {
-            return Err(TrainerError::ShapeMismatch {
-                path: source,
-                key: name.clone(),
-                found: src.size(),
-                expected: var.size(),
-                hint: "model.backbone must name the GCViT size of these weights".into(),
-            });
-        }
-        tch::no_grad(|| {
-            var.shallow_clone()
-                .copy_(&src.to_device(var.device()).to_kind(var.kind()))
-        });
-        report.loaded += 1;
-    }
+    let mut report = copy_into_body(
+        &vars,
+        &tensors,
+        &source,
+        "model.backbone must name the GCViT size of these weights",
+        true,
+    )?;
     unexpected.extend(tensors.keys().filter(|k| !vars.contains_key(*k)).cloned());
     report.unexpected = unexpected;
-    report.missing.sort();
     // Only the detector's own output norms may be missing: anything else means another size.
     let trunk_missing: Vec<&String> = report
         .missing
@@ -479,6 +439,50 @@ fn is_output_norm(key: &str) -> bool {
     key.strip_prefix(BACKBONE_BODY_PREFIX)
         .and_then(|k| k.strip_prefix("norm"))
         .is_some_and(|k| k.len() > 1 && k.as_bytes()[0].is_ascii_digit() && k.as_bytes()[1] == b'.')
+}
+
+/// Copies `tensors` (named as the variables) into every variable under `backbone.0.body.`;
+/// with `reshape_4d`, a 4-d tensor of the right element count takes its variable's shape (timm's
+/// 1×1 convolutions for TAO's linear layers). The report lists the variables `tensors` lacks; a
+/// shape that differs is an error with `hint`.
+fn copy_into_body(
+    vars: &HashMap<String, Tensor>,
+    tensors: &BTreeMap<String, Tensor>,
+    source: &str,
+    hint: &str,
+    reshape_4d: bool,
+) -> Result<LoadReport, TrainerError> {
+    let mut report = LoadReport::default();
+    for (name, var) in vars
+        .iter()
+        .filter(|(k, _)| k.starts_with(BACKBONE_BODY_PREFIX))
+    {
+        let Some(src) = tensors.get(name) else {
+            report.missing.push(name.clone());
+            continue;
+        };
+        let src = if reshape_4d && src.dim() == 4 && src.numel() == var.numel() {
+            src.reshape(var.size())
+        } else {
+            src.shallow_clone()
+        };
+        if src.size() != var.size() {
+            return Err(TrainerError::ShapeMismatch {
+                path: source.to_string(),
+                key: name.clone(),
+                found: src.size(),
+                expected: var.size(),
+                hint: hint.into(),
+            });
+        }
+        tch::no_grad(|| {
+            var.shallow_clone()
+                .copy_(&src.to_device(var.device()).to_kind(var.kind()))
+        });
+        report.loaded += 1;
+    }
+    report.missing.sort();
+    Ok(report)
 }
 
 /// `key` without the first of `prefixes` it starts with.

@@ -159,16 +159,7 @@ impl Writer {
         for (k, (branch, pool)) in g.blocks.iter().enumerate() {
             x = self.conv_branch(&x, branch, &format!("{name}.to_q_global.{k}"), hw);
             if *pool {
-                x = self.op(
-                    "MaxPool",
-                    &[&x],
-                    &[
-                        ("kernel_shape", Attr::Ints(vec![3, 3])),
-                        ("strides", Attr::Ints(vec![2, 2])),
-                        ("pads", Attr::Ints(vec![1, 1, 1, 1])),
-                    ],
-                );
-                hw = (conv_out(hw.0, 3, 2, 1, 1), conv_out(hw.1, 3, 2, 1, 1));
+                x = self.max_pool_3x3_s2(&x, &mut hw);
             }
         }
         let ws = g.window;

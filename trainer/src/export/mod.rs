@@ -309,6 +309,20 @@ impl Writer {
         self.op("Reshape", &[x, &s], &[])
     }
 
+    /// `MaxPool2d(kernel 3, stride 2, padding 1)`, updating the spatial size.
+    fn max_pool_3x3_s2(&mut self, x: &str, hw: &mut (i64, i64)) -> V {
+        *hw = (conv_out(hw.0, 3, 2, 1, 1), conv_out(hw.1, 3, 2, 1, 1));
+        self.op(
+            "MaxPool",
+            &[x],
+            &[
+                ("kernel_shape", Attr::Ints(vec![3, 3])),
+                ("strides", Attr::Ints(vec![2, 2])),
+                ("pads", Attr::Ints(vec![1, 1, 1, 1])),
+            ],
+        )
+    }
+
     fn transpose(&mut self, x: &str, perm: &[i64]) -> V {
         self.op("Transpose", &[x], &[("perm", Attr::Ints(perm.to_vec()))])
     }
@@ -779,16 +793,7 @@ impl Writer {
             &mut hw,
         );
         let x = self.op("Relu", &[&x], &[]);
-        let mut x = self.op(
-            "MaxPool",
-            &[&x],
-            &[
-                ("kernel_shape", Attr::Ints(vec![3, 3])),
-                ("strides", Attr::Ints(vec![2, 2])),
-                ("pads", Attr::Ints(vec![1, 1, 1, 1])),
-            ],
-        );
-        hw = (conv_out(hw.0, 3, 2, 1, 1), conv_out(hw.1, 3, 2, 1, 1));
+        let mut x = self.max_pool_3x3_s2(&x, &mut hw);
         let mut stage_outs = Vec::new();
         for (s, stage) in body.layers.iter().enumerate() {
             for (bi, block) in stage.iter().enumerate() {

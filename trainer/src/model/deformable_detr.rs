@@ -501,14 +501,6 @@ impl crate::step::Stages for DeformableDetr {
     fn backbone(&self) -> &Backbone {
         &self.backbone
     }
-    fn backbone_features(
-        &self,
-        images: &Tensor,
-        mask: &Tensor,
-        train: bool,
-    ) -> Vec<(Tensor, Tensor)> {
-        Self::backbone_features(self, images, mask, train)
-    }
     fn encoder_inputs(&self, features: &[(Tensor, Tensor)], mask: &Tensor) -> EncoderInputs {
         Self::encoder_inputs(self, features, mask)
     }

@@ -375,15 +375,6 @@ impl Stages for Dino {
         &self.backbone
     }
 
-    fn backbone_features(
-        &self,
-        images: &Tensor,
-        mask: &Tensor,
-        train: bool,
-    ) -> Vec<(Tensor, Tensor)> {
-        self.backbone.forward(images, mask, train)
-    }
-
     fn encoder_inputs(&self, features: &[(Tensor, Tensor)], mask: &Tensor) -> EncoderInputs {
         let (srcs, masks, pos) =
             project_levels(&self.input_proj, &self.position_embedding, features, mask);
