@@ -164,3 +164,25 @@ fn pretrained_backbone_path_loads_timm_and_tao_state_dicts() {
         "{err}"
     );
 }
+
+#[test]
+fn train_backbone_false_freezes_the_whole_trunk_and_true_trains_all_of_it() {
+    use ddetr_trainer::detector::{build_model, DeformableDetrDetector};
+    let trunk = |train: bool| {
+        let o = [
+            "model.backbone=gc_vit_xxtiny".to_string(),
+            format!("model.train_backbone={train}"),
+            "dataset.num_classes=5".into(),
+        ];
+        let spec = ddetr_trainer::spec::load_str("", &o, None).unwrap().spec;
+        let built = build_model::<DeformableDetrDetector>(&spec, Device::Cpu, 0).unwrap();
+        let in_trunk = |n: &str| n.starts_with("backbone.0.body.");
+        (
+            built.params.iter().filter(|p| in_trunk(&p.name)).count(),
+            built.buffers.iter().filter(|(n, _)| in_trunk(n)).count(),
+        )
+    };
+    let (trained, frozen) = trunk(true);
+    assert!(trained > 200 && frozen == 0, "{trained} {frozen}");
+    assert_eq!(trunk(false), (0, trained));
+}
