@@ -10,8 +10,9 @@
 //! pads its normalised input with zeros to a multiple of the window and crops the result, and a
 //! level's pooled global query is resized to the window by bicubic interpolation when its size
 //! differs. Each returned level's output (before its downsampling) passes TAO's `norm{i}` layer.
-//! Stochastic depth as TAO (rates 0 → 0.2 over the blocks, training only); PyTorch's default
-//! initialisation (TAO's detection GCViT applies no other).
+//! Stochastic depth as TAO (rates 0 → 0.2 over the blocks, training only;
+//! `model.backbone_drop_path_rate`); PyTorch's default initialisation (TAO's detection GCViT
+//! applies no other).
 
 use tch::nn::{self, Init, Module};
 use tch::Tensor;
