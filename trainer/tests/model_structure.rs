@@ -402,7 +402,15 @@ fn dilation_halves_the_last_stage_stride() {
     let mask = Tensor::zeros([1, 64, 64], (Kind::Bool, Device::Cpu));
     for (dilation, side, stride) in [(false, 2, 32), (true, 4, 16)] {
         let vs = VarStore::new(Device::Cpu);
-        let b = ResNet::new(&vs.root(), Backbone::Resnet50, &[3], true, dilation, false, 0.0);
+        let b = ResNet::new(
+            &vs.root(),
+            Backbone::Resnet50,
+            &[3],
+            true,
+            dilation,
+            false,
+            0.0,
+        );
         assert_eq!(b.strides, [stride]);
         let out = tch::no_grad(|| b.forward(&images, &mask, false));
         assert_eq!(out[0].0.size(), [1, 2048, side, side]);
