@@ -172,9 +172,8 @@ impl Writer {
             x = self.binary("MatMul", &rh, &x);
             x = self.binary("MatMul", &x, &rw);
         }
-        let c = g.heads;
         let y = self.transpose(&x, &[0, 2, 3, 1]);
-        let y = self.reshape(&y, &[0, 1, ws * ws, c, -1]);
+        let y = self.reshape(&y, &[0, 1, ws * ws, g.heads, -1]);
         self.transpose(&y, &[0, 1, 3, 2, 4])
     }
 
@@ -237,7 +236,8 @@ impl Writer {
     ) -> V {
         let heads = a.heads;
         let hd = c / heads;
-        let n = a.bias().size()[1];
+        let bias = a.bias();
+        let n = bias.size()[1];
         let parts = if a.global { 2 } else { 3 };
         let qkv = self.linear(windows, &a.qkv, &format!("{name}.qkv"));
         let qkv = self.reshape(&qkv, &[-1, n, parts, heads, hd]);
@@ -260,7 +260,7 @@ impl Writer {
         let attn = self.binary("MatMul", &q, &kt);
         let bias = self.tensor(
             &format!("{name}.relative_position_bias"),
-            &a.bias().unsqueeze(0),
+            &bias.unsqueeze(0),
         );
         let attn = self.binary("Add", &attn, &bias);
         let attn = self.op("Softmax", &[&attn], &[("axis", Attr::Int(-1))]);
