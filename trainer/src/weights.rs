@@ -410,6 +410,8 @@ pub fn load_gcvit_backbone(vs: &VarStore, path: &Path) -> Result<LoadReport, Tra
         true,
     )?;
     unexpected.extend(tensors.keys().filter(|k| !vars.contains_key(*k)).cloned());
+    // Sorted: the file's order is not the report's (a safetensors read is unordered).
+    unexpected.sort();
     report.unexpected = unexpected;
     // Only the detector's own output norms may be missing: anything else means another size.
     let trunk_missing: Vec<&String> = report

@@ -114,7 +114,7 @@ fn pretrained_backbone_path_loads_timm_and_tao_state_dicts() {
     );
     assert_eq!(
         report.unexpected,
-        ["module.head.fc.weight", "module.head.fc.bias"]
+        ["module.head.fc.bias", "module.head.fc.weight"]
     );
     assert_eq!(report.loaded, vars.len() - 4);
     for (timm, shape, tao) in &keys {
