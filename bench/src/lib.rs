@@ -17,6 +17,8 @@
 //! - `converge.rs`: `bench converge`, convergence per minute against transformers' tiny model.
 //! - `distill.rs`: `bench distill`, a DINO student with and without its teacher, same minutes.
 //! - `ranks.rs`: ours under `ddetr-launch` with N CPU ranks (converge, distill).
+//! - `flops.rs`: `bench flops`, `ddetr model info`'s FLOPs against fvcore's count of
+//!   transformers' Deformable DETR (`fvcore_flops.py`).
 //! - `data.rs`: `bench data`, the transform, loader and dataset cache against PIL/torchvision
 //!   and pycocotools.
 //! - `collective.rs`: `bench collective`, its ranks run by the launcher's supervisor
@@ -33,6 +35,7 @@ mod collective;
 mod converge;
 mod data;
 mod distill;
+pub mod flops;
 mod launch;
 mod peer;
 mod quantize;
@@ -67,6 +70,9 @@ pub enum BenchCommand {
     /// INT8 quantization: ddetr's QDQ model against the FP32 one and onnxruntime's
     /// quantize_static, scored and timed by the same code.
     Quantize(quantize::QuantizeBenchArgs),
+    /// FLOPs of one forward: `ddetr model info`'s count against fvcore's on transformers'
+    /// Deformable DETR of the same spec, operator by operator.
+    Flops(flops::FlopsBenchArgs),
     /// Data path: transform img/s on one core, cache build/open/RSS on COCO-sized annotations.
     Data(data::DataBenchArgs),
     /// Collective bandwidth (nccl-tests' time/algbw/busbw) against torch.distributed's gloo on the
@@ -87,6 +93,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Data(args) => data::run(args),
         BenchCommand::Distill(args) => distill::run(args),
         BenchCommand::Quantize(args) => quantize::run(args),
+        BenchCommand::Flops(args) => flops::run(args),
         BenchCommand::Collective(args) => collective::run(args),
         BenchCommand::Barrier(args) => barrier::run(args),
         BenchCommand::Launch(args) => launch::run(args),

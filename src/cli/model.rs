@@ -112,18 +112,16 @@ fn render(
     if let Some((h, w, c)) = flops {
         let g = |x: f64| x / 1e9;
         out += &format!(
-            "FLOPs of one {h}x{w} image (export.input_height x input_width; multiply-adds, fvcore's convention): {:.2} G = conv {:.2} + linear {:.2} + attention {:.2}; deformable sampling {:.2} G more (fvcore leaves it out)\n",
-            g(c.fvcore()),
+            "FLOPs of one {h}x{w} image (export.input_height x input_width; fvcore's rules, a multiply-add = 1): {:.2} G = conv {:.2} + linear {:.2} + attention {:.2} + norms {:.2} + deformable sampling {:.2}{}\n",
+            g(c.total()),
             g(c.conv),
             g(c.linear),
             g(c.attention),
-            g(c.sampling)
+            g(c.norm),
+            g(c.sampling),
+            if c.pool > 0.0 { format!(" + pooling {:.3}", g(c.pool)) } else { String::new() }
         );
-        kv += &format!(
-            " input={h}x{w} gflops={:.3} gflops_with_sampling={:.3}",
-            g(c.fvcore()),
-            g(c.total())
-        );
+        kv += &format!(" input={h}x{w} gflops={:.3}", g(c.total()));
     }
     out + &kv + "\n"
 }

@@ -1,0 +1,274 @@
+//! `ddetr bench flops -e spec.yaml`: the FLOPs `ddetr model info` counts for the spec's network
+//! (`ddetr_trainer::flops`, on the exported graph) beside fvcore's count of the same network in
+//! transformers (`bench/peers/fvcore_flops.py`; fvcore's `FlopCountAnalysis` is what
+//! detectron2's and mmdet's analysis tools run), operator by operator. transformers computes the
+//! heads on every decoder layer (the auxiliary outputs) where a deployed graph computes the
+//! last layer's; the peer reports those extra calls and the comparison takes them off.
+//!
+//! fvcore is installed into the peers' python with pip the first time it is missing there.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Context as _;
+use clap::Args;
+use ddetr_trainer::export::{self, ExportOptions};
+use ddetr_trainer::flops::{self, FlopCount};
+use ddetr_trainer::spec::{Architecture, Backbone, ExperimentSpec};
+
+use crate::peer::{self, PeerArgs};
+
+const PEER: &str = include_str!("../peers/fvcore_flops.py");
+
+#[derive(Debug, Clone, Args)]
+pub struct FlopsBenchArgs {
+    /// The experiment spec (its model section, dataset.num_classes and the export input size).
+    #[arg(
+        short = 'e',
+        long = "experiment-spec",
+        default_value = "configs/coco_r50.yaml"
+    )]
+    pub spec: PathBuf,
+    /// Extra `key=value` overrides of the spec (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub peer: PeerArgs,
+}
+
+/// fvcore's count of the peer, as `fvcore_flops.py` prints it.
+#[derive(Debug, serde::Deserialize)]
+pub struct FvcoreCount {
+    pub total: f64,
+    pub aux_heads: f64,
+    pub params: i64,
+    pub by_operator: std::collections::BTreeMap<String, f64>,
+    #[serde(default)]
+    pub transformers: String,
+    #[serde(default)]
+    pub fvcore: String,
+}
+
+impl FvcoreCount {
+    fn op(&self, name: &str) -> f64 {
+        self.by_operator.get(name).copied().unwrap_or(0.0)
+    }
+
+    /// What transformers computes and a deployed graph does not: the head calls on every
+    /// decoder layer, and the pixel mask resized to each level (`upsample_nearest2d`; the
+    /// exported graph takes no mask).
+    pub fn not_deployed(&self) -> f64 {
+        self.aux_heads + self.op("upsample_nearest2d")
+    }
+
+    /// fvcore's total less [`Self::not_deployed`].
+    pub fn deployed(&self) -> f64 {
+        self.total - self.not_deployed()
+    }
+
+    /// fvcore's figures in ddetr's kinds, without [`Self::not_deployed`]:
+    /// (conv, linear, attention, norms, sampling, other).
+    pub fn kinds(&self) -> [f64; 6] {
+        let known = [
+            "conv",
+            "linear",
+            "matmul",
+            "bmm",
+            "layer_norm",
+            "group_norm",
+            "grid_sampler",
+            "upsample_nearest2d",
+        ];
+        let other: f64 = self
+            .by_operator
+            .iter()
+            .filter(|(k, _)| !known.contains(&k.as_str()))
+            .fold(0.0, |a, (_, v)| a + v); // (an empty f64 sum is -0.0)
+        [
+            self.op("conv"),
+            self.op("linear") - self.aux_heads,
+            self.op("matmul") + self.op("bmm"),
+            self.op("layer_norm") + self.op("group_norm"),
+            self.op("grid_sampler"),
+            other,
+        ]
+    }
+}
+
+/// ddetr's count in the same kinds (`other` is its pooling).
+pub fn kinds(c: &FlopCount) -> [f64; 6] {
+    [c.conv, c.linear, c.attention, c.norm, c.sampling, c.pool]
+}
+
+/// `fvcore_flops.py`'s arguments for the spec's network, or why transformers has no such model.
+pub fn peer_args(spec: &ExperimentSpec) -> Result<Vec<String>, String> {
+    let m = &spec.model;
+    if spec.architecture() != Architecture::DeformableDetr {
+        return Err("transformers has no DINO; the FLOPs peer is its Deformable DETR".into());
+    }
+    let backbone = match m.backbone {
+        Backbone::Resnet18 => "resnet18",
+        Backbone::Resnet34 => "resnet34",
+        Backbone::Resnet50 => "resnet50",
+        other => {
+            return Err(format!(
+                "transformers' Deformable DETR takes timm's ResNets here, not {}",
+                other.name()
+            ))
+        }
+    };
+    let levels_ok = match m.num_feature_levels {
+        1 => m.return_interm_indices == [3],
+        4 => m.return_interm_indices == [1, 2, 3, 4],
+        _ => false,
+    };
+    if !levels_ok {
+        return Err(format!(
+            "transformers' Deformable DETR reads the last backbone level (num_feature_levels 1, \
+             return_interm_indices [3]) or the last three plus one (4, [1, 2, 3, 4]), not {} {:?}",
+            m.num_feature_levels, m.return_interm_indices
+        ));
+    }
+    let (h, w) = (spec.export.input_height, spec.export.input_width);
+    let mut args: Vec<String> = [
+        ("--height", h.to_string()),
+        ("--width", w.to_string()),
+        ("--backbone", backbone.into()),
+        ("--levels", m.num_feature_levels.to_string()),
+        ("--classes", spec.dataset.num_classes.to_string()),
+        ("--queries", m.num_queries.to_string()),
+        ("--enc", m.enc_layers.to_string()),
+        ("--dec", m.dec_layers.to_string()),
+        ("--ffn", m.dim_feedforward.to_string()),
+        ("--d-model", m.hidden_dim.to_string()),
+        ("--heads", m.nheads.to_string()),
+        ("--enc-points", m.enc_n_points.to_string()),
+        ("--dec-points", m.dec_n_points.to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| [k.to_string(), v])
+    .collect();
+    if m.with_box_refine {
+        args.push("--refine".into());
+    }
+    if m.two_stage {
+        args.push("--two-stage".into());
+    }
+    Ok(args)
+}
+
+/// The peers' python with fvcore importable (pip-installed the first time), or why not.
+fn with_fvcore(py: PathBuf) -> Result<PathBuf, String> {
+    let has = |py: &PathBuf| {
+        Command::new(py)
+            .args(["-c", "import fvcore"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if has(&py) {
+        return Ok(py);
+    }
+    println!(
+        "installing fvcore into {} (pip install fvcore)",
+        py.display()
+    );
+    let ok = Command::new(&py)
+        .args(["-m", "pip", "install", "-q", "fvcore"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok && has(&py) {
+        Ok(py)
+    } else {
+        Err(format!(
+            "fvcore could not be installed into {}",
+            py.display()
+        ))
+    }
+}
+
+pub fn run(args: &FlopsBenchArgs) -> anyhow::Result<()> {
+    let spec = ddetr_trainer::spec::load(&args.spec, &args.overrides, None)?.spec;
+    let opts = ExportOptions::from_spec(&spec.export);
+    let hw = (opts.input_height, opts.input_width);
+    let ours = flops::count(&export::spec_graph(&spec, None, &opts)?, hw)?;
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("fvcore_flops.py");
+    std::fs::write(&script, PEER)?;
+    let peer_args = peer_args(&spec);
+    let python = match &peer_args {
+        Ok(_) => args
+            .peer
+            .python(&[&script])
+            .and_then(|py| with_fvcore(py).map_err(|why| peer::unavailable(&why)).ok()),
+        Err(why) if !args.peer.no_peer => {
+            peer::unavailable(why);
+            None
+        }
+        Err(_) => None,
+    };
+    let theirs = match (python, peer_args) {
+        (Some(py), Ok(a)) => {
+            let stdout = peer::output(Command::new(py).arg(&script).args(&a), &script)?;
+            let json = stdout.lines().last().unwrap_or("");
+            Some(
+                serde_json::from_str::<FvcoreCount>(json)
+                    .with_context(|| format!("reading the fvcore peer's line {json:?}"))?,
+            )
+        }
+        _ => None,
+    };
+    print!("{}", report(&spec, hw, &ours, theirs.as_ref()));
+    Ok(())
+}
+
+/// The table (GFLOPs per kind, ours and fvcore's) and the `key=value` line.
+fn report(
+    spec: &ExperimentSpec,
+    (h, w): (u32, u32),
+    ours: &FlopCount,
+    theirs: Option<&FvcoreCount>,
+) -> String {
+    let g = |x: f64| x / 1e9;
+    let names = [
+        "conv",
+        "linear",
+        "attention",
+        "norms",
+        "deformable sampling",
+        "other",
+    ];
+    let mine = kinds(ours);
+    let mut out = format!(
+        "{} with {} at {h}x{w}, batch 1, GFLOPs by fvcore's rules\n",
+        spec.architecture().name(),
+        spec.model.backbone.name()
+    );
+    out += &format!("{:<22} {:>12} {:>12}\n", "kind", "ddetr", "fvcore");
+    let theirs_kinds = theirs.map(FvcoreCount::kinds);
+    for (i, name) in names.iter().enumerate() {
+        let t = theirs_kinds.map_or("-".to_string(), |k| format!("{:.4}", g(k[i])));
+        out += &format!("{name:<22} {:>12.4} {t:>12}\n", g(mine[i]));
+    }
+    let mut line = format!("input={h}x{w} gflops={:.4}", g(ours.total()));
+    if let Some(t) = theirs {
+        let deployed = t.deployed();
+        out += &format!(
+            "{:<22} {:>12.4} {:>12.4}\n(fvcore {} on transformers {}: {:.4} G in all, with {:.4} G a deployed graph does not spend: the heads on every decoder layer and the pixel mask resized to each level)\n",
+            "total",
+            g(ours.total()),
+            g(deployed),
+            t.fvcore,
+            t.transformers,
+            g(t.total),
+            g(t.not_deployed())
+        );
+        line += &format!(
+            " peer_gflops={:.4} peer_gflops_all={:.4} ratio={:.4} peer_params={}",
+            g(deployed),
+            g(t.total),
+            ours.total() / deployed,
+            t.params
+        );
+    }
+    out + &line + "\n"
+}

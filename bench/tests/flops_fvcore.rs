@@ -1,0 +1,76 @@
+//! `ddetr model info`'s FLOPs against fvcore's, kind by kind: fvcore's `FlopCountAnalysis` of
+//! transformers' Deformable DETR (fixture by `golden/make_flops_fixtures.py`) and ddetr's count
+//! of the spec that builds the same network, for three networks (ResNet-18/34/50, one and four
+//! levels, with and without box refinement, sizes off the stride grid). Also checks that
+//! `ddetr bench flops` derives the peer's arguments from each spec as the fixture was made.
+
+use std::path::Path;
+
+use ddetr_bench::flops::{kinds, peer_args, FvcoreCount};
+use ddetr_trainer::export::{self, ExportOptions};
+
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    spec: String,
+    overrides: Vec<String>,
+    args: Vec<String>,
+    fvcore: FvcoreCount,
+}
+
+#[test]
+fn ddetr_counts_what_fvcore_counts_on_transformers_deformable_detr() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let fixture = root.join("bench/tests/golden/flops_fvcore.json");
+    let cases: Vec<Case> = serde_json::from_slice(&std::fs::read(&fixture).unwrap()).unwrap();
+    assert_eq!(cases.len(), 3);
+    let names = ["conv", "linear", "attention", "norms", "sampling", "other"];
+    for case in &cases {
+        let spec = ddetr_trainer::spec::load(&root.join(&case.spec), &case.overrides, None)
+            .unwrap()
+            .spec;
+        assert_eq!(peer_args(&spec).unwrap(), case.args, "{}", case.name);
+        let opts = ExportOptions::from_spec(&spec.export);
+        let graph = export::spec_graph(&spec, None, &opts).unwrap();
+        let ours =
+            ddetr_trainer::flops::count(&graph, (opts.input_height, opts.input_width)).unwrap();
+        let theirs = case.fvcore.kinds();
+        for ((name, o), t) in names.iter().zip(kinds(&ours)).zip(theirs) {
+            assert!(
+                (o - t).abs() <= 1e-9 * t.abs().max(1.0),
+                "{}: {name}: ddetr {o} vs fvcore {t}",
+                case.name
+            );
+        }
+        assert!(theirs[0] > 0.0 && theirs[1] > 0.0 && theirs[4] > 0.0);
+        let deployed = case.fvcore.deployed();
+        assert!(
+            (ours.total() - deployed).abs() <= 1e-9 * deployed,
+            "{}",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn networks_transformers_cannot_build_have_no_peer() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let load = |spec: &str, o: &[&str]| {
+        let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+        ddetr_trainer::spec::load(&root.join(spec), &o, None)
+            .unwrap()
+            .spec
+    };
+    let three_levels = peer_args(&load("configs/shapes_tiny.yaml", &[])).unwrap_err();
+    assert!(
+        three_levels.contains("num_feature_levels 1"),
+        "{three_levels}"
+    );
+    let gcvit = peer_args(&load(
+        "configs/coco_r50.yaml",
+        &["model.backbone=gc_vit_xxtiny"],
+    ));
+    assert!(gcvit.unwrap_err().contains("gc_vit_xxtiny"));
+    let dino = peer_args(&load("configs/dino_r50.yaml", &[])).unwrap_err();
+    assert!(dino.contains("DINO"), "{dino}");
+}
