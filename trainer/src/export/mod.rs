@@ -560,11 +560,33 @@ impl Writer {
         let len_in: i64 = shapes.iter().map(|&(h, w)| h * w).sum();
         let value = self.linear(input_flatten, &a.value_proj, &format!("{name}.value_proj"));
         let value = self.reshape(&value, &[0, len_in, m, dh]);
-        let offsets = self.linear(
-            query,
-            &a.sampling_offsets,
-            &format!("{name}.sampling_offsets"),
-        );
+        // The grid GridSample reads, `2·location − 1`, with the constant factors of the offsets
+        // folded into the sampling_offsets layer (one scale per output column, weight and
+        // bias): `2/(W_l, H_l)` for a point reference, `1/n_points` for a box (whose
+        // `offset/P · wh · 0.5` doubles to `offset/P · wh`). The references are tiled over heads
+        // and points so every elementwise op meets operands of one shape (onnxruntime's
+        // broadcast over size-2 inner spans is ~6x slower than the tile and the add together).
+        let col_scale: Vec<f32> = (0..m * l * p * 2)
+            .map(|c| {
+                let (li, xy) = ((c / 2 / p) % l, c % 2);
+                match refs.dim {
+                    2 => {
+                        let (h, w) = shapes[li as usize];
+                        2.0 / (if xy == 0 { w } else { h }) as f32
+                    }
+                    _ => 1.0 / p as f32,
+                }
+            })
+            .collect();
+        let col_scale = Tensor::from_slice(&col_scale);
+        let (ws, bs) = tch::no_grad(|| {
+            let so = &a.sampling_offsets;
+            (
+                &so.ws * col_scale.view([-1, 1]).to_device(so.ws.device()),
+                so.bs.as_ref().map(|b| b * col_scale.to_device(b.device())),
+            )
+        });
+        let offsets = self.linear_wb(query, &ws, bs.as_ref(), &format!("{name}.sampling_offsets"));
         let offsets = self.reshape(&offsets, &[0, len_q, m, l, p, 2]);
         let weights = self.linear(
             query,
@@ -574,38 +596,30 @@ impl Writer {
         let weights = self.reshape(&weights, &[0, len_q, m, l * p]);
         let weights = self.op("Softmax", &[&weights], &[("axis", Attr::Int(-1))]);
         let weights = self.reshape(&weights, &[0, len_q, m, l, p]);
-        let locations = match refs.dim {
-            2 => {
-                let wh: Vec<f32> = shapes
-                    .iter()
-                    .flat_map(|&(h, w)| [w as f32, h as f32])
-                    .collect();
-                let normalizer = self.tensor(
-                    "offset_normalizer",
-                    &Tensor::from_slice(&wh).view([1, 1, 1, l, 1, 2]),
-                );
-                let r = self.reshape(&refs.v, &[0, len_q, 1, l, 1, 2]);
-                let scaled = self.binary("Div", &offsets, &normalizer);
-                self.binary("Add", &r, &scaled)
-            }
+        let two = self.scalar(2.0);
+        let one = self.scalar(1.0);
+        let reps = self.ints(&[1, 1, m, 1, p, 1], &[6]);
+        let spread = |wr: &mut Self, x: &str| {
+            let x = wr.reshape(x, &[0, len_q, 1, l, 1, 2]);
+            wr.op("Tile", &[&x, &reps], &[])
+        };
+        let xy = match refs.dim {
+            2 => refs.v.clone(),
+            _ => self.slice(&refs.v, -1, 0, 2),
+        };
+        let xy = self.binary("Mul", &xy, &two);
+        let xy = self.binary("Sub", &xy, &one);
+        let xy = spread(self, &xy);
+        let grids = match refs.dim {
+            2 => self.binary("Add", &xy, &offsets),
             _ => {
-                let xy = self.slice(&refs.v, -1, 0, 2);
-                let xy = self.reshape(&xy, &[0, len_q, 1, l, 1, 2]);
                 let wh = self.slice(&refs.v, -1, 2, 4);
-                let wh = self.reshape(&wh, &[0, len_q, 1, l, 1, 2]);
-                let pc = self.scalar(p as f32);
-                let half = self.scalar(0.5);
-                let t = self.binary("Div", &offsets, &pc);
-                let t = self.binary("Mul", &t, &wh);
-                let t = self.binary("Mul", &t, &half);
+                let wh = spread(self, &wh);
+                let t = self.binary("Mul", &offsets, &wh);
                 self.binary("Add", &xy, &t)
             }
         };
         // ms_deform_attn_core.
-        let two = self.scalar(2.0);
-        let one = self.scalar(1.0);
-        let grids = self.binary("Mul", &locations, &two);
-        let grids = self.binary("Sub", &grids, &one);
         let weights = self.transpose(&weights, &[0, 2, 1, 3, 4]);
         let weights = self.reshape(&weights, &[-1, 1, len_q, l, p]);
         let mode = if self.opset >= 20 {
