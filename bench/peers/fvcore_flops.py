@@ -14,7 +14,10 @@ Usage: python fvcore_flops.py --height H --width W [--backbone resnet50] [--leve
        [--refine] [--two-stage] [--classes 91] [--queries 300] [--enc 6] [--dec 6]
        [--d-model 256] [--heads 8] [--ffn 1024] [--enc-points 4] [--dec-points 4]
 Prints one JSON object: fvcore's total, per operator, per top-level module, the ops it skipped,
-aux_heads.
+aux_heads, and `by_module_deployed`: the deployed graph's share per module in ddetr's groups
+(`backbone` without the mask resize, `input_proj`, `transformer.encoder`, `transformer.decoder`
+without the box refinement's head calls, `transformer.reference_points`, `heads` = the head
+calls a deployed graph makes, refinement included).
 """
 import argparse
 import json
@@ -84,6 +87,7 @@ def main():
         total = fca.total()
         by_op = dict(fca.by_operator())
         by_module = fca.by_module()
+        backbone_ops = fca.by_module_and_operator().get("model.model.backbone", {})
         skipped = dict(fca.unsupported_ops())
     top = {}
     for name, n in by_module.items():
@@ -97,8 +101,20 @@ def main():
     class_call = q * d * a.classes
     bbox_call = q * (2 * d * d + 4 * d)
     aux_heads = (a.dec - 1) * class_call + (a.dec if a.refine else a.dec - 1) * bbox_call
+    refine_calls = a.dec * bbox_call if a.refine else 0  # fvcore files them under the decoder
+    heads = sum(v for k, v in top.items() if k.split(".")[0] in ("class_embed", "bbox_embed"))
+    mask_resize = backbone_ops.get("upsample_nearest2d", 0)  # (the extra level's is outside)
+    deployed = {
+        "backbone": top.get("backbone", 0) - mask_resize,
+        "input_proj": top.get("input_proj", 0),
+        "transformer.encoder": top.get("encoder", 0),
+        "transformer.decoder": top.get("decoder", 0) - refine_calls,
+        "transformer.reference_points": top.get("reference_points", 0),
+        "heads": heads + refine_calls - aux_heads,
+    }
     print(json.dumps({
         "aux_heads": aux_heads,
+        "by_module_deployed": deployed,
         "total": total,
         "params": sum(t.numel() for t in model.parameters()),
         "by_operator": by_op,

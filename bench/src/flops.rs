@@ -7,6 +7,7 @@
 //!
 //! fvcore is installed into the peers' python with pip the first time it is missing there.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -42,7 +43,10 @@ pub struct FvcoreCount {
     pub total: f64,
     pub aux_heads: f64,
     pub params: i64,
-    pub by_operator: std::collections::BTreeMap<String, f64>,
+    pub by_operator: BTreeMap<String, f64>,
+    /// The deployed graph's share per module, in `ddetr_trainer::flops::group`'s names.
+    #[serde(default)]
+    pub by_module_deployed: BTreeMap<String, f64>,
     #[serde(default)]
     pub transformers: String,
     #[serde(default)]
@@ -190,7 +194,7 @@ pub fn run(args: &FlopsBenchArgs) -> anyhow::Result<()> {
     let spec = ddetr_trainer::spec::load(&args.spec, &args.overrides, None)?.spec;
     let opts = ExportOptions::from_spec(&spec.export);
     let hw = (opts.input_height, opts.input_width);
-    let ours = flops::count(&export::spec_graph(&spec, None, &opts)?, hw)?;
+    let modules = flops::count_by_module(&export::spec_graph(&spec, None, &opts)?, hw)?;
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("fvcore_flops.py");
     std::fs::write(&script, PEER)?;
@@ -217,17 +221,26 @@ pub fn run(args: &FlopsBenchArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    print!("{}", report(&spec, hw, &ours, theirs.as_ref()));
+    print!("{}", report(&spec, hw, &modules, theirs.as_ref()));
     Ok(())
 }
 
-/// The table (GFLOPs per kind, ours and fvcore's) and the `key=value` line.
+/// Each module group's total.
+pub fn module_totals(modules: &BTreeMap<String, FlopCount>) -> BTreeMap<String, f64> {
+    modules
+        .iter()
+        .map(|(m, c)| (m.clone(), c.total()))
+        .collect()
+}
+
+/// The tables (GFLOPs per kind and per module, ours and fvcore's) and the `key=value` line.
 fn report(
     spec: &ExperimentSpec,
     (h, w): (u32, u32),
-    ours: &FlopCount,
+    modules: &BTreeMap<String, FlopCount>,
     theirs: Option<&FvcoreCount>,
 ) -> String {
+    let ours = &FlopCount::sum(modules.values());
     let g = |x: f64| x / 1e9;
     let names = [
         "conv",
@@ -243,20 +256,37 @@ fn report(
         spec.architecture().name(),
         spec.model.backbone.name()
     );
-    out += &format!("{:<22} {:>12} {:>12}\n", "kind", "ddetr", "fvcore");
+    let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.4}", g(v)));
+    let row = |name: &str, o: Option<f64>, t: Option<f64>| {
+        format!("{name:<28} {:>12} {:>12}\n", cell(o), cell(t))
+    };
+    out += &format!("{:<28} {:>12} {:>12}\n", "kind", "ddetr", "fvcore");
     let theirs_kinds = theirs.map(FvcoreCount::kinds);
     for (i, name) in names.iter().enumerate() {
-        let t = theirs_kinds.map_or("-".to_string(), |k| format!("{:.4}", g(k[i])));
-        out += &format!("{name:<22} {:>12.4} {t:>12}\n", g(mine[i]));
+        out += &row(name, Some(mine[i]), theirs_kinds.map(|k| k[i]));
+    }
+    out += &row(
+        "total",
+        Some(ours.total()),
+        theirs.map(FvcoreCount::deployed),
+    );
+    out += &format!("{:<28} {:>12} {:>12}\n", "module", "ddetr", "fvcore");
+    let mine_m = module_totals(modules);
+    let mut names_m: Vec<&String> = mine_m.keys().collect();
+    if let Some(t) = theirs {
+        names_m.extend(t.by_module_deployed.keys());
+    }
+    names_m.sort();
+    names_m.dedup();
+    for m in names_m {
+        let t = theirs.and_then(|t| t.by_module_deployed.get(m).copied());
+        out += &row(m, mine_m.get(m).copied(), t);
     }
     let mut line = format!("input={h}x{w} gflops={:.4}", g(ours.total()));
     if let Some(t) = theirs {
         let deployed = t.deployed();
         out += &format!(
-            "{:<22} {:>12.4} {:>12.4}\n(fvcore {} on transformers {}: {:.4} G in all, with {:.4} G a deployed graph does not spend: the heads on every decoder layer and the pixel mask resized to each level)\n",
-            "total",
-            g(ours.total()),
-            g(deployed),
+            "(fvcore {} on transformers {}: {:.4} G in all, with {:.4} G a deployed graph does not spend: the heads on every decoder layer and the pixel mask resized to each level)\n",
             t.fvcore,
             t.transformers,
             g(t.total),

@@ -1,4 +1,4 @@
-//! `ddetr model info`'s FLOPs against fvcore's, kind by kind: fvcore's `FlopCountAnalysis` of
+//! `ddetr model info`'s FLOPs against fvcore's, kind by kind and module by module: fvcore's `FlopCountAnalysis` of
 //! transformers' Deformable DETR (fixture by `golden/make_flops_fixtures.py`) and ddetr's count
 //! of the spec that builds the same network, for three networks (ResNet-18/34/50, one and four
 //! levels, with and without box refinement, sizes off the stride grid). Also checks that
@@ -6,8 +6,9 @@
 
 use std::path::Path;
 
-use ddetr_bench::flops::{kinds, peer_args, FvcoreCount};
+use ddetr_bench::flops::{kinds, module_totals, peer_args, FvcoreCount};
 use ddetr_trainer::export::{self, ExportOptions};
+use ddetr_trainer::flops::FlopCount;
 
 #[derive(serde::Deserialize)]
 struct Case {

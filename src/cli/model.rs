@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use ddetr_trainer::detector::{build_model, Built, DeformableDetrDetector, Detector, DinoDetector};
 use ddetr_trainer::export::{self, ExportOptions};
-use ddetr_trainer::flops::FlopCount;
+use ddetr_trainer::flops::{self, FlopCount};
 use ddetr_trainer::spec::{Architecture, ExperimentSpec};
 use tch::Device;
 
@@ -31,11 +31,11 @@ pub(super) fn info(args: &SpecArgs) -> anyhow::Result<()> {
 
 /// FLOPs at the export size, or `None` with one line saying why (a model the exporter does not
 /// write, no onnxruntime).
-fn flops(spec: &ExperimentSpec) -> Option<(u32, u32, FlopCount)> {
+fn flops(spec: &ExperimentSpec) -> Option<(u32, u32, BTreeMap<String, FlopCount>)> {
     let opts = ExportOptions::from_spec(&spec.export);
     let hw = (opts.input_height, opts.input_width);
     let counted =
-        export::spec_graph(spec, None, &opts).and_then(|g| ddetr_trainer::flops::count(&g, hw));
+        export::spec_graph(spec, None, &opts).and_then(|g| flops::count_by_module(&g, hw));
     match counted {
         Ok(c) => Some((hw.0, hw.1, c)),
         Err(e) => {
@@ -78,7 +78,7 @@ fn count<D: Detector>(built: &Built<D>) -> BTreeMap<String, (i64, i64)> {
 fn render(
     spec: &ExperimentSpec,
     rows: &BTreeMap<String, (i64, i64)>,
-    flops: Option<&(u32, u32, FlopCount)>,
+    flops: Option<&(u32, u32, BTreeMap<String, FlopCount>)>,
 ) -> String {
     let m = &spec.model;
     let mut out = format!(
@@ -109,7 +109,8 @@ fn render(
         "params={} trainable={trainable} frozen={frozen}",
         trainable + frozen
     );
-    if let Some((h, w, c)) = flops {
+    if let Some((h, w, modules)) = flops {
+        let c = &FlopCount::sum(modules.values());
         let g = |x: f64| x / 1e9;
         out += &format!(
             "FLOPs of one {h}x{w} image (export.input_height x input_width; fvcore's rules, a multiply-add = 1): {:.2} G = conv {:.2} + linear {:.2} + attention {:.2} + norms {:.2} + deformable sampling {:.2}{}\n",
@@ -121,6 +122,11 @@ fn render(
             g(c.sampling),
             if c.pool > 0.0 { format!(" + pooling {:.3}", g(c.pool)) } else { String::new() }
         );
+        let per_module: Vec<String> = modules
+            .iter()
+            .map(|(m, c)| format!("{m} {:.2}", g(c.total())))
+            .collect();
+        out += &format!("FLOPs by module (G): {}\n", per_module.join(", "));
         kv += &format!(" input={h}x{w} gflops={:.3}", g(c.total()));
     }
     out + &kv + "\n"

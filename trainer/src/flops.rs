@@ -13,9 +13,16 @@
 //! - nothing else: elementwise ops, softmax, the FrozenBatchNorm (folded, or elementwise in
 //!   PyTorch), the bicubic resize of GCViT's global query (aten::upsample_bicubic2d has no rule).
 //!
+//! Each counted op belongs to the module of its weight (`backbone.0.body.layer1.0.conv1` →
+//! `backbone`; see [`group`]), an op without one (attention products, the sampling, a pool) to
+//! the module of the weighted op before it, as fvcore's `by_module` places ops in their module.
+//!
 //! `bench/peers/fvcore_flops.py` runs fvcore itself on transformers' Deformable DETR; the
 //! counts match op for op (`trainer/tests/flops_fvcore.rs`).
 
+use std::collections::BTreeMap;
+
+use crate::export::gcvit::is_resize_matrix;
 use crate::export::graph::Graph;
 use crate::export::INPUT_NAME;
 use crate::onnx_runtime::OnnxModel;
@@ -43,12 +50,55 @@ impl FlopCount {
     pub fn total(&self) -> f64 {
         self.conv + self.linear + self.attention + self.norm + self.sampling + self.pool
     }
+
+    /// The counts added up.
+    pub fn sum<'a>(counts: impl IntoIterator<Item = &'a FlopCount>) -> FlopCount {
+        let mut total = FlopCount::default();
+        for c in counts {
+            total.add(c);
+        }
+        total
+    }
+
+    fn add(&mut self, o: &FlopCount) {
+        self.conv += o.conv;
+        self.linear += o.linear;
+        self.attention += o.attention;
+        self.norm += o.norm;
+        self.sampling += o.sampling;
+        self.pool += o.pool;
+    }
 }
 
-/// Counts `graph`'s FLOPs for one `h`×`w` image.
-pub fn count(graph: &Graph, (h, w): (u32, u32)) -> Result<FlopCount, TrainerError> {
-    // A MatMul whose left operand is a constant is GCViT's bicubic resize (not counted).
-    let is_resize = |n: &crate::export::graph::Node| graph.init(&n.inputs[0]).is_some();
+/// The module group a weight's initializer belongs to: `backbone`, `input_proj`,
+/// `transformer.<part>` (`encoder`, `decoder`, `reference_points`, DINO's `enc_output`, …),
+/// `heads` (the class and box heads, the decoder's box refinement included), else the name's
+/// first component.
+pub fn group(init_name: &str) -> String {
+    let parts: Vec<&str> = init_name.split('.').collect();
+    match parts[0] {
+        "class_embed" | "bbox_embed" => "heads".into(),
+        "transformer" if parts.len() > 1 => format!("transformer.{}", parts[1]),
+        first => first.into(),
+    }
+}
+
+/// [`count_by_module`] summed.
+pub fn count(graph: &Graph, hw: (u32, u32)) -> Result<FlopCount, TrainerError> {
+    Ok(FlopCount::sum(count_by_module(graph, hw)?.values()))
+}
+
+/// Counts `graph`'s FLOPs for one `h`×`w` image, per module group ([`group`]).
+pub fn count_by_module(
+    graph: &Graph,
+    (h, w): (u32, u32),
+) -> Result<BTreeMap<String, FlopCount>, TrainerError> {
+    // GCViT's bicubic resize: a MatMul by a constant interpolation matrix (not counted).
+    let is_resize = |n: &crate::export::graph::Node| {
+        n.inputs
+            .iter()
+            .any(|i| graph.init(i).is_some_and(|t| is_resize_matrix(&t.name)))
+    };
     let mut wanted: Vec<String> = Vec::new();
     for n in &graph.nodes {
         match n.op.as_str() {
@@ -84,8 +134,20 @@ pub fn count(graph: &Graph, (h, w): (u32, u32)) -> Result<FlopCount, TrainerErro
             .unwrap_or_default()
     };
     let numel = |s: &[i64]| s.iter().product::<i64>() as f64;
-    let mut c = FlopCount::default();
+    let mut by_module: BTreeMap<String, FlopCount> = BTreeMap::new();
+    let mut module = String::from("other");
     for n in &graph.nodes {
+        let weight = match n.op.as_str() {
+            "MatMul" if is_resize(n) => None,
+            "Conv" | "MatMul" | "LayerNormalization" | "InstanceNormalization" => {
+                n.inputs.get(1).and_then(|i| graph.init(i))
+            }
+            _ => None,
+        };
+        if let Some(wt) = weight {
+            module = group(&crate::quantize::qdq::module_of(&wt.name));
+        }
+        let mut c = FlopCount::default();
         match n.op.as_str() {
             "Conv" => {
                 let wd = &graph.init(&n.inputs[1]).expect("conv weight").dims;
@@ -107,8 +169,9 @@ pub fn count(graph: &Graph, (h, w): (u32, u32)) -> Result<FlopCount, TrainerErro
             }
             "ReduceMean" => c.pool += numel(&shape(&n.inputs[0])),
             "GridSample" => c.sampling += 4.0 * numel(&shape(&n.outputs[0])),
-            _ => {}
+            _ => continue,
         }
+        by_module.entry(module.clone()).or_default().add(&c);
     }
-    Ok(c)
+    Ok(by_module)
 }

@@ -332,6 +332,35 @@ fn gcvit_backbone_matches_onnxruntime_off_the_window_grid() {
 }
 
 #[test]
+fn gcvit_resize_matrices_are_neither_quantized_nor_counted_as_linear_layers() {
+    // At 100×140 every level's pooled global query is resized to the window by two MatMuls
+    // with constant matrices: a resize, not a Linear module.
+    let spec = gcvit_spec(&[]);
+    let graph = export::spec_graph(&spec, None, &opts(100, 140, 1)).unwrap();
+    let resize: Vec<&str> = graph
+        .inits
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| export::gcvit::is_resize_matrix(n))
+        .collect();
+    assert!(resize.len() >= 2, "{resize:?}");
+    let ops = ddetr_trainer::quantize::qdq::quantizable_ops(&graph);
+    assert!(ops.iter().any(|o| o.module.contains(".levels.")));
+    assert!(ops.iter().all(|o| !o.module.contains("resize")));
+    // Every linear layer counted is a quantizable one (the resize MatMuls are neither).
+    let linear_weights: usize = ops
+        .iter()
+        .filter(|o| o.kind == ddetr_trainer::quantize::qdq::OpKind::Linear)
+        .count();
+    let matmuls_by_constant = graph
+        .nodes
+        .iter()
+        .filter(|n| n.op == "MatMul" && n.inputs.iter().any(|i| graph.init(i).is_some()))
+        .count();
+    assert_eq!(matmuls_by_constant, linear_weights + resize.len());
+}
+
+#[test]
 fn dino_with_a_gcvit_backbone_matches_onnxruntime() {
     let spec = gcvit_spec(&["model_name=dino"]);
     let vs = tch::nn::VarStore::new(Device::Cpu);

@@ -57,7 +57,6 @@ def main():
         run = subprocess.run([sys.executable, str(PEER), *case["args"]], check=True,
                              capture_output=True, text=True)
         count = json.loads(run.stdout.strip().splitlines()[-1])
-        count.pop("by_module", None)
         count.pop("skipped", None)
         out.append({**case, "fvcore": count})
         print(case["name"], count["total"], file=sys.stderr)

@@ -14,6 +14,19 @@ use crate::model::gcvit::{
 
 const BODY: &str = "backbone.0.body";
 
+/// Names of the bicubic resize's interpolation matrices (after the level's module path).
+const RESIZE_H: &str = "resize_h";
+const RESIZE_W: &str = "resize_w_t";
+
+/// Whether `init_name` is one of the global query's bicubic interpolation matrices: a constant
+/// operand of a MatMul that is a resize, not a linear layer (neither quantized nor counted as
+/// one).
+pub fn is_resize_matrix(init_name: &str) -> bool {
+    let module = crate::quantize::qdq::module_of(init_name);
+    let last = module.rsplit('.').next().unwrap_or("");
+    last == RESIZE_H || last == RESIZE_W
+}
+
 /// The `[out, in]` matrix `R` with `R · x` = the bicubic resize (align_corners false) of `x`
 /// along one axis.
 fn bicubic_matrix(input: i64, output: i64) -> Tensor {
@@ -164,9 +177,9 @@ impl Writer {
         }
         let ws = g.window;
         if hw != (ws, ws) {
-            let rh = self.tensor(&format!("{name}.resize_h"), &bicubic_matrix(hw.0, ws));
+            let rh = self.tensor(&format!("{name}.{RESIZE_H}"), &bicubic_matrix(hw.0, ws));
             let rw = self.tensor(
-                &format!("{name}.resize_w_t"),
+                &format!("{name}.{RESIZE_W}"),
                 &bicubic_matrix(hw.1, ws).tr(),
             );
             x = self.binary("MatMul", &rh, &x);

@@ -15,7 +15,7 @@
 //! the model's forward by `trainer/tests/onnx_export.rs` through onnxruntime.
 
 mod dino;
-mod gcvit;
+pub mod gcvit;
 pub mod graph;
 pub mod nvdsinfer;
 pub mod proto;

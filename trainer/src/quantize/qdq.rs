@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::export::gcvit::is_resize_matrix;
 use crate::export::graph::{Graph, Init, Node};
 use crate::export::proto::{self, Attr};
 
@@ -63,7 +64,7 @@ pub fn module_of(init_name: &str) -> String {
 
 /// The graph's quantizable ops: every `Conv` with an initializer weight, and every `MatMul`
 /// whose second input is a 2-D initializer (a linear layer; attention's activation × activation
-/// products are not).
+/// products are not, nor GCViT's bicubic resize by a constant matrix).
 pub fn quantizable_ops(graph: &Graph) -> Vec<QuantOp> {
     let inits: HashMap<&str, &Init> = graph.inits.iter().map(|i| (i.name.as_str(), i)).collect();
     graph
@@ -74,7 +75,7 @@ pub fn quantizable_ops(graph: &Graph) -> Vec<QuantOp> {
             let w = inits.get(n.inputs.get(1)?.as_str())?;
             let kind = match n.op.as_str() {
                 "Conv" if w.dims.len() == 4 => OpKind::Conv,
-                "MatMul" if w.dims.len() == 2 => OpKind::Linear,
+                "MatMul" if w.dims.len() == 2 && !is_resize_matrix(&w.name) => OpKind::Linear,
                 _ => return None,
             };
             (w.data_type == proto::FLOAT).then(|| QuantOp {
