@@ -18,7 +18,7 @@
 //! the module of the weighted op before it, as fvcore's `by_module` places ops in their module.
 //!
 //! `bench/peers/fvcore_flops.py` runs fvcore itself on transformers' Deformable DETR; the
-//! counts match op for op (`trainer/tests/flops_fvcore.rs`).
+//! counts match kind by kind and module by module (`bench/tests/flops_fvcore.rs`).
 
 use std::collections::BTreeMap;
 
