@@ -113,6 +113,8 @@ def main():
         "heads": heads + refine_calls - aux_heads,
     }
     print(json.dumps({
+        "scope": "detector",
+        "model": f"transformers {__import__('transformers').__version__}'s Deformable DETR",
         "aux_heads": aux_heads,
         "by_module_deployed": deployed,
         "total": total,
@@ -120,7 +122,6 @@ def main():
         "by_operator": by_op,
         "by_module": top,
         "skipped": skipped,
-        "transformers": __import__("transformers").__version__,
         "fvcore": __import__("fvcore").__version__,
         "torch": torch.__version__,
     }, sort_keys=True))

@@ -3,7 +3,8 @@
 //! transformers (`bench/peers/fvcore_flops.py`; fvcore's `FlopCountAnalysis` is what
 //! detectron2's and mmdet's analysis tools run), operator by operator. transformers computes the
 //! heads on every decoder layer (the auxiliary outputs) where a deployed graph computes the
-//! last layer's; the peer reports those extra calls and the comparison takes them off.
+//! last layer's; the peer reports those extra calls and the comparison takes them off. A GCViT
+//! backbone is compared alone, with fvcore on timm's GCViT (`bench/peers/fvcore_gcvit_flops.py`).
 //!
 //! fvcore is installed into the peers' python with pip the first time it is missing there.
 
@@ -19,7 +20,21 @@ use ddetr_trainer::spec::{Architecture, Backbone, ExperimentSpec};
 
 use crate::peer::{self, PeerArgs};
 
-const PEER: &str = include_str!("../peers/fvcore_flops.py");
+/// The peers: fvcore on transformers' Deformable DETR (the detector), and on timm's GCViT (the
+/// backbone alone: no library builds a Deformable DETR on a GCViT).
+const PEERS: [(&str, &str); 2] = [
+    (DETR_PEER, include_str!("../peers/fvcore_flops.py")),
+    (GCVIT_PEER, include_str!("../peers/fvcore_gcvit_flops.py")),
+];
+pub const DETR_PEER: &str = "fvcore_flops.py";
+pub const GCVIT_PEER: &str = "fvcore_gcvit_flops.py";
+
+/// Which peer script counts the spec's network, and its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub script: &'static str,
+    pub args: Vec<String>,
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct FlopsBenchArgs {
@@ -37,9 +52,15 @@ pub struct FlopsBenchArgs {
     pub peer: PeerArgs,
 }
 
-/// fvcore's count of the peer, as `fvcore_flops.py` prints it.
+/// fvcore's count of the peer, as the peer scripts print it.
 #[derive(Debug, serde::Deserialize)]
 pub struct FvcoreCount {
+    /// `detector`, or `backbone` when the peer counts the backbone alone.
+    #[serde(default)]
+    pub scope: String,
+    /// What was counted (`transformers 5.25.0's Deformable DETR`).
+    #[serde(default)]
+    pub model: String,
     pub total: f64,
     pub aux_heads: f64,
     pub params: i64,
@@ -47,8 +68,6 @@ pub struct FvcoreCount {
     /// The deployed graph's share per module, in `ddetr_trainer::flops::group`'s names.
     #[serde(default)]
     pub by_module_deployed: BTreeMap<String, f64>,
-    #[serde(default)]
-    pub transformers: String,
     #[serde(default)]
     pub fvcore: String,
 }
@@ -104,9 +123,13 @@ pub fn kinds(c: &FlopCount) -> [f64; 6] {
     [c.conv, c.linear, c.attention, c.norm, c.sampling, c.pool]
 }
 
-/// `fvcore_flops.py`'s arguments for the spec's network, or why transformers has no such model.
-pub fn peer_args(spec: &ExperimentSpec) -> Result<Vec<String>, String> {
+/// The peer that counts the spec's network (a GCViT backbone: timm's, alone) and its arguments,
+/// or why no library builds it.
+pub fn peer_args(spec: &ExperimentSpec) -> Result<Peer, String> {
     let m = &spec.model;
+    if m.backbone.is_gcvit() {
+        return gcvit_peer_args(spec);
+    }
     if spec.architecture() != Architecture::DeformableDetr {
         return Err("transformers has no DINO; the FLOPs peer is its Deformable DETR".into());
     }
@@ -158,7 +181,44 @@ pub fn peer_args(spec: &ExperimentSpec) -> Result<Vec<String>, String> {
     if m.two_stage {
         args.push("--two-stage".into());
     }
-    Ok(args)
+    Ok(Peer {
+        script: DETR_PEER,
+        args,
+    })
+}
+
+/// `fvcore_gcvit_flops.py`'s arguments: timm's GCViT is TAO's at 224×224 only (timm sizes its
+/// windows to the image).
+fn gcvit_peer_args(spec: &ExperimentSpec) -> Result<Peer, String> {
+    let m = &spec.model;
+    let variant = m.backbone.name().trim_start_matches("gc_vit_");
+    if variant == "large_384" {
+        return Err("timm has no GCViT large_384; compare gc_vit_large".into());
+    }
+    let (h, w) = (spec.export.input_height, spec.export.input_width);
+    if (h, w) != (224, 224) {
+        return Err(format!(
+            "timm's GCViT is TAO's at 224x224 only (timm sizes its windows to the image), not \
+             {h}x{w}: set export.input_height=224 export.input_width=224"
+        ));
+    }
+    let levels: Vec<String> = m
+        .return_interm_indices
+        .iter()
+        .filter(|&&i| i < 4)
+        .map(|i| i.to_string())
+        .collect();
+    Ok(Peer {
+        script: GCVIT_PEER,
+        args: vec![
+            "--variant".into(),
+            variant.into(),
+            "--size".into(),
+            "224".into(),
+            "--levels".into(),
+            levels.join(","),
+        ],
+    })
 }
 
 /// The peers' python with fvcore importable (pip-installed the first time), or why not.
@@ -196,9 +256,13 @@ pub fn run(args: &FlopsBenchArgs) -> anyhow::Result<()> {
     let hw = (opts.input_height, opts.input_width);
     let modules = flops::count_by_module(&export::spec_graph(&spec, None, &opts)?, hw)?;
     let dir = tempfile::tempdir()?;
-    let script = dir.path().join("fvcore_flops.py");
-    std::fs::write(&script, PEER)?;
+    for (name, text) in PEERS {
+        std::fs::write(dir.path().join(name), text)?;
+    }
     let peer_args = peer_args(&spec);
+    let script = dir
+        .path()
+        .join(peer_args.as_ref().map_or(DETR_PEER, |p| p.script));
     let python = match &peer_args {
         Ok(_) => args
             .peer
@@ -212,7 +276,7 @@ pub fn run(args: &FlopsBenchArgs) -> anyhow::Result<()> {
     };
     let theirs = match (python, peer_args) {
         (Some(py), Ok(a)) => {
-            let stdout = peer::output(Command::new(py).arg(&script).args(&a), &script)?;
+            let stdout = peer::output(Command::new(py).arg(&script).args(&a.args), &script)?;
             let json = stdout.lines().last().unwrap_or("");
             Some(
                 serde_json::from_str::<FvcoreCount>(json)
@@ -240,7 +304,14 @@ fn report(
     modules: &BTreeMap<String, FlopCount>,
     theirs: Option<&FvcoreCount>,
 ) -> String {
-    let ours = &FlopCount::sum(modules.values());
+    let detector = FlopCount::sum(modules.values());
+    // A backbone-alone peer is compared with the backbone's share.
+    let backbone_only = theirs.is_some_and(|t| t.scope == "backbone");
+    let ours = &if backbone_only {
+        modules.get("backbone").copied().unwrap_or_default()
+    } else {
+        detector
+    };
     let g = |x: f64| x / 1e9;
     let names = [
         "conv",
@@ -260,7 +331,12 @@ fn report(
     let row = |name: &str, o: Option<f64>, t: Option<f64>| {
         format!("{name:<28} {:>12} {:>12}\n", cell(o), cell(t))
     };
-    out += &format!("{:<28} {:>12} {:>12}\n", "kind", "ddetr", "fvcore");
+    let kind_title = if backbone_only {
+        "kind (backbone)"
+    } else {
+        "kind"
+    };
+    out += &format!("{kind_title:<28} {:>12} {:>12}\n", "ddetr", "fvcore");
     let theirs_kinds = theirs.map(FvcoreCount::kinds);
     for (i, name) in names.iter().enumerate() {
         out += &row(name, Some(mine[i]), theirs_kinds.map(|k| k[i]));
@@ -282,23 +358,38 @@ fn report(
         let t = theirs.and_then(|t| t.by_module_deployed.get(m).copied());
         out += &row(m, mine_m.get(m).copied(), t);
     }
-    let mut line = format!("input={h}x{w} gflops={:.4}", g(ours.total()));
-    if let Some(t) = theirs {
-        let deployed = t.deployed();
-        out += &format!(
-            "(fvcore {} on transformers {}: {:.4} G in all, with {:.4} G a deployed graph does not spend: the heads on every decoder layer and the pixel mask resized to each level)\n",
-            t.fvcore,
-            t.transformers,
-            g(t.total),
-            g(t.not_deployed())
-        );
-        line += &format!(
-            " peer_gflops={:.4} peer_gflops_all={:.4} ratio={:.4} peer_params={}",
-            g(deployed),
-            g(t.total),
-            ours.total() / deployed,
-            t.params
-        );
+    let mut line = format!("input={h}x{w} gflops={:.4}", g(detector.total()));
+    match theirs {
+        Some(t) if backbone_only => {
+            out += &format!(
+                "(fvcore {} on {}: the stages the detector reads, TAO's output norm on each returned level and its pooled squeeze-excitation added)\n",
+                t.fvcore, t.model
+            );
+            line += &format!(
+                " backbone_gflops={:.4} peer_backbone_gflops={:.4} ratio={:.4}",
+                g(ours.total()),
+                g(t.total),
+                ours.total() / t.total
+            );
+        }
+        Some(t) => {
+            let deployed = t.deployed();
+            out += &format!(
+                "(fvcore {} on {}: {:.4} G in all, with {:.4} G a deployed graph does not spend: the heads on every decoder layer and the pixel mask resized to each level)\n",
+                t.fvcore,
+                t.model,
+                g(t.total),
+                g(t.not_deployed())
+            );
+            line += &format!(
+                " peer_gflops={:.4} peer_gflops_all={:.4} ratio={:.4} peer_params={}",
+                g(deployed),
+                g(t.total),
+                ours.total() / deployed,
+                t.params
+            );
+        }
+        None => {}
     }
     out + &line + "\n"
 }

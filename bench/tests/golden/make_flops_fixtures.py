@@ -1,9 +1,10 @@
 """Writes `flops_fvcore.json`: fvcore's FLOP counts (FlopCountAnalysis, by operator) of
 transformers' Deformable DETR for a few configurations, each beside the ddetr spec and overrides
 that build the same network and the peer arguments `ddetr bench flops` must derive from it.
-`bench/tests/flops_fvcore.rs` checks that ddetr's count equals fvcore's, kind by kind.
+`bench/tests/flops_fvcore.rs` checks that ddetr's count equals fvcore's, kind by kind and module
+by module (a GCViT: its backbone against timm's).
 
-Run from the repository root with the peers' python (torch 2.11, transformers 5.x, timm, fvcore):
+Run with the peers' python (torch 2.11, transformers 5.x, timm, fvcore):
     python bench/tests/golden/make_flops_fixtures.py
 """
 import json
@@ -12,7 +13,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
-PEER = ROOT / "bench/peers/fvcore_flops.py"
+PEERS = ROOT / "bench/peers"
 
 
 def args(h, w, backbone, levels, classes, queries, enc, dec, ffn, d, heads, refine):
@@ -28,6 +29,7 @@ CASES = [
         "spec": "configs/shapes_tiny.yaml",
         "overrides": ["model.num_feature_levels=4", "model.return_interm_indices=[1,2,3,4]",
                       "export.input_height=100", "export.input_width=140"],
+        "script": "fvcore_flops.py",
         "args": args(100, 140, "resnet18", 4, 4, 50, 2, 2, 256, 128, 4, True),
     },
     {   # TAO's COCO spec reduced to one level, no refinement, fewer layers and queries
@@ -37,6 +39,7 @@ CASES = [
                       "model.with_box_refine=false", "model.enc_layers=2", "model.dec_layers=3",
                       "model.num_queries=30", "export.input_height=160",
                       "export.input_width=224"],
+        "script": "fvcore_flops.py",
         "args": args(160, 224, "resnet50", 1, 91, 30, 2, 3, 1024, 256, 8, False),
     },
     {   # ResNet-34, four levels, refinement
@@ -46,7 +49,18 @@ CASES = [
                       "model.return_interm_indices=[1,2,3,4]", "model.enc_layers=1",
                       "model.dec_layers=2", "model.num_queries=20", "export.input_height=96",
                       "export.input_width=128"],
+        "script": "fvcore_flops.py",
         "args": args(96, 128, "resnet34", 4, 91, 20, 1, 2, 1024, 256, 8, True),
+    },
+    {   # GCViT-XXTiny against timm's, the backbone alone, reading levels 1-3 (not the 0th)
+        "name": "gcvit_xxtiny_backbone",
+        "spec": "configs/coco_r50.yaml",
+        "overrides": ["model.backbone=gc_vit_xxtiny", "model.num_feature_levels=3",
+                      "model.return_interm_indices=[1,2,3]", "model.enc_layers=1",
+                      "model.dec_layers=1", "export.input_height=224",
+                      "export.input_width=224"],
+        "script": "fvcore_gcvit_flops.py",
+        "args": ["--variant", "xxtiny", "--size", "224", "--levels", "1,2,3"],
     },
 ]
 
@@ -54,7 +68,7 @@ CASES = [
 def main():
     out = []
     for case in CASES:
-        run = subprocess.run([sys.executable, str(PEER), *case["args"]], check=True,
+        run = subprocess.run([sys.executable, str(PEERS / case["script"]), *case["args"]], check=True,
                              capture_output=True, text=True)
         count = json.loads(run.stdout.strip().splitlines()[-1])
         count.pop("skipped", None)
