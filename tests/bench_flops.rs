@@ -3,7 +3,9 @@
 //! deployed graph does not make taken off fvcore's total, the ratio — is checked without Python;
 //! and a spec transformers cannot build, measured alone.
 
-use std::process::Command;
+mod common;
+
+use common::{ddetr_at_root, text};
 
 fn kv(line: &str, key: &str) -> f64 {
     line.split_whitespace()
@@ -13,18 +15,11 @@ fn kv(line: &str, key: &str) -> f64 {
         .unwrap()
 }
 
+/// `ddetr bench flops args…` from the workspace root; expects success, returns stdout.
 fn bench(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ddetr"))
-        .args(["bench", "flops"])
-        .args(args)
-        .output()
-        .expect("ddetr runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = ddetr_at_root(&[&["bench", "flops"], args].concat());
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     stdout
 }
 

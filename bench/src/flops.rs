@@ -256,13 +256,15 @@ pub fn run(args: &FlopsBenchArgs) -> anyhow::Result<()> {
     let hw = (opts.input_height, opts.input_width);
     let modules = flops::count_by_module(&export::spec_graph(&spec, None, &opts)?, hw)?;
     let dir = tempfile::tempdir()?;
-    for (name, text) in PEERS {
-        std::fs::write(dir.path().join(name), text)?;
-    }
     let peer_args = peer_args(&spec);
-    let script = dir
-        .path()
-        .join(peer_args.as_ref().map_or(DETR_PEER, |p| p.script));
+    let name = peer_args.as_ref().map_or(DETR_PEER, |p| p.script);
+    let script = dir.path().join(name);
+    let text = PEERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .expect("a known peer")
+        .1;
+    std::fs::write(&script, text)?;
     let python = match &peer_args {
         Ok(_) => args
             .peer

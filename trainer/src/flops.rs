@@ -83,12 +83,8 @@ pub fn group(init_name: &str) -> String {
     }
 }
 
-/// [`count_by_module`] summed.
-pub fn count(graph: &Graph, hw: (u32, u32)) -> Result<FlopCount, TrainerError> {
-    Ok(FlopCount::sum(count_by_module(graph, hw)?.values()))
-}
-
-/// Counts `graph`'s FLOPs for one `h`×`w` image, per module group ([`group`]).
+/// Counts `graph`'s FLOPs for one `h`×`w` image, per module group ([`group`]);
+/// [`FlopCount::sum`] of the values is the whole.
 pub fn count_by_module(
     graph: &Graph,
     (h, w): (u32, u32),
