@@ -434,6 +434,53 @@ fn tao_only_sections_are_accepted_with_a_notice() {
     assert!(r.notices.iter().any(|n| n.0.contains("wandb")));
 }
 
+/// TAO's tutorial `deformable_detr/specs/export.yaml` (tao_tutorials @ a15a2cf), data paths
+/// shortened: its `dataset.batch_size: -1` is a value TAO's export never reads.
+const TAO_EXPORT: &str = r#"
+export:
+  gpu_id: 0
+  input_width: 960
+  input_height: 544
+  opset_version: 12
+  on_cpu: False
+dataset:
+  train_data_sources:
+    - image_dir: /data/train2017/
+      json_file: /data/instances_train2017.json
+  val_data_sources:
+    - image_dir: /data/val2017/
+      json_file: /data/instances_val2017.json
+  num_classes: 91
+  batch_size: -1
+  workers: 8
+  augmentation:
+    fixed_padding: False
+model:
+  backbone: resnet_50
+  num_feature_levels: 2
+  return_interm_indices: [1, 2]
+  num_queries: 300
+  with_box_refine: True
+  aux_loss: False
+"#;
+
+#[test]
+fn taos_export_spec_with_batch_size_minus_one_loads() {
+    let r = load(TAO_EXPORT, &[]).unwrap();
+    assert_eq!(r.spec.dataset.batch_size, 4);
+    assert_eq!(r.spec.export.batch_size, -1);
+    assert_eq!(r.notices.len(), 1, "{:?}", r.notices);
+    assert!(
+        r.notices[0].0.contains("dataset.batch_size -1"),
+        "{:?}",
+        r.notices
+    );
+    // An override of -1 means the same; other negatives are refused with the key named.
+    let r = load("", &["dataset.batch_size=-1"]).unwrap();
+    assert_eq!(r.spec.dataset.batch_size, 4);
+    assert!(err("dataset:\n  batch_size: -2\n", &[]).contains("dataset.batch_size"));
+}
+
 #[test]
 fn test_and_infer_sources_in_taos_shapes() {
     let s = load(

@@ -94,6 +94,7 @@ fn resolve_tree(
     }
     refuse_foreign_model_keys(tree.get("model"), "model", arch)?;
     fill_distill_defaults(&mut tree)?;
+    let mut notices: Vec<Notice> = unset_batch_size(&mut tree, arch).into_iter().collect();
     let spec = loop {
         match deserialize(&tree) {
             Ok(spec) => break spec,
@@ -117,8 +118,23 @@ fn resolve_tree(
         }
     };
     let mut spec = spec;
-    let notices = validate(&mut spec)?;
+    notices.extend(validate(&mut spec)?);
     Ok(Resolved { spec, notices })
+}
+
+/// TAO's export and gen_trt_engine specs write `dataset.batch_size: -1`, a value TAO's export
+/// never reads (its batch is `export.batch_size`): -1 there means "not set", and takes the default.
+fn unset_batch_size(tree: &mut Value, arch: Architecture) -> Option<Notice> {
+    let slot = tree.get_mut("dataset")?.get_mut("batch_size")?;
+    if slot.as_i64() != Some(-1) {
+        return None;
+    }
+    let default = defaults_tree(arch)["dataset"]["batch_size"].clone();
+    let notice = Notice(format!(
+        "dataset.batch_size -1 (as TAO's export specs write it) means unset: {default} images per rank; the exported batch is export.batch_size"
+    ));
+    *slot = default;
+    Some(notice)
 }
 
 /// The architecture a spec tree names (its `model_name`, or a `model_name=` override). An
