@@ -1,4 +1,4 @@
-//! The backbone: a ResNet, or a GCViT (`super::gcvit`). The ResNet is in torchvision's layout with `FrozenBatchNorm2d` — upstream
+//! The backbone: a ResNet, a GCViT (`super::gcvit`) or a FAN (`super::fan`). The ResNet is in torchvision's layout with `FrozenBatchNorm2d` — upstream
 //! `models/backbone.py` (`FrozenBatchNorm2d`, `BackboneBase`, `Backbone`) over torchvision's
 //! `resnet.py`. Paths are `backbone.0.body.{conv1,bn1,layer1..layer4}.*` as in the official
 //! checkpoints; the stem and `layer1` never train (upstream freezes every parameter whose name lacks
@@ -7,6 +7,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
+use super::fan::{Fan, FanConfig, Pass};
 use super::gcvit::{GcVit, GcVitConfig};
 use crate::spec::Backbone as BackboneKind;
 
@@ -349,6 +350,7 @@ impl ResNetBody {
 pub enum Body {
     ResNet(ResNetBody),
     GcVit(GcVit),
+    Fan(Fan),
 }
 
 /// `backbone.0`: the trunk plus which stages feed the transformer.
@@ -379,6 +381,15 @@ impl Backbone {
             config.drop_path_rate = drop_path_rate;
             return Self {
                 body: Body::GcVit(GcVit::new(&(p / "body"), config, stages)),
+                return_stages: stages.to_vec(),
+                num_channels: stages.iter().map(|&s| config.channels(s)).collect(),
+                strides: stages.iter().map(|&s| 4i64 << s).collect(),
+            };
+        }
+        if let Some(mut config) = FanConfig::of(kind) {
+            config.drop_path_rate = drop_path_rate;
+            return Self {
+                body: Body::Fan(Fan::new(&(p / "body"), kind, config, stages)),
                 return_stages: stages.to_vec(),
                 num_channels: stages.iter().map(|&s| config.channels(s)).collect(),
                 strides: stages.iter().map(|&s| 4i64 << s).collect(),
@@ -425,13 +436,14 @@ impl Backbone {
         let outs: Vec<Option<Tensor>> = match &self.body {
             Body::ResNet(r) => r.forward(images).into_iter().map(Some).collect(),
             Body::GcVit(g) => g.forward(images, train),
+            Body::Fan(f) => f.forward(images, Pass::of(train)),
         };
         self.with_masks(outs, pixel_mask)
     }
 }
 
 /// What a checkpointed training step keeps of the backbone's gradient-free first pass: a
-/// GCViT's level inputs (a ResNet is recomputed whole).
+/// GCViT's level inputs (a ResNet or a FAN is recomputed whole).
 #[derive(Debug, Default)]
 pub struct Saved {
     level_inputs: Vec<Tensor>,
@@ -449,6 +461,8 @@ impl Backbone {
         seed: i64,
     ) -> (Vec<(Tensor, Tensor)>, Saved) {
         let Body::GcVit(g) = &self.body else {
+            // A FAN's stochastic depth is seeded so that its recomputation draws the same.
+            tch::manual_seed(seed);
             return (self.forward(images, pixel_mask, train), Saved::default());
         };
         let last = g.last_level();
@@ -469,7 +483,8 @@ impl Backbone {
 
     /// The backward of the backbone given the gradients of its returned feature maps (one per
     /// returned stage; undefined where none flowed), recomputing from `saved` with autograd. A
-    /// ResNet is recomputed whole; a GCViT one level at a time from the last (TAO checkpoints
+    /// ResNet or FAN is recomputed whole (a FAN with the first pass's seed, batch statistics
+    /// and no second update of its running ones); a GCViT one level at a time from the last (TAO checkpoints
     /// each level): level `i` is rerun from its kept input and backward of ⟨its feature map,
     /// its gradient⟩ + ⟨the next level's input, that input's gradient⟩ fills its parameters'
     /// gradients and its input's, then the patch embedding's. Only one level's activations are
@@ -485,7 +500,15 @@ impl Backbone {
     ) {
         let surrogate = |terms: Vec<Tensor>| terms.into_iter().reduce(|a, b| a + b);
         let Body::GcVit(g) = &self.body else {
-            let again = self.forward(images, pixel_mask, train);
+            tch::manual_seed(seed);
+            let again = match &self.body {
+                // The same batch statistics and stochastic depth; the running statistics were
+                // updated by the first pass.
+                Body::Fan(f) if train => {
+                    self.with_masks(f.forward(images, Pass::Recompute), pixel_mask)
+                }
+                _ => self.forward(images, pixel_mask, train),
+            };
             let terms = again
                 .iter()
                 .zip(grads)

@@ -171,7 +171,7 @@ pub struct DetrConfig {
     pub dilation: bool,
     /// `model.backbone_from_scratch` (see [`crate::model::backbone::ResNetBody::new`]).
     pub backbone_from_scratch: bool,
-    /// `model.backbone_drop_path_rate` (a GCViT's stochastic depth).
+    /// `model.backbone_drop_path_rate`, resolved (a GCViT's or FAN's stochastic depth).
     pub backbone_drop_path_rate: f64,
     /// Backbone stages (0 = layer1) feeding the transformer.
     pub backbone_stages: Vec<usize>,
@@ -223,7 +223,9 @@ impl DetrConfig {
             train_backbone: m.train_backbone,
             dilation: m.dilation,
             backbone_from_scratch: m.backbone_from_scratch,
-            backbone_drop_path_rate: m.backbone_drop_path_rate,
+            backbone_drop_path_rate: m
+                .backbone_drop_path_rate
+                .unwrap_or(m.backbone.default_drop_path_rate()),
             backbone_stages,
             num_classes: num_classes as i64,
             with_box_refine: m.with_box_refine,

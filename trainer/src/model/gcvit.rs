@@ -72,9 +72,7 @@ impl GcVitConfig {
             BackboneKind::GcVitBase => wide(128, [4, 8, 16, 32], [7, 7, 14, 7]),
             BackboneKind::GcVitLarge => wide(192, [6, 12, 24, 48], [7, 7, 14, 7]),
             BackboneKind::GcVitLarge384 => wide(192, [6, 12, 24, 48], [12, 12, 24, 12]),
-            BackboneKind::Resnet18 | BackboneKind::Resnet34 | BackboneKind::Resnet50 => {
-                return None
-            }
+            _ => return None,
         })
     }
 
@@ -157,7 +155,7 @@ fn layer_norm(p: nn::Path, dim: i64) -> nn::LayerNorm {
 }
 
 /// `x · mask` with one Bernoulli(1 − p)/(1 − p) draw per sample (timm's `DropPath`).
-fn drop_path(x: &Tensor, p: f64, train: bool) -> Tensor {
+pub(crate) fn drop_path(x: &Tensor, p: f64, train: bool) -> Tensor {
     if !train || p <= 0.0 {
         return x.shallow_clone();
     }

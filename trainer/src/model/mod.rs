@@ -12,6 +12,7 @@ pub mod deformable_detr;
 pub mod deformable_transformer;
 pub mod dino;
 pub mod dropout;
+pub mod fan;
 pub mod gcvit;
 pub mod ms_deform_attn;
 pub mod position_encoding;

@@ -75,11 +75,6 @@ fn unknown_value_message(
     suggestion: &Option<String>,
     valid: &[String],
 ) -> String {
-    if key.ends_with("backbone") && value.starts_with("fan_") {
-        return format!(
-            "{key} '{value}': FAN backbones are not supported by ddetr (TAO's distill wants a FAN teacher; ddetr takes a ResNet one); use resnet_50 (or resnet_18/resnet_34 for small CPU runs)"
-        );
-    }
     let hint = suggestion
         .as_ref()
         .map(|s| format!(" (did you mean '{s}'?)"))

@@ -40,12 +40,54 @@ pub enum Backbone {
     GcVitLarge,
     #[serde(rename = "gc_vit_large_384")]
     GcVitLarge384,
+    /// TAO's FAN-hybrid family (`trainer/src/model/fan.rs`).
+    #[serde(rename = "fan_tiny")]
+    FanTiny,
+    #[serde(rename = "fan_small")]
+    FanSmall,
+    #[serde(rename = "fan_base")]
+    FanBase,
+    #[serde(rename = "fan_large")]
+    FanLarge,
 }
 
 impl Backbone {
     /// Whether this is one of the GCViT sizes.
     pub fn is_gcvit(self) -> bool {
-        !matches!(self, Self::Resnet18 | Self::Resnet34 | Self::Resnet50)
+        matches!(
+            self,
+            Self::GcVitXxtiny
+                | Self::GcVitXtiny
+                | Self::GcVitTiny
+                | Self::GcVitSmall
+                | Self::GcVitBase
+                | Self::GcVitLarge
+                | Self::GcVitLarge384
+        )
+    }
+
+    /// TAO's stochastic-depth rate for this family (`model.backbone_drop_path_rate` unset).
+    pub fn default_drop_path_rate(self) -> f64 {
+        if self.is_fan() {
+            crate::model::fan::DROP_PATH_RATE
+        } else if self.is_gcvit() {
+            crate::model::gcvit::DROP_PATH_RATE
+        } else {
+            0.0
+        }
+    }
+
+    /// Whether this is one of the FAN sizes.
+    pub fn is_fan(self) -> bool {
+        matches!(
+            self,
+            Self::FanTiny | Self::FanSmall | Self::FanBase | Self::FanLarge
+        )
+    }
+
+    /// Whether this is a ResNet (the one family with frozen BatchNorms and stem).
+    pub fn is_resnet(self) -> bool {
+        matches!(self, Self::Resnet18 | Self::Resnet34 | Self::Resnet50)
     }
 
     /// The spec's name (`resnet_50`, `gc_vit_tiny`, …).
@@ -61,6 +103,10 @@ impl Backbone {
             Self::GcVitBase => "gc_vit_base",
             Self::GcVitLarge => "gc_vit_large",
             Self::GcVitLarge384 => "gc_vit_large_384",
+            Self::FanTiny => "fan_tiny",
+            Self::FanSmall => "fan_small",
+            Self::FanBase => "fan_base",
+            Self::FanLarge => "fan_large",
         }
     }
 }
@@ -149,9 +195,10 @@ pub struct ModelConfig {
     /// torchvision's `zero_init_residual`), so those branches add nothing and their convs are
     /// frozen and skipped; the stem and layer1 train (upstream freezes them as pretrained).
     pub backbone_from_scratch: bool,
-    /// (ddetr) A GCViT backbone's stochastic-depth rate, rising linearly over its blocks from 0
-    /// to this (TAO fixes 0.2 for every detection GCViT); unused by a ResNet.
-    pub backbone_drop_path_rate: f64,
+    /// (ddetr) A transformer backbone's stochastic-depth rate: a GCViT's rises linearly over its
+    /// blocks from 0 to this, a FAN's is this on every FAN block; unset (null), TAO's fixed value
+    /// for the family (GCViT 0.2, FAN 0.3). Unused by a ResNet.
+    pub backbone_drop_path_rate: Option<f64>,
     /// Top-k detections kept by the post-process.
     pub num_select: u32,
     pub nheads: u32,
@@ -247,7 +294,7 @@ impl Default for ModelConfig {
             with_box_refine: true,
             two_stage: false,
             backbone_from_scratch: false,
-            backbone_drop_path_rate: crate::model::gcvit::DROP_PATH_RATE,
+            backbone_drop_path_rate: None,
             num_select: 100,
             nheads: 8,
             dropout_ratio: 0.3,

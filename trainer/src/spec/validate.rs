@@ -290,12 +290,14 @@ fn validate_model(spec: &ExperimentSpec) -> Result<(), SpecError> {
             ),
         ));
     }
-    if !(0.0..1.0).contains(&m.backbone_drop_path_rate) {
+    if let Some(rate) = m
+        .backbone_drop_path_rate
+        .filter(|r| !(0.0..1.0).contains(r))
+    {
         return Err(invalid(
             "model.backbone_drop_path_rate",
             format!(
-                "is {}; a stochastic-depth rate must be within [0, 1) (TAO's GCViT uses 0.2)",
-                m.backbone_drop_path_rate
+                "is {rate}; a stochastic-depth rate must be within [0, 1) (TAO's GCViT uses 0.2, its FAN 0.3)"
             ),
         ));
     }
