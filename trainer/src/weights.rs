@@ -347,7 +347,8 @@ pub fn load_torchvision_backbone(vs: &VarStore, path: &Path) -> Result<LoadRepor
 }
 
 /// `model.pretrained_backbone_path` for the spec's backbone: a torchvision ResNet state dict
-/// ([`load_torchvision_backbone`]) or a GCViT one ([`load_gcvit_backbone`]).
+/// ([`load_torchvision_backbone`]), a GCViT one ([`load_gcvit_backbone`]) or a FAN one
+/// ([`load_fan_backbone`]).
 pub fn load_backbone(
     vs: &VarStore,
     path: &Path,
@@ -355,14 +356,16 @@ pub fn load_backbone(
 ) -> Result<LoadReport, TrainerError> {
     if kind.is_gcvit() {
         load_gcvit_backbone(vs, path)
+    } else if kind.is_fan() {
+        load_fan_backbone(vs, path)
     } else {
         load_torchvision_backbone(vs, path)
     }
 }
 
-/// Prefixes a GCViT state dict may carry before the trunk's own keys (a detector's, TAO's
-/// classification model's, DDP's).
-const GCVIT_PREFIXES: [&str; 5] = [
+/// Prefixes a transformer trunk's state dict may carry before the trunk's own keys (a
+/// detector's, TAO's classification model's, DDP's).
+const TRUNK_PREFIXES: [&str; 5] = [
     BACKBONE_BODY_PREFIX,
     "model.backbone.",
     "backbone.",
@@ -378,26 +381,91 @@ const GCVIT_PREFIXES: [&str; 5] = [
 /// initialisation and are reported, as are the file's tensors the detector has no place for
 /// (a classifier's `head` and final `norm`). A file that fills none of the trunk is an error.
 pub fn load_gcvit_backbone(vs: &VarStore, path: &Path) -> Result<LoadReport, TrainerError> {
-    let source = path.display().to_string();
     let raw = read_tensors(path)?;
     let timm = raw.iter().any(|(k, _)| {
-        let k = strip_any(k, &GCVIT_PREFIXES);
+        let k = strip_any(k, &TRUNK_PREFIXES);
         k.starts_with("stages.") || k.starts_with("stem.")
     });
+    let name = |short: &str| {
+        if timm {
+            crate::model::gcvit::timm_to_tao(short)
+        } else {
+            (!short.ends_with("relative_position_index")).then(|| short.to_string())
+        }
+    };
+    load_trunk(
+        vs,
+        path,
+        raw,
+        name,
+        |k| k.ends_with("relative_position_index"),
+        |k| is_output_norm(k, "norm"),
+        Trunk {
+            reshape_4d: true,
+            shape_hint: "model.backbone must name the GCViT size of these weights",
+            missing_hint: "give a GCViT state dict (TAO's or timm's names) of the size named by model.backbone",
+        },
+    )
+}
+
+/// A FAN state dict into `backbone.0.body` under TAO's names (`patch_embed.backbone.stem.0.…`,
+/// `blocks.{i}.attn.q.…`, `cls_attn_blocks.{k}.…`), as TAO's classification FAN-hybrid (the
+/// NGC `fan_*_hybrid_nvimagenet` weights) and its DINO save them. As TAO (`strict=False`): the
+/// detector's `out_norm{i}` layers and `learnable_downsample`, which a classifier lacks, keep
+/// their initialisation and are reported, as are the file's tensors the detector has no place
+/// for (a classifier's `head` and `norm`); BatchNorm's `num_batches_tracked` is skipped. A file
+/// that misses any other trunk tensor is an error.
+pub fn load_fan_backbone(vs: &VarStore, path: &Path) -> Result<LoadReport, TrainerError> {
+    let raw = read_tensors(path)?;
+    load_trunk(
+        vs,
+        path,
+        raw,
+        |short| Some(short.to_string()),
+        |k| k.ends_with("num_batches_tracked"),
+        |k| {
+            is_output_norm(k, "out_norm")
+                || k.starts_with(&format!("{BACKBONE_BODY_PREFIX}learnable_downsample."))
+        },
+        Trunk {
+            reshape_4d: false,
+            shape_hint: "model.backbone must name the FAN size of these weights",
+            missing_hint: "give a FAN-hybrid state dict (TAO's names) of the size named by model.backbone",
+        },
+    )
+}
+
+/// What differs between the transformer trunks' loaders.
+struct Trunk {
+    /// Whether a 4-d tensor may fill a variable of another shape with as many elements.
+    reshape_4d: bool,
+    shape_hint: &'static str,
+    missing_hint: &'static str,
+}
+
+/// Loads `raw` (from `path`) into `backbone.0.body`: each key without its [`TRUNK_PREFIXES`]
+/// named by `name` (None: no place for it, reported unless `skip` says it is expected to have
+/// none); every trunk variable must be filled except those `may_miss` allows.
+fn load_trunk(
+    vs: &VarStore,
+    path: &Path,
+    raw: Vec<(String, Tensor)>,
+    name: impl Fn(&str) -> Option<String>,
+    skip: impl Fn(&str) -> bool,
+    may_miss: impl Fn(&str) -> bool,
+    trunk: Trunk,
+) -> Result<LoadReport, TrainerError> {
+    let source = path.display().to_string();
     let mut unexpected = Vec::new();
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
     for (k, t) in raw {
-        let short = strip_any(&k, &GCVIT_PREFIXES).to_string();
-        let tao = if timm {
-            crate::model::gcvit::timm_to_tao(&short)
-        } else {
-            (!short.ends_with("relative_position_index")).then_some(short)
-        };
-        match tao {
+        if skip(&k) {
+            continue;
+        }
+        match name(strip_any(&k, &TRUNK_PREFIXES)) {
             Some(name) => {
                 tensors.insert(format!("{BACKBONE_BODY_PREFIX}{name}"), t);
             }
-            None if k.ends_with("relative_position_index") => {}
             None => unexpected.push(k),
         }
     }
@@ -406,19 +474,15 @@ pub fn load_gcvit_backbone(vs: &VarStore, path: &Path) -> Result<LoadReport, Tra
         &vars,
         &tensors,
         &source,
-        "model.backbone must name the GCViT size of these weights",
-        true,
+        trunk.shape_hint,
+        trunk.reshape_4d,
     )?;
     unexpected.extend(tensors.keys().filter(|k| !vars.contains_key(*k)).cloned());
     // Sorted: the file's order is not the report's (a safetensors read is unordered).
     unexpected.sort();
     report.unexpected = unexpected;
-    // Only the detector's own output norms may be missing: anything else means another size.
-    let trunk_missing: Vec<&String> = report
-        .missing
-        .iter()
-        .filter(|k| !is_output_norm(k))
-        .collect();
+    // Only the detector's own additions may be missing: anything else means another size.
+    let trunk_missing: Vec<&String> = report.missing.iter().filter(|k| !may_miss(k)).collect();
     if report.loaded == 0 || !trunk_missing.is_empty() {
         return Err(TrainerError::MissingKeys {
             path: source,
@@ -429,17 +493,17 @@ pub fn load_gcvit_backbone(vs: &VarStore, path: &Path) -> Result<LoadReport, Tra
                 .or(report.missing.first())
                 .cloned()
                 .unwrap_or_default(),
-            hint: "give a GCViT state dict (TAO's or timm's names) of the size named by model.backbone".into(),
+            hint: trunk.missing_hint.into(),
         });
     }
     Ok(report)
 }
 
-/// `backbone.0.body.norm{i}.*`: a detection GCViT's per-level output norm, which classifier
-/// weights never hold.
-fn is_output_norm(key: &str) -> bool {
+/// `backbone.0.body.{stem}{i}.*`: a detection trunk's per-level output norm (GCViT's `norm{i}`,
+/// FAN's `out_norm{i}`), which classifier weights never hold.
+fn is_output_norm(key: &str, stem: &str) -> bool {
     key.strip_prefix(BACKBONE_BODY_PREFIX)
-        .and_then(|k| k.strip_prefix("norm"))
+        .and_then(|k| k.strip_prefix(stem))
         .is_some_and(|k| k.len() > 1 && k.as_bytes()[0].is_ascii_digit() && k.as_bytes()[1] == b'.')
 }
 

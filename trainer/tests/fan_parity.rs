@@ -7,6 +7,7 @@ mod common;
 
 use ddetr_trainer::model::fan::{Fan, FanConfig, Pass};
 use ddetr_trainer::spec::Backbone;
+use ddetr_trainer::weights;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
@@ -116,4 +117,108 @@ fn parameter_counts_equal_taos() {
             .sum();
         assert_eq!(n, want, "{}", kind.name());
     }
+}
+
+fn detector_trunk(kind: Backbone) -> VarStore {
+    let vs = VarStore::new(Device::Cpu);
+    let body = vs.root() / "backbone" / 0 / "body";
+    let _ = Fan::new(&body, kind, FanConfig::of(kind).unwrap(), &[1, 2, 3]);
+    vs
+}
+
+#[test]
+fn pretrained_backbone_path_loads_a_tao_fan_classifier() {
+    let dir = tempfile::tempdir().unwrap();
+    // TAO's classification FAN-hybrid: the trunk without the detector's output norms and
+    // learnable downsampling, with its own `norm` and `head` and BatchNorm's batch counters,
+    // under a `model.` prefix; every tensor filled by its name.
+    let classifier = VarStore::new(Device::Cpu);
+    let _ = Fan::new(
+        &classifier.root(),
+        Backbone::FanTiny,
+        FanConfig::of(Backbone::FanTiny).unwrap(),
+        &[],
+    );
+    let mut named: Vec<(String, Tensor)> = classifier
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("learnable_downsample."))
+        .map(|(k, t)| (format!("model.{k}"), common::fill(&k, &t.size())))
+        .collect();
+    for (k, shape) in [
+        ("norm.weight", vec![192]),
+        ("head.weight", vec![1000, 192]),
+        ("blocks.0.mlp.mlp_v.dwconv.bn.num_batches_tracked", vec![]),
+    ] {
+        named.push((format!("model.{k}"), common::fill(k, &shape)));
+    }
+    let file = dir.path().join("fan_tiny_hybrid_nvimagenet.safetensors");
+    Tensor::write_safetensors(&named, &file).unwrap();
+
+    let vs = detector_trunk(Backbone::FanTiny);
+    let vars = vs.variables();
+    let report = weights::load_fan_backbone(&vs, &file).unwrap();
+    let mut missing = vec![
+        "backbone.0.body.learnable_downsample.bias".to_string(),
+        "backbone.0.body.learnable_downsample.weight".into(),
+    ];
+    for i in 1..=3 {
+        missing.push(format!("backbone.0.body.out_norm{i}.bias"));
+        missing.push(format!("backbone.0.body.out_norm{i}.weight"));
+    }
+    missing.sort();
+    assert_eq!(report.missing, missing);
+    assert_eq!(
+        report.unexpected,
+        ["backbone.0.body.head.weight", "backbone.0.body.norm.weight"]
+    );
+    assert_eq!(report.loaded, vars.len() - missing.len());
+    for k in [
+        "patch_embed.backbone.stages.1.blocks.2.mlp.fc2.weight",
+        "blocks.5.mlp.mlp_v.dwconv.bn.running_var",
+        "cls_token",
+    ] {
+        let var = &vars[&format!("backbone.0.body.{k}")];
+        assert!(var.equal(&common::fill(k, &var.size())), "{k}");
+    }
+
+    // Another size: a small detector has other widths; the load names the key and the fix.
+    let err = weights::load_fan_backbone(&detector_trunk(Backbone::FanSmall), &file)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.backbone must name the FAN size"), "{err}");
+    // A GCViT file fills nothing of a FAN.
+    let gcvit = dir.path().join("gcvit.safetensors");
+    Tensor::write_safetensors(
+        &[("levels.0.blocks.0.attn.qkv.weight", Tensor::ones([3, 3], tch::kind::FLOAT_CPU))],
+        &gcvit,
+    )
+    .unwrap();
+    let err = weights::load_fan_backbone(&vs, &gcvit).unwrap_err().to_string();
+    assert!(err.contains("give a FAN-hybrid state dict"), "{err}");
+}
+
+#[test]
+fn train_backbone_false_freezes_the_whole_trunk_and_true_trains_all_of_it() {
+    use ddetr_trainer::detector::{build_model, DinoDetector};
+    let trunk = |train: bool| {
+        let o = [
+            "model_name=dino".to_string(),
+            "model.backbone=fan_tiny".into(),
+            format!("model.train_backbone={train}"),
+            "dataset.num_classes=5".into(),
+        ];
+        let spec = ddetr_trainer::spec::load_str("", &o, None).unwrap().spec;
+        let built = build_model::<DinoDetector>(&spec, Device::Cpu, 0).unwrap();
+        let in_trunk = |n: &str| n.starts_with("backbone.0.body.");
+        (
+            built.params.iter().filter(|p| in_trunk(&p.name)).count(),
+            built.buffers.iter().filter(|(n, _)| in_trunk(n)).count(),
+        )
+    };
+    // The BatchNorms' running statistics (two per FAN block) are buffers either way.
+    let (trained, stats) = trunk(true);
+    assert_eq!(stats, 2 * 8);
+    assert!(trained > 200, "{trained}");
+    assert_eq!(trunk(false), (0, trained + stats));
 }

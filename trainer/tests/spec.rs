@@ -265,11 +265,11 @@ fn unknown_key_names_the_nearest_valid_one() {
 fn unknown_values_name_the_valid_ones() {
     assert_eq!(
         err("", &["model.backbone=resnet_5"]),
-        "model.backbone: unknown value 'resnet_5' (did you mean 'resnet_50'?); valid values are resnet_18, resnet_34, resnet_50, gc_vit_xxtiny, gc_vit_xtiny, gc_vit_tiny, gc_vit_small, gc_vit_base, gc_vit_large, gc_vit_large_384"
+        "model.backbone: unknown value 'resnet_5' (did you mean 'resnet_50'?); valid values are resnet_18, resnet_34, resnet_50, gc_vit_xxtiny, gc_vit_xtiny, gc_vit_tiny, gc_vit_small, gc_vit_base, gc_vit_large, gc_vit_large_384, fan_tiny, fan_small, fan_base, fan_large"
     );
     assert_eq!(
         err("", &["model.backbone=gc_vit_tny"]),
-        "model.backbone: unknown value 'gc_vit_tny' (did you mean 'gc_vit_tiny'?); valid values are resnet_18, resnet_34, resnet_50, gc_vit_xxtiny, gc_vit_xtiny, gc_vit_tiny, gc_vit_small, gc_vit_base, gc_vit_large, gc_vit_large_384"
+        "model.backbone: unknown value 'gc_vit_tny' (did you mean 'gc_vit_tiny'?); valid values are resnet_18, resnet_34, resnet_50, gc_vit_xxtiny, gc_vit_xtiny, gc_vit_tiny, gc_vit_small, gc_vit_base, gc_vit_large, gc_vit_large_384, fan_tiny, fan_small, fan_base, fan_large"
     );
     assert_eq!(
         err("", &["train.optim.optimizer=Adam"]),
@@ -639,17 +639,14 @@ distill:
 "#;
 
 #[test]
-fn taos_distill_spec_loads_with_a_resnet_teacher() {
-    // TAO's teacher is a FAN: named, with what to use instead.
-    let e = err(TAO_DISTILL, &[]);
-    assert!(
-        e.starts_with("distill.teacher.backbone 'fan_small': FAN backbones are not supported"),
-        "{e}"
-    );
-    let s = load(TAO_DISTILL, &["distill.teacher.backbone=resnet_50"])
-        .unwrap()
-        .spec;
+fn taos_distill_spec_loads_with_its_fan_teacher() {
+    let s = load(TAO_DISTILL, &[]).unwrap().spec;
     let d = s.distill.as_ref().unwrap();
+    assert_eq!(d.teacher.backbone, Backbone::FanSmall);
+    // TAO's stochastic depth for a FAN (unset: the family's rate).
+    assert_eq!(d.teacher.backbone_drop_path_rate, None);
+    assert_eq!(Backbone::FanSmall.default_drop_path_rate(), 0.3);
+    assert_eq!(s.model.backbone.default_drop_path_rate(), 0.0);
     assert_eq!(d.teacher_architecture(), spec::Architecture::Dino);
     assert_eq!(d.teacher.num_queries, 900);
     assert!(!d.teacher.train_backbone);

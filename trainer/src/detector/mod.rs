@@ -89,8 +89,8 @@ pub struct Built<D> {
     pub buffers: Vec<(String, Tensor)>,
 }
 
-/// The GCViT trunk's variable prefix.
-const GCVIT_BODY: &str = "backbone.0.body";
+/// The backbone trunk's variable prefix.
+const TRUNK: &str = "backbone.0.body";
 
 /// Builds the detector on `device` with `seed` and applies `train.freeze`.
 pub fn build_model<D: Detector>(
@@ -101,11 +101,11 @@ pub fn build_model<D: Detector>(
     tch::manual_seed(seed);
     let vs = VarStore::new(device);
     let model = D::build(&vs.root(), spec)?;
-    // A GCViT trains whole, or (`model.train_backbone: false`) not at all, as TAO's
+    // A GCViT or FAN trains whole, or (`model.train_backbone: false`) not at all, as TAO's
     // `BackboneBase` sets it; a ResNet's frozen stem and layer1 are built frozen.
     let mut freeze = spec.train.freeze.clone();
-    if spec.model.backbone.is_gcvit() && !spec.model.train_backbone {
-        freeze.push(GCVIT_BODY.into());
+    if !spec.model.backbone.is_resnet() && !spec.model.train_backbone {
+        freeze.push(TRUNK.into());
     }
     let (params, buffers) = split_variables(&vs, &freeze)?;
     Ok(Built {
