@@ -732,7 +732,20 @@ fn two_stage_keys(map: &BTreeMap<String, Tensor>) -> Vec<&String> {
 
 /// The backbone a checkpoint's `backbone.0.body.*` keys describe, as `model.backbone` names it.
 fn backbone_name(ck: &BTreeMap<String, Tensor>) -> Option<&'static str> {
-    if let Some(proj) = ck.get(&format!("{BACKBONE_BODY_PREFIX}patch_embed.proj.weight")) {
+    let proj = ck.get(&format!("{BACKBONE_BODY_PREFIX}patch_embed.proj.weight"));
+    if ck.contains_key(&format!(
+        "{BACKBONE_BODY_PREFIX}patch_embed.backbone.stem.0.weight"
+    )) {
+        // A FAN-hybrid: its width names the size.
+        return match proj.map(|p| p.size()[0]) {
+            Some(192) => Some("fan_tiny"),
+            Some(384) => Some("fan_small"),
+            Some(448) => Some("fan_base"),
+            Some(480) => Some("fan_large"),
+            _ => None,
+        };
+    }
+    if let Some(proj) = proj {
         let blocks = |l: usize| {
             indices(
                 ck.keys(),
@@ -770,7 +783,7 @@ fn backbone_name(ck: &BTreeMap<String, Tensor>) -> Option<&'static str> {
 fn backbone_hint(ck: &BTreeMap<String, Tensor>) -> String {
     match backbone_name(ck) {
         Some(name) => format!("the checkpoint's backbone is {name}: set model.backbone to {name}"),
-        None => "the checkpoint's backbone is not one model.backbone names (resnet_18, resnet_34, resnet_50, gc_vit_*)".into(),
+        None => "the checkpoint's backbone is not one model.backbone names (resnet_18, resnet_34, resnet_50, gc_vit_*, fan_*)".into(),
     }
 }
 

@@ -430,7 +430,8 @@ pub fn load_fan_backbone(vs: &VarStore, path: &Path) -> Result<LoadReport, Train
         Trunk {
             reshape_4d: false,
             shape_hint: "model.backbone must name the FAN size of these weights",
-            missing_hint: "give a FAN-hybrid state dict (TAO's names) of the size named by model.backbone",
+            missing_hint:
+                "give a FAN-hybrid state dict (TAO's names) of the size named by model.backbone",
         },
     )
 }
@@ -470,13 +471,7 @@ fn load_trunk(
         }
     }
     let vars = vs.variables();
-    let mut report = copy_into_body(
-        &vars,
-        &tensors,
-        &source,
-        trunk.shape_hint,
-        trunk.reshape_4d,
-    )?;
+    let mut report = copy_into_body(&vars, &tensors, &source, trunk.shape_hint, trunk.reshape_4d)?;
     unexpected.extend(tensors.keys().filter(|k| !vars.contains_key(*k)).cloned());
     // Sorted: the file's order is not the report's (a safetensors read is unordered).
     unexpected.sort();

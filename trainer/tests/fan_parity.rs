@@ -186,15 +186,23 @@ fn pretrained_backbone_path_loads_a_tao_fan_classifier() {
     let err = weights::load_fan_backbone(&detector_trunk(Backbone::FanSmall), &file)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("model.backbone must name the FAN size"), "{err}");
+    assert!(
+        err.contains("model.backbone must name the FAN size"),
+        "{err}"
+    );
     // A GCViT file fills nothing of a FAN.
     let gcvit = dir.path().join("gcvit.safetensors");
     Tensor::write_safetensors(
-        &[("levels.0.blocks.0.attn.qkv.weight", Tensor::ones([3, 3], tch::kind::FLOAT_CPU))],
+        &[(
+            "levels.0.blocks.0.attn.qkv.weight",
+            Tensor::ones([3, 3], tch::kind::FLOAT_CPU),
+        )],
         &gcvit,
     )
     .unwrap();
-    let err = weights::load_fan_backbone(&vs, &gcvit).unwrap_err().to_string();
+    let err = weights::load_fan_backbone(&vs, &gcvit)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("give a FAN-hybrid state dict"), "{err}");
 }
 

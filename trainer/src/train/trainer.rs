@@ -480,6 +480,7 @@ impl<'c, D: Detector> Trainer<'c, D> {
             return Ok(None);
         };
         let t0 = Instant::now();
+        self.sync_running_stats()?;
         // With train.ema, on the average (swapped in, and back whatever the outcome).
         if let Some(e) = &mut self.ema {
             e.swap(&self.built.params);
@@ -515,10 +516,26 @@ impl<'c, D: Detector> Trainer<'c, D> {
         Ok(Some(map))
     }
 
+    /// A FAN's BatchNorm running statistics follow each rank's own batches; as DDP's
+    /// `broadcast_buffers` makes them, rank 0's are every rank's before they are used
+    /// (validation) or saved. Training passes use batch statistics, so nothing else differs.
+    fn sync_running_stats(&self) -> Result<(), TrainerError> {
+        if self.comm.world() == 1 || self.spec.model.backbone.is_resnet() {
+            return Ok(());
+        }
+        for (name, t) in &self.built.buffers {
+            if name.ends_with(".running_mean") || name.ends_with(".running_var") {
+                ddetr_collective::ddp::broadcast_tensor(self.comm, t)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes a checkpoint (model, optimizer, loss scaler, position) under each of `names`.
     /// Collective under fsdp (the sharded state is gathered), so every rank calls it; rank 0
     /// writes.
     pub fn save(&self, epoch: u32, step: usize, names: &[&str]) -> Result<(), TrainerError> {
+        self.sync_running_stats()?;
         let state = self
             .strategy
             .state_tensors(&self.optim, &self.built.params)?;
