@@ -1,5 +1,5 @@
-//! `train.activation_checkpoint`: the staged backward (backbone recomputed: a ResNet whole, a
-//! GCViT level by level) gives the gradients of the one-graph backward, for every trainable
+//! `train.activation_checkpoint`: the staged backward (backbone recomputed: a ResNet or FAN
+//! whole, a GCViT level by level) gives the gradients of the one-graph backward, for every trainable
 //! parameter.
 
 mod common;
@@ -87,7 +87,18 @@ fn gcvit_level_by_level_backward_gives_the_one_graph_gradients() {
     // Stochastic depth off: the one-graph path draws its masks unseeded.
     staged_equals_one_graph(&ModelConfig {
         backbone: Backbone::GcVitXxtiny,
-        backbone_drop_path_rate: 0.0,
+        backbone_drop_path_rate: Some(0.0),
+        ..model_config(4, true, false)
+    });
+}
+
+#[test]
+fn fan_recomputed_backward_gives_the_one_graph_gradients() {
+    // Training-mode BatchNorm: the recomputation uses the same batch statistics (and leaves the
+    // running ones as the first pass left them). Stochastic depth off, as above.
+    staged_equals_one_graph(&ModelConfig {
+        backbone: Backbone::FanTiny,
+        backbone_drop_path_rate: Some(0.0),
         ..model_config(4, true, false)
     });
 }
