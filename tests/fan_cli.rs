@@ -1,7 +1,7 @@
 //! A FAN backbone (TAO's DINO backbone) through every task on the tiny synthetic sets: DINO
 //! trained under `ddetr-launch` (2 CPU ranks, ddp, activation checkpointing: the recomputed
-//! backbone repeats the first pass's stochastic depth and batch statistics), evaluated and run
-//! for inference; a checkpoint of another FAN size and the ONNX export each one line.
+//! backbone repeats the first pass's stochastic depth and batch statistics), evaluated, run
+//! for inference and exported; a checkpoint of another FAN size is one line naming it.
 
 mod common;
 
@@ -33,7 +33,7 @@ fn dino_task(task: &str, overrides: &[&[&str]]) -> Vec<String> {
 }
 
 #[test]
-fn fan_dino_trains_under_the_launcher_evaluates_and_infers() {
+fn fan_dino_trains_under_the_launcher_evaluates_infers_and_exports() {
     let _one = serial();
     let work = tiny_workdir();
     let d = work.path();
@@ -84,6 +84,20 @@ fn fan_dino_trains_under_the_launcher_evaluates_and_infers() {
         .unwrap()
         .count();
     assert_eq!(labels, common::TINY_VAL_IMAGES);
+    // ONNX written (checked against the model by trainer/tests/onnx_export.rs).
+    let (st, err) = ddetr(&dino_task(
+        "export",
+        &[
+            FAN,
+            &[
+                &format!("export.checkpoint={ck}"),
+                "export.input_height=64",
+                "export.input_width=80",
+            ],
+        ],
+    ));
+    assert!(st.success(), "{err}");
+    assert!(d.join("results/export/model.onnx").is_file(), "{err}");
     // A checkpoint of another size is one line naming the right one.
     let (st, err) = ddetr(&dino_task(
         "evaluate",

@@ -29,7 +29,7 @@ fn check(kind: Backbone, fixture: &str, cases: &[Case]) {
     let mut config = FanConfig::of(kind).unwrap();
     // The training case is made with TAO's stochastic depth switched off.
     config.drop_path_rate = 0.0;
-    let net = Fan::new(&vs.root(), kind, config, &LEVELS);
+    let net = Fan::new(&vs.root(), config, &LEVELS);
     common::fill_model(&vs);
     for case in cases {
         let (h, w) = case.hw;
@@ -108,7 +108,7 @@ fn parameter_counts_equal_taos() {
         (Backbone::FanSmall, 28_390_224),
     ] {
         let vs = VarStore::new(Device::Cpu);
-        let _ = Fan::new(&vs.root(), kind, FanConfig::of(kind).unwrap(), &LEVELS);
+        let _ = Fan::new(&vs.root(), FanConfig::of(kind).unwrap(), &LEVELS);
         let n: i64 = vs
             .trainable_variables()
             .iter()
@@ -122,7 +122,7 @@ fn parameter_counts_equal_taos() {
 fn detector_trunk(kind: Backbone) -> VarStore {
     let vs = VarStore::new(Device::Cpu);
     let body = vs.root() / "backbone" / 0 / "body";
-    let _ = Fan::new(&body, kind, FanConfig::of(kind).unwrap(), &[1, 2, 3]);
+    let _ = Fan::new(&body, FanConfig::of(kind).unwrap(), &[1, 2, 3]);
     vs
 }
 
@@ -135,7 +135,6 @@ fn pretrained_backbone_path_loads_a_tao_fan_classifier() {
     let classifier = VarStore::new(Device::Cpu);
     let _ = Fan::new(
         &classifier.root(),
-        Backbone::FanTiny,
         FanConfig::of(Backbone::FanTiny).unwrap(),
         &[],
     );

@@ -379,3 +379,26 @@ fn dino_with_a_gcvit_backbone_matches_onnxruntime() {
         0,
     );
 }
+
+#[test]
+fn dino_with_a_fan_backbone_matches_onnxruntime_off_the_stride_grid() {
+    // TAO's DINO over fan_tiny at 100×140: ConvNeXt maps 25×35 and 12×17, tokens 6×8 (the patch
+    // projection floors), the downsampled level 3×4; a dynamic batch of 2, then 1. The
+    // BatchNorms run on their (filled) running statistics, as TAO's export.
+    let spec = gcvit_spec(&["model_name=dino", "model.backbone=fan_tiny"]);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let cfg = DinoConfig::from_spec(&spec.model, spec.dataset.num_classes).unwrap();
+    let model = Dino::new(&vs.root(), cfg);
+    common::fill_model(&vs);
+    let graph = export::dino_to_onnx(&model, &opts(100, 140, -1)).expect("export succeeds");
+    check_graph(
+        &graph,
+        &|images, mask| {
+            let out = model.forward(images, mask, None, false);
+            let last = out.last();
+            (last.logits.shallow_clone(), last.boxes.shallow_clone())
+        },
+        &[synthetic(2, 100, 140, 9), synthetic(1, 100, 140, 10)],
+        0,
+    );
+}

@@ -29,7 +29,6 @@ pub fn to_onnx(model: &Dino, opts: &ExportOptions) -> Result<Vec<u8>, ExportErro
 /// Exports `model` (eval mode) to an in-memory ONNX graph.
 pub fn to_graph(model: &Dino, opts: &ExportOptions) -> Result<Graph, ExportError> {
     opts.check()?;
-    super::check_backbone(&model.backbone)?;
     let (h, w) = (opts.input_height as i64, opts.input_width as i64);
     let positions = model.encoder_positions(h, w);
     if positions < model.num_queries() {

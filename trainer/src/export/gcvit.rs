@@ -88,7 +88,7 @@ impl Writer {
             .collect()
     }
 
-    fn gcvit_conv(&mut self, x: &str, c: &Conv, name: &str, hw: &mut (i64, i64)) -> V {
+    pub(super) fn gcvit_conv(&mut self, x: &str, c: &Conv, name: &str, hw: &mut (i64, i64)) -> V {
         let k = c.ws.size()[2];
         let w = self.tensor(&format!("{name}.weight"), &c.ws);
         let mut inputs = vec![x.to_string(), w];
@@ -113,7 +113,7 @@ impl Writer {
     }
 
     /// `F.gelu` (exact): `x · (1 + erf(x / √2)) / 2`.
-    fn gelu(&mut self, x: &str) -> V {
+    pub(super) fn gelu(&mut self, x: &str) -> V {
         let r = self.scalar(std::f32::consts::FRAC_1_SQRT_2);
         let half = self.scalar(0.5);
         let one = self.scalar(1.0);

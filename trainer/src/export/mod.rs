@@ -15,6 +15,7 @@
 //! the model's forward by `trainer/tests/onnx_export.rs` through onnxruntime.
 
 mod dino;
+mod fan;
 pub mod gcvit;
 pub mod graph;
 pub mod nvdsinfer;
@@ -76,8 +77,6 @@ pub enum ExportError {
     },
     #[error("model.two_stage models cannot be exported to ONNX yet (the proposal top-k is not written): export a single-stage model")]
     TwoStage,
-    #[error("model.backbone {0} cannot be exported to ONNX yet (the FAN trunk is not written): train and evaluate it with ddetr, export a ResNet or GCViT model")]
-    FanBackbone(&'static str),
     #[error("cannot write ONNX file {path}: {reason}: set export.onnx_file to a writable path")]
     Write { path: String, reason: String },
     #[error("export.serialize_nvdsinfer: cannot read class names from {path}: {reason}")]
@@ -137,21 +136,12 @@ pub fn to_onnx(model: &DeformableDetr, opts: &ExportOptions) -> Result<Vec<u8>, 
 /// Exports `model` (in eval mode) to an in-memory ONNX graph.
 pub fn to_graph(model: &DeformableDetr, opts: &ExportOptions) -> Result<Graph, ExportError> {
     opts.check()?;
-    check_backbone(&model.backbone)?;
     if model.config.transformer.two_stage {
         return Err(ExportError::TwoStage);
     }
     Ok(tch::no_grad(|| {
         Writer::new(opts.opset_version).model(model, opts)
     }))
-}
-
-/// A backbone the exporter writes.
-pub(crate) fn check_backbone(backbone: &Backbone) -> Result<(), ExportError> {
-    match &backbone.body {
-        Body::Fan(f) => Err(ExportError::FanBackbone(f.kind.name())),
-        _ => Ok(()),
-    }
 }
 
 /// The spec's architecture built at its `model` section, `checkpoint` loaded (any published
@@ -807,7 +797,7 @@ impl Writer {
         let body = match &backbone.body {
             Body::ResNet(r) => r,
             Body::GcVit(g) => return self.gcvit(g, &backbone.return_stages, input_hw),
-            Body::Fan(_) => unreachable!("to_graph refuses a FAN backbone"),
+            Body::Fan(f) => return self.fan(f, &backbone.return_stages, input_hw),
         };
         let mut hw = input_hw;
         let x = self.conv_bn(

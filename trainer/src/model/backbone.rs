@@ -389,7 +389,7 @@ impl Backbone {
         if let Some(mut config) = FanConfig::of(kind) {
             config.drop_path_rate = drop_path_rate;
             return Self {
-                body: Body::Fan(Fan::new(&(p / "body"), kind, config, stages)),
+                body: Body::Fan(Fan::new(&(p / "body"), config, stages)),
                 return_stages: stages.to_vec(),
                 num_channels: stages.iter().map(|&s| config.channels(s)).collect(),
                 strides: stages.iter().map(|&s| 4i64 << s).collect(),

@@ -273,6 +273,13 @@ impl BatchNorm {
         }
     }
 
+    /// The running-statistics normalisation as a per-channel `(scale, shift)`.
+    pub fn eval_affine(&self) -> (Tensor, Tensor) {
+        let scale = &self.weight / (&self.running_var + BN_EPS).sqrt();
+        let shift = &self.bias - &self.running_mean * &scale;
+        (scale, shift)
+    }
+
     fn forward(&self, x: &Tensor, pass: Pass) -> Tensor {
         let running = (pass != Pass::Recompute).then_some((&self.running_mean, &self.running_var));
         x.batch_norm(
@@ -488,7 +495,6 @@ impl ClassAttentionBlock {
 /// The FAN trunk (`backbone.0.body`).
 #[derive(Debug)]
 pub struct Fan {
-    pub kind: BackboneKind,
     pub config: FanConfig,
     pub(crate) stem: (Conv, nn::LayerNorm),
     pub(crate) stages: Vec<ConvNeXtStage>,
@@ -504,7 +510,7 @@ pub struct Fan {
 
 impl Fan {
     /// `p` is the `backbone.0.body` path; `stages` the levels returned (TAO's `out_indices`).
-    pub fn new(p: &nn::Path, kind: BackboneKind, config: FanConfig, stages: &[usize]) -> Self {
+    pub fn new(p: &nn::Path, config: FanConfig, stages: &[usize]) -> Self {
         let c = config;
         let [d0, d1] = c.convnext_dims;
         let pe = p / "patch_embed";
@@ -545,7 +551,6 @@ impl Fan {
             })
             .collect();
         Self {
-            kind,
             config,
             stem,
             stages: convnext,
@@ -669,7 +674,7 @@ mod tests {
     fn variables_carry_tao_names_and_shapes() {
         let vs = VarStore::new(Device::Cpu);
         let c = FanConfig::of(BackboneKind::FanTiny).unwrap();
-        let _ = Fan::new(&vs.root(), BackboneKind::FanTiny, c, &[1, 2, 3]);
+        let _ = Fan::new(&vs.root(), c, &[1, 2, 3]);
         let vars = vs.variables();
         for (k, shape) in [
             ("patch_embed.backbone.stem.0.weight", vec![128, 3, 4, 4]),
@@ -708,7 +713,7 @@ mod tests {
         tch::manual_seed(3);
         let vs = VarStore::new(Device::Cpu);
         let c = FanConfig::of(BackboneKind::FanTiny).unwrap();
-        let net = Fan::new(&vs.root(), BackboneKind::FanTiny, c, &[1, 2, 3]);
+        let net = Fan::new(&vs.root(), c, &[1, 2, 3]);
         let x = Tensor::randn([2, 3, 100, 136], (Kind::Float, Device::Cpu));
         let outs = tch::no_grad(|| net.forward(&x, Pass::Eval));
         let sizes: Vec<Vec<i64>> = outs.iter().flatten().map(Tensor::size).collect();
@@ -726,7 +731,7 @@ mod tests {
         let _rng = crate::torch_rng_lock();
         let vs = VarStore::new(Device::Cpu);
         let c = FanConfig::of(BackboneKind::FanTiny).unwrap();
-        let net = Fan::new(&vs.root(), BackboneKind::FanTiny, c, &[2]);
+        let net = Fan::new(&vs.root(), c, &[2]);
         let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
         let stats = || vs.variables()["blocks.3.mlp.mlp_v.dwconv.bn.running_mean"].copy();
         let before = stats();
