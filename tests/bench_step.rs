@@ -218,7 +218,10 @@ fn gcvit_backbone_step_against_a_stand_in_timm_and_its_errors() {
     assert!(stdout.contains("peer (timm gcvit_xxtiny)"), "{stdout}");
 
     for (args, want) in [
-        (&["--backbone", "resnet_50"][..], "compares GCViT backbones"),
+        (
+            &["--backbone", "resnet_50"][..],
+            "compares transformer backbones",
+        ),
         (
             &["--backbone", "gc_vit_tny"][..],
             "did you mean 'gc_vit_tiny'",
@@ -236,4 +239,57 @@ fn gcvit_backbone_step_against_a_stand_in_timm_and_its_errors() {
             "{args:?}: {err}"
         );
     }
+}
+
+#[test]
+fn fan_backbone_step_against_a_stand_in_tao_and_without_taos_code() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stand-in python: checks the peer's arguments (script variant batch height width steps
+    // threads) and prints what tao_fan.py prints.
+    let python = dir.path().join("python");
+    std::fs::write(
+        &python,
+        "#!/bin/sh\n[ \"$2 $3 $4 $5 $6 $7\" = \"tiny 1 64 96 1 2\" ] || { echo \"bad args $*\" >&2; exit 3; }\n\
+         echo params=2000\necho \"tao-fan median_step=4.0s\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let run = |tao: Option<&std::path::Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddetr"));
+        cmd.args(["bench", "step", "--backbone", "fan_tiny", "--batch", "1"])
+            .args([
+                "--size", "64x96", "--steps", "1", "--rounds", "1", "--python",
+            ])
+            .arg(&python);
+        match tao {
+            Some(t) => cmd.env("TAO_PYTORCH_BACKEND", t),
+            None => cmd.env_remove("TAO_PYTORCH_BACKEND"),
+        };
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let stdout = run(Some(dir.path()));
+    let last = stdout.lines().last().unwrap();
+    assert_eq!(kv(last, "backbone="), "fan_tiny");
+    assert_eq!(kv(last, "peer_params="), "2000");
+    let ours: f64 = kv(last, "step_s=").parse().unwrap();
+    let ratio: f64 = kv(last, "ratio=").parse().unwrap();
+    assert!((ratio - ours / 4.0).abs() < 2e-3, "{last}");
+    assert!(stdout.contains("peer (TAO fan_tiny)"), "{stdout}");
+    // Without TAO's code: one line, ours alone.
+    let stdout = run(None);
+    assert!(
+        stdout.contains("peer: unavailable (TAO's FAN is the peer: set TAO_PYTORCH_BACKEND"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.lines().last().unwrap().contains("ratio="),
+        "{stdout}"
+    );
 }

@@ -1,15 +1,17 @@
-//! `ddetr bench step --backbone gc_vit_*`: a training step of the GCViT backbone alone, ours
-//! ([`ddetr_trainer::model::gcvit::GcVit`], the returned levels 1–3 as a 4-scale detector takes
-//! them) against timm's `GlobalContextVit` (`bench/peers/timm_gcvit_step.py`, built for the
-//! image size). Both: random images, stochastic depth 0.2, loss = Σ over levels 1–3 of the mean
-//! squared output, backward, AdamW. transformers cannot carry a timm GCViT (timm's GCViT has no
-//! `features_only`), so the backbone alone is the peer.
+//! `ddetr bench step --backbone gc_vit_*|fan_*`: a training step of a transformer backbone alone,
+//! ours (the returned levels 1–3 as a 4-scale detector takes them) against its reference
+//! implementation: a GCViT against timm's `GlobalContextVit` (`bench/peers/timm_gcvit_step.py`,
+//! built for the image size, stochastic depth 0.2); a FAN against TAO's own `FANFPN`
+//! (`bench/peers/tao_fan.py`, from the checkout $TAO_PYTORCH_BACKEND names; stochastic depth
+//! 0.3, BatchNorm on batch statistics, TAO's per-block activation checkpointing off as ours is).
+//! Both sides: random images, loss = Σ over levels 1–3 of the mean squared output, backward,
+//! AdamW. transformers carries neither backbone, so the backbone alone is the peer.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::bail;
+use ddetr_trainer::model::fan::{Fan, FanConfig, Pass};
 use ddetr_trainer::model::gcvit::{GcVit, GcVitConfig};
 use ddetr_trainer::spec::Backbone;
 use tch::nn::{self, OptimizerConfig};
@@ -17,7 +19,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::peer::{self, PeerArgs};
 
-const PEER: &str = include_str!("../peers/timm_gcvit_step.py");
+const GCVIT_PEER: &str = include_str!("../peers/timm_gcvit_step.py");
+const FAN_PEER: &str = include_str!("../peers/tao_fan.py");
 /// The levels a 4-scale detector returns.
 const LEVELS: [usize; 3] = [1, 2, 3];
 
@@ -25,7 +28,16 @@ const LEVELS: [usize; 3] = [1, 2, 3];
 fn ours(kind: Backbone, batch: i64, size: (i64, i64), steps: usize) -> (Vec<f64>, i64, f64) {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
-    let net = GcVit::new(&vs.root(), GcVitConfig::of(kind).expect("a GCViT"), &LEVELS);
+    let forward: Box<dyn Fn(&Tensor) -> Vec<Option<Tensor>>> = match GcVitConfig::of(kind) {
+        Some(c) => {
+            let net = GcVit::new(&vs.root(), c, &LEVELS);
+            Box::new(move |x| net.forward(x, true))
+        }
+        None => {
+            let net = Fan::new(&vs.root(), FanConfig::of(kind).expect("a FAN"), &LEVELS);
+            Box::new(move |x| net.forward(x, Pass::Train))
+        }
+    };
     let params: i64 = vs
         .trainable_variables()
         .iter()
@@ -40,8 +52,7 @@ fn ours(kind: Backbone, batch: i64, size: (i64, i64), steps: usize) -> (Vec<f64>
     let mut loss = 0.0;
     for _ in 0..=steps {
         let t0 = Instant::now();
-        let total = net
-            .forward(&x, true)
+        let total = forward(&x)
             .into_iter()
             .flatten()
             .map(|o| o.square().mean(Kind::Float))
@@ -73,24 +84,55 @@ pub fn run(
     rounds: usize,
     peers: &PeerArgs,
 ) -> anyhow::Result<()> {
-    if !kind.is_gcvit() {
+    let dir = tempfile::tempdir()?;
+    let peer = if kind.is_gcvit() {
+        let variant = kind.name().trim_start_matches("gc_vit_");
+        if variant == "large_384" {
+            bail!("--backbone gc_vit_large_384: timm has no such GCViT; compare gc_vit_large");
+        }
+        let script = dir.path().join("timm_gcvit_step.py");
+        std::fs::write(&script, GCVIT_PEER)?;
+        let python = if size.0 == size.1 {
+            peers.python(&[&script])
+        } else {
+            peer::unavailable("timm's GCViT takes square img_size only");
+            None
+        };
+        let args = vec![
+            variant.to_string(),
+            batch.to_string(),
+            size.0.to_string(),
+            steps.to_string(),
+            threads.to_string(),
+        ];
+        python.map(|py| (py, script, args, format!("timm gcvit_{variant}")))
+    } else if kind.is_fan() {
+        let variant = kind.name().trim_start_matches("fan_");
+        let script = dir.path().join("tao_fan.py");
+        std::fs::write(&script, FAN_PEER)?;
+        let python = match std::env::var_os("TAO_PYTORCH_BACKEND") {
+            Some(_) => peers.python(&[&script]),
+            None => {
+                peer::unavailable(
+                    "TAO's FAN is the peer: set TAO_PYTORCH_BACKEND to a checkout of NVIDIA/tao_pytorch_backend",
+                );
+                None
+            }
+        };
+        let args = vec![
+            variant.to_string(),
+            batch.to_string(),
+            size.0.to_string(),
+            size.1.to_string(),
+            steps.to_string(),
+            threads.to_string(),
+        ];
+        python.map(|py| (py, script, args, format!("TAO fan_{variant}")))
+    } else {
         bail!(
-            "--backbone {}: the backbone-alone step compares GCViT backbones with timm's; give gc_vit_xxtiny … gc_vit_large, or drop --backbone for the detector step",
+            "--backbone {}: the backbone-alone step compares transformer backbones (gc_vit_*, fan_*) with their reference; drop --backbone for the detector step",
             kind.name()
         );
-    }
-    let variant = kind.name().trim_start_matches("gc_vit_");
-    if variant == "large_384" {
-        bail!("--backbone gc_vit_large_384: timm has no such GCViT; compare gc_vit_large");
-    }
-    let dir = tempfile::tempdir()?;
-    let script: PathBuf = dir.path().join("timm_gcvit_step.py");
-    std::fs::write(&script, PEER)?;
-    let python = if size.0 == size.1 {
-        peers.python(&[&script])
-    } else {
-        peer::unavailable("timm's GCViT takes square img_size only");
-        None
     };
     let mut figures = Vec::new();
     let mut params = 0;
@@ -106,23 +148,14 @@ pub fn run(
             size.1,
             times.iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>()
         );
-        let peer_s = match &python {
-            Some(py) => {
-                let stdout = peer::output(
-                    Command::new(py).arg(&script).args([
-                        variant.to_string(),
-                        batch.to_string(),
-                        size.0.to_string(),
-                        steps.to_string(),
-                        threads.to_string(),
-                    ]),
-                    &script,
-                )?;
+        let peer_s = match &peer {
+            Some((py, script, args, label)) => {
+                let stdout = peer::output(Command::new(py).arg(script).args(args), script)?;
                 let pp = peer::figure(peer::line_with(&stdout, "params")?, "params")? as i64;
                 peer_params = Some(pp);
                 let s = peer::figure(peer::line_with(&stdout, "median_step")?, "median_step")?;
                 println!(
-                    "round {round}: peer (timm gcvit_{variant}): params={pp} median_step={s:.3}s  ratio={:.3}",
+                    "round {round}: peer ({label}): params={pp} median_step={s:.3}s  ratio={:.3}",
                     ours_s / s
                 );
                 Some(s)

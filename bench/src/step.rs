@@ -102,8 +102,10 @@ pub struct StepArgs {
     /// its CUDA extension, transformers has no DINO): ours is measured alone.
     #[arg(long, value_enum, default_value_t = BenchModel::DeformableDetr)]
     pub model: BenchModel,
-    /// A GCViT (`gc_vit_tiny`, …): time a training step of the backbone alone, ours against
-    /// timm's (`bench/peers/timm_gcvit_step.py`), with both parameter counts.
+    /// A GCViT (`gc_vit_tiny`, …) or FAN (`fan_small`, …): time a training step of the backbone
+    /// alone, ours against timm's GCViT (`bench/peers/timm_gcvit_step.py`) or TAO's own FAN
+    /// (`bench/peers/tao_fan.py`, TAO's code from $TAO_PYTORCH_BACKEND), with both parameter
+    /// counts.
     #[arg(long, value_name = "NAME", value_parser = parse_backbone)]
     pub backbone: Option<Backbone>,
 }

@@ -4,9 +4,8 @@ Reference: TAO's own code — `FANFPN` and `fan_model_dict` of nvidia_tao_pytorc
 fan.py, over cv/backbone_v2/fan.py (`FAN`, `FANBlock`, `TokenMixing`, `ChannelProcessing`,
 `ClassAttentionBlock`, `PositionalEncodingFourier`, `HybridEmbed`) and cv/backbone_v2/
 convnext_utils.py (`ConvNeXtFANBackbone`) — imported from a checkout of NVIDIA/
-tao_pytorch_backend named by $TAO_PYTORCH_BACKEND. Only the package plumbing those files import
-is stubbed here (the backbone registry, `BackboneBase`'s constructor, the Swin class fan.py
-names but FAN does not use); the network code runs as TAO ships it, with one substitution:
+tao_pytorch_backend named by $TAO_PYTORCH_BACKEND by bench/peers/tao_fan.py, which stubs only the
+package plumbing those files import; the network code runs as TAO ships it, with one substitution:
 TAO's `LayerNorm2d` normalises with the unbiased variance (`torch.var_mean`) when its input is
 not contiguous, which PyTorch's CPU depthwise convolution returns (channels-last) but the GPUs
 TAO trains on do not; the fixture takes the layer's contiguous path (a LayerNorm over the
@@ -25,72 +24,21 @@ Run: TAO_PYTORCH_BACKEND=<checkout> $(../shared/peers/venv.sh) trainer/tests/gol
 (tao_pytorch_backend @ 3a8a971b817d9bcffb64bc17359d91f0dce4262e made the committed files.)
 Writes trainer/tests/golden/fan_{tiny,small}.safetensors.
 """
-import importlib.util
 import os
 import sys
-import types
 
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "bench", "peers"))
 from make_model_fixtures import fill, hash_uniform  # noqa: E402
+from tao_fan import load_tao  # noqa: E402
 
 torch.set_num_threads(1)
 KEPT_CHANNELS = 2
 OUT_INDICES = [0, 1, 2, 3]
-
-
-def load_tao():
-    root = os.environ.get("TAO_PYTORCH_BACKEND")
-    if not root or not os.path.isdir(os.path.join(root, "nvidia_tao_pytorch")):
-        sys.exit("set TAO_PYTORCH_BACKEND to a checkout of NVIDIA/tao_pytorch_backend")
-
-    def package(name):
-        m = types.ModuleType(name)
-        m.__path__ = []
-        sys.modules[name] = m
-        return m
-
-    for name in ["nvidia_tao_pytorch", "nvidia_tao_pytorch.cv", "nvidia_tao_pytorch.cv.dino",
-                 "nvidia_tao_pytorch.cv.dino.model"]:
-        package(name)
-    v2 = package("nvidia_tao_pytorch.cv.backbone_v2")
-
-    class Registry:
-        def register(self):
-            return lambda f: f
-
-    v2.BACKBONE_REGISTRY = Registry()
-    base = types.ModuleType("nvidia_tao_pytorch.cv.backbone_v2.backbone_base")
-
-    class BackboneBase(nn.Module):
-        def __init__(self, in_chans=3, num_classes=1000, activation_checkpoint=False, freeze_at=None,
-                     freeze_norm=False, export=False):
-            super().__init__()
-            self.in_chans, self.num_classes = in_chans, num_classes
-            self.activation_checkpoint, self.export = activation_checkpoint, export
-
-    base.BackboneBase = BackboneBase
-    sys.modules[base.__name__] = base
-    swin = types.ModuleType("nvidia_tao_pytorch.cv.backbone_v2.swin")
-    swin.SwinTransformer = object
-    sys.modules[swin.__name__] = swin
-
-    def real(name, rel):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(root, rel))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        return mod
-
-    convnext = real("nvidia_tao_pytorch.cv.backbone_v2.convnext_utils",
-                    "nvidia_tao_pytorch/cv/backbone_v2/convnext_utils.py")
-    convnext._is_contiguous = lambda tensor: True
-    real("nvidia_tao_pytorch.cv.backbone_v2.fan", "nvidia_tao_pytorch/cv/backbone_v2/fan.py")
-    return real("nvidia_tao_pytorch.cv.dino.model.fan", "nvidia_tao_pytorch/cv/dino/model/fan.py")
 
 
 def filled(tao, name):
@@ -121,7 +69,7 @@ def run(model, h, w, train):
 
 
 def main():
-    tao = load_tao()
+    tao = load_tao(contiguous_layer_norm=True)
     out = {}
     tiny = filled(tao, "fan_tiny")
     for ci, (h, w) in enumerate([(224, 224), (200, 264)]):
