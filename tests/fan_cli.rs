@@ -1,7 +1,8 @@
 //! A FAN backbone (TAO's DINO backbone) through every task on the tiny synthetic sets: DINO
 //! trained under `ddetr-launch` (2 CPU ranks, ddp, activation checkpointing: the recomputed
 //! backbone repeats the first pass's stochastic depth and batch statistics), evaluated, run
-//! for inference and exported; a checkpoint of another FAN size is one line naming it.
+//! for inference, exported and used as a distillation teacher; a checkpoint of another FAN size
+//! is one line naming it.
 
 mod common;
 
@@ -98,6 +99,37 @@ fn fan_dino_trains_under_the_launcher_evaluates_infers_and_exports() {
     ));
     assert!(st.success(), "{err}");
     assert!(d.join("results/export/model.onnx").is_file(), "{err}");
+    // The checkpoint as TAO's distill tutorial uses a FAN: the frozen teacher of a ResNet-18
+    // student (their feature maps round odd sizes differently: the teacher's are resized).
+    let mut distill = vec!["dino".to_string(), "distill".into(), "-e".into()];
+    distill.push(
+        common::root()
+            .join("configs/shapes_dino_distill.yaml")
+            .display()
+            .to_string(),
+    );
+    distill.extend(["-r".into(), "results_distill".into()]);
+    for o in [
+        TINY_64,
+        TINY_TRAIN,
+        &[
+            "train.num_epochs=1",
+            "model.num_queries=30",
+            "model.num_select=30",
+            "distill.teacher.backbone=fan_tiny",
+            "distill.teacher.num_queries=30",
+            "distill.teacher.num_select=30",
+            "dataset.augmentation.train_random_resize=[58, 64]",
+        ],
+        &[&format!("distill.pretrained_teacher_model_path={ck}")],
+    ] {
+        distill.extend(o.iter().map(|s| s.to_string()));
+    }
+    let (st, err) = ddetr(&distill);
+    assert!(st.success(), "{err}");
+    assert!(d
+        .join("results_distill/distill/dd_model_latest.safetensors")
+        .is_file());
     // A checkpoint of another size is one line naming the right one.
     let (st, err) = ddetr(&dino_task(
         "evaluate",

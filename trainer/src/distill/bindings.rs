@@ -54,6 +54,16 @@ pub fn level_maps(inputs: &EncoderInputs) -> Vec<Tensor> {
         .collect()
 }
 
+/// `t` `[N, C, h, w]` at `like`'s spatial size (bilinear, align_corners false) when it differs.
+fn fit_to(t: &Tensor, like: &Tensor) -> Tensor {
+    let (want, have) = (&like.size()[2..], &t.size()[2..]);
+    if want == have {
+        t.shallow_clone()
+    } else {
+        t.upsample_bilinear2d(want, false, None, None)
+    }
+}
+
 /// The spec's bindings with `model.distillation_loss_coef`.
 #[derive(Debug, Clone)]
 pub struct Bindings {
@@ -76,12 +86,18 @@ impl Bindings {
             .any(|b| b.student_module_name != FEATURES)
     }
 
-    /// The feature-map bindings' term: `Σ_b w_b² Σ_levels crit(student_l, teacher_l)`.
+    /// The feature-map bindings' term: `Σ_b w_b² Σ_levels crit(student_l, teacher_l)`. A
+    /// teacher map of another size (another backbone family rounds odd sizes the other way:
+    /// a FAN floors, a ResNet ceils; TAO pads every batch to 1344² so that none differ) is
+    /// resized to the student's, bilinearly.
     pub fn features_loss(&self, student: &EncoderInputs, teacher: &Taps) -> Losses {
         let maps = level_maps(student);
-        self.sum(|name| {
-            (name == FEATURES).then(|| (maps.iter().zip(&teacher.srcs)).collect::<Vec<_>>())
-        })
+        let fitted: Vec<Tensor> = maps
+            .iter()
+            .zip(&teacher.srcs)
+            .map(|(s, t)| fit_to(t, s))
+            .collect();
+        self.sum(|name| (name == FEATURES).then(|| maps.iter().zip(&fitted).collect::<Vec<_>>()))
     }
 
     /// The prediction bindings' term (zero without one, so `loss_distillation` is always
@@ -117,5 +133,28 @@ impl Bindings {
             terms: BTreeMap::from([(DISTILL_TERM.to_string(), raw)]),
             total,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn a_teacher_map_of_another_size_is_resized_to_the_students() {
+        let student = Tensor::zeros([2, 8, 17, 9], (Kind::Float, Device::Cpu));
+        let same = Tensor::randn([2, 8, 17, 9], (Kind::Float, Device::Cpu));
+        assert!(fit_to(&same, &student).equal(&same));
+        let other = Tensor::randn([2, 8, 16, 8], (Kind::Float, Device::Cpu));
+        let fitted = fit_to(&other, &student);
+        assert_eq!(fitted.size(), [2, 8, 17, 9]);
+        let want = other.upsample_bilinear2d([17, 9], false, None, None);
+        assert!(fitted.equal(&want));
+        // The criterion then runs on equal shapes.
+        let l = criterion(DistillCriterion::L2, &student, &fitted);
+        assert!(
+            (l.double_value(&[]) - want.square().mean(Kind::Float).double_value(&[])).abs() < 1e-6
+        );
     }
 }
