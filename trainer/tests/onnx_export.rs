@@ -289,7 +289,7 @@ fn dino_matches_onnxruntime() {
     assert!(e.contains("model.num_queries = 30"), "{e}");
 }
 
-/// A small Deformable DETR or DINO spec over `backbone`, built and filled.
+/// A small Deformable DETR or DINO spec over `gc_vit_xxtiny` (or the backbone `extra` names).
 fn gcvit_spec(extra: &[&str]) -> ddetr_trainer::spec::ExperimentSpec {
     let o: Vec<String> = [
         "model.backbone=gc_vit_xxtiny",
@@ -360,14 +360,18 @@ fn gcvit_resize_matrices_are_neither_quantized_nor_counted_as_linear_layers() {
     assert_eq!(matmuls_by_constant, linear_weights + resize.len());
 }
 
-#[test]
-fn dino_with_a_gcvit_backbone_matches_onnxruntime() {
-    let spec = gcvit_spec(&["model_name=dino"]);
+/// The DINO of `spec`, filled, exported at `h × w` with a dynamic batch and run on `batches`.
+fn dino_matches_onnxruntime(
+    spec: &ddetr_trainer::spec::ExperimentSpec,
+    h: u32,
+    w: u32,
+    batches: &[Tensor],
+) {
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let cfg = DinoConfig::from_spec(&spec.model, spec.dataset.num_classes).unwrap();
     let model = Dino::new(&vs.root(), cfg);
     common::fill_model(&vs);
-    let graph = export::dino_to_onnx(&model, &opts(96, 128, -1)).expect("export succeeds");
+    let graph = export::dino_to_onnx(&model, &opts(h, w, -1)).expect("export succeeds");
     check_graph(
         &graph,
         &|images, mask| {
@@ -375,9 +379,15 @@ fn dino_with_a_gcvit_backbone_matches_onnxruntime() {
             let last = out.last();
             (last.logits.shallow_clone(), last.boxes.shallow_clone())
         },
-        &[synthetic(1, 96, 128, 8)],
+        batches,
         0,
     );
+}
+
+#[test]
+fn dino_with_a_gcvit_backbone_matches_onnxruntime() {
+    let spec = gcvit_spec(&["model_name=dino"]);
+    dino_matches_onnxruntime(&spec, 96, 128, &[synthetic(1, 96, 128, 8)]);
 }
 
 #[test]
@@ -386,19 +396,10 @@ fn dino_with_a_fan_backbone_matches_onnxruntime_off_the_stride_grid() {
     // projection floors), the downsampled level 3×4; a dynamic batch of 2, then 1. The
     // BatchNorms run on their (filled) running statistics, as TAO's export.
     let spec = gcvit_spec(&["model_name=dino", "model.backbone=fan_tiny"]);
-    let vs = tch::nn::VarStore::new(Device::Cpu);
-    let cfg = DinoConfig::from_spec(&spec.model, spec.dataset.num_classes).unwrap();
-    let model = Dino::new(&vs.root(), cfg);
-    common::fill_model(&vs);
-    let graph = export::dino_to_onnx(&model, &opts(100, 140, -1)).expect("export succeeds");
-    check_graph(
-        &graph,
-        &|images, mask| {
-            let out = model.forward(images, mask, None, false);
-            let last = out.last();
-            (last.logits.shallow_clone(), last.boxes.shallow_clone())
-        },
+    dino_matches_onnxruntime(
+        &spec,
+        100,
+        140,
         &[synthetic(2, 100, 140, 9), synthetic(1, 100, 140, 10)],
-        0,
     );
 }
