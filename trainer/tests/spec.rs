@@ -465,6 +465,22 @@ model:
 "#;
 
 #[test]
+fn taos_placeholder_encryption_key_is_ignored_and_a_real_key_refused() {
+    // tao_pytorch_backend's own export specs write `encryption_key: "???"` (OmegaConf's
+    // mandatory placeholder).
+    let r = load("encryption_key: \"???\"\n", &[]).unwrap();
+    assert_eq!(r.spec.encryption_key, None);
+    assert!(
+        r.notices
+            .iter()
+            .any(|n| n.0.contains("encryption_key '???'")),
+        "{:?}",
+        r.notices
+    );
+    assert!(err("encryption_key: nvidia_tlt\n", &[]).contains("ddetr does not encrypt"));
+}
+
+#[test]
 fn taos_export_spec_with_batch_size_minus_one_loads() {
     let r = load(TAO_EXPORT, &[]).unwrap();
     assert_eq!(r.spec.dataset.batch_size, 4);

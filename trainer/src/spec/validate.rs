@@ -18,6 +18,9 @@ impl std::fmt::Display for Notice {
     }
 }
 
+/// OmegaConf's "mandatory value missing" placeholder, as TAO's own experiment specs write it.
+const MISSING: &str = "???";
+
 /// Largest ResNet stage index; index 4 is the extra stride-2 conv level on top of stage 3.
 const MAX_INTERM_INDEX: u32 = 4;
 /// GroupNorm(32, hidden_dim) in `input_proj` needs hidden_dim divisible by this.
@@ -57,6 +60,10 @@ pub fn validate(spec: &mut ExperimentSpec) -> Result<Vec<Notice>, SpecError> {
         if let Some(n) = reconcile_gpus(section, num_gpus, gpu_ids)? {
             notices.push(n);
         }
+    }
+    if spec.encryption_key.as_deref() == Some(MISSING) {
+        spec.encryption_key = None;
+        notices.push(Notice(format!("encryption_key '{MISSING}' (TAO's placeholder for a key to give on the command line) is ignored: ddetr writes plain, unencrypted files")));
     }
     if spec
         .encryption_key
