@@ -9,7 +9,9 @@
 //!   deformable attention runs in PyTorch, as transformers' does on the CPU; the official CUDA
 //!   kernel is invisible to it);
 //! - an average pool to one value per channel, 1 per input element (aten::adaptive_avg_pool2d,
-//!   GCViT's squeeze-excitation);
+//!   GCViT's squeeze-excitation, FAN's channel-attention keys);
+//! - a BatchNorm on its running statistics (FAN's, written as a scale `Mul` and a shift `Add`),
+//!   2 per element (aten::batch_norm in eval mode, with an affine);
 //! - nothing else: elementwise ops, softmax, the FrozenBatchNorm (folded, or elementwise in
 //!   PyTorch), the bicubic resize of GCViT's global query (aten::upsample_bicubic2d has no rule).
 //!
@@ -22,6 +24,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::export::fan::is_batch_norm_scale;
 use crate::export::gcvit::is_resize_matrix;
 use crate::export::graph::Graph;
 use crate::export::INPUT_NAME;
@@ -37,7 +40,7 @@ pub struct FlopCount {
     pub linear: f64,
     /// Products of two activations (self-attention's `QKᵀ` and `AV`).
     pub attention: f64,
-    /// LayerNorm and GroupNorm, 5 per element.
+    /// LayerNorm and GroupNorm, 5 per element; BatchNorm (eval), 2.
     pub norm: f64,
     /// The deformable sampling (`GridSample`, bilinear, 4 per value).
     pub sampling: f64,
@@ -95,8 +98,17 @@ pub fn count_by_module(
             .iter()
             .any(|i| graph.init(i).is_some_and(|t| is_resize_matrix(&t.name)))
     };
+    let is_batch_norm = |n: &crate::export::graph::Node| {
+        n.op == "Mul"
+            && n.inputs
+                .iter()
+                .any(|i| graph.init(i).is_some_and(|t| is_batch_norm_scale(&t.name)))
+    };
     let mut wanted: Vec<String> = Vec::new();
     for n in &graph.nodes {
+        if is_batch_norm(n) {
+            wanted.push(n.inputs[0].clone());
+        }
         match n.op.as_str() {
             "Conv" | "GridSample" => wanted.push(n.outputs[0].clone()),
             "LayerNormalization" | "InstanceNormalization" | "ReduceMean" => {
@@ -164,6 +176,7 @@ pub fn count_by_module(
                 c.norm += 5.0 * numel(&shape(&n.inputs[0]))
             }
             "ReduceMean" => c.pool += numel(&shape(&n.inputs[0])),
+            "Mul" if is_batch_norm(n) => c.norm += 2.0 * numel(&shape(&n.inputs[0])),
             "GridSample" => c.sampling += 4.0 * numel(&shape(&n.outputs[0])),
             _ => continue,
         }

@@ -361,7 +361,7 @@ fn gcvit_resize_matrices_are_neither_quantized_nor_counted_as_linear_layers() {
 }
 
 /// The DINO of `spec`, filled, exported at `h × w` with a dynamic batch and run on `batches`.
-fn dino_matches_onnxruntime(
+fn export_dino_and_compare(
     spec: &ddetr_trainer::spec::ExperimentSpec,
     h: u32,
     w: u32,
@@ -387,7 +387,7 @@ fn dino_matches_onnxruntime(
 #[test]
 fn dino_with_a_gcvit_backbone_matches_onnxruntime() {
     let spec = gcvit_spec(&["model_name=dino"]);
-    dino_matches_onnxruntime(&spec, 96, 128, &[synthetic(1, 96, 128, 8)]);
+    export_dino_and_compare(&spec, 96, 128, &[synthetic(1, 96, 128, 8)]);
 }
 
 #[test]
@@ -396,7 +396,25 @@ fn dino_with_a_fan_backbone_matches_onnxruntime_off_the_stride_grid() {
     // projection floors), the downsampled level 3×4; a dynamic batch of 2, then 1. The
     // BatchNorms run on their (filled) running statistics, as TAO's export.
     let spec = gcvit_spec(&["model_name=dino", "model.backbone=fan_tiny"]);
-    dino_matches_onnxruntime(
+    // fvcore counts each FAN block's BatchNorm (2 per element): its scale Mul is recognised.
+    let graph = export::spec_graph(&spec, None, &opts(100, 140, 1)).unwrap();
+    let bn_scales = graph
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.op == "Mul"
+                && n.inputs.iter().any(|i| {
+                    graph
+                        .init(i)
+                        .is_some_and(|t| export::fan::is_batch_norm_scale(&t.name))
+                })
+        })
+        .count();
+    assert_eq!(bn_scales, 8, "one per fan_tiny block");
+    assert!(!export::fan::is_batch_norm_scale(
+        "backbone.0.body.blocks.0.gamma1_12"
+    ));
+    export_dino_and_compare(
         &spec,
         100,
         140,

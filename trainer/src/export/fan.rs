@@ -15,6 +15,17 @@ use crate::model::fan::{
 
 const BODY: &str = "backbone.0.body";
 
+/// Suffix of the BatchNorm's per-channel scale (the `Mul` operand) after the module path.
+const BN_SCALE: &str = "scale";
+
+/// Whether `init_name` is a BatchNorm's scale: its `Mul` is fvcore's eval `batch_norm`, 2 per
+/// element with the shift.
+pub fn is_batch_norm_scale(init_name: &str) -> bool {
+    let base = crate::quantize::qdq::module_of(init_name);
+    base.strip_suffix(BN_SCALE)
+        .is_some_and(|m| m.ends_with(".bn."))
+}
+
 impl Writer {
     /// The FAN trunk from the input: the returned levels' NCHW maps with their sizes.
     pub(super) fn fan(
@@ -246,7 +257,7 @@ impl Writer {
     /// BatchNorm on its running statistics: a per-channel scale and shift of an NCHW map.
     fn batch_norm(&mut self, x: &str, bn: &BatchNorm, name: &str) -> V {
         let (scale, shift) = bn.eval_affine();
-        let s = self.tensor(&format!("{name}.scale"), &scale.view([-1, 1, 1]));
+        let s = self.tensor(&format!("{name}.{BN_SCALE}"), &scale.view([-1, 1, 1]));
         let b = self.tensor(&format!("{name}.shift"), &shift.view([-1, 1, 1]));
         let y = self.binary("Mul", x, &s);
         self.binary("Add", &y, &b)

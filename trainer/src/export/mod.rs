@@ -15,7 +15,7 @@
 //! the model's forward by `trainer/tests/onnx_export.rs` through onnxruntime.
 
 mod dino;
-mod fan;
+pub mod fan;
 pub mod gcvit;
 pub mod graph;
 pub mod nvdsinfer;
