@@ -386,11 +386,12 @@ pub fn load_gcvit_backbone(vs: &VarStore, path: &Path) -> Result<LoadReport, Tra
         let k = strip_any(k, &TRUNK_PREFIXES);
         k.starts_with("stages.") || k.starts_with("stem.")
     });
+    // The relative-position index buffers (computed, never loaded) are skipped below.
     let name = |short: &str| {
         if timm {
             crate::model::gcvit::timm_to_tao(short)
         } else {
-            (!short.ends_with("relative_position_index")).then(|| short.to_string())
+            Some(short.to_string())
         }
     };
     load_trunk(

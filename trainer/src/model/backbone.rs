@@ -1,7 +1,8 @@
-//! The backbone: a ResNet, a GCViT (`super::gcvit`) or a FAN (`super::fan`). The ResNet is in torchvision's layout with `FrozenBatchNorm2d` — upstream
-//! `models/backbone.py` (`FrozenBatchNorm2d`, `BackboneBase`, `Backbone`) over torchvision's
-//! `resnet.py`. Paths are `backbone.0.body.{conv1,bn1,layer1..layer4}.*` as in the official
-//! checkpoints; the stem and `layer1` never train (upstream freezes every parameter whose name lacks
+//! The backbone: a ResNet, a GCViT (`super::gcvit`) or a FAN (`super::fan`). The ResNet is in
+//! torchvision's layout with `FrozenBatchNorm2d` — upstream `models/backbone.py`
+//! (`FrozenBatchNorm2d`, `BackboneBase`, `Backbone`) over torchvision's `resnet.py`. Paths are
+//! `backbone.0.body.{conv1,bn1,layer1..layer4}.*` as in the official checkpoints; the stem and
+//! `layer1` never train (upstream freezes every parameter whose name lacks
 //! `layer2`/`layer3`/`layer4`), and with `train_backbone = false` nothing does.
 
 use tch::nn::{self, Init};
@@ -461,8 +462,10 @@ impl Backbone {
         seed: i64,
     ) -> (Vec<(Tensor, Tensor)>, Saved) {
         let Body::GcVit(g) = &self.body else {
-            // A FAN's stochastic depth is seeded so that its recomputation draws the same.
-            tch::manual_seed(seed);
+            if matches!(self.body, Body::Fan(_)) {
+                // A FAN's stochastic depth, seeded so that its recomputation draws the same.
+                tch::manual_seed(seed);
+            }
             return (self.forward(images, pixel_mask, train), Saved::default());
         };
         let last = g.last_level();
@@ -484,8 +487,8 @@ impl Backbone {
     /// The backward of the backbone given the gradients of its returned feature maps (one per
     /// returned stage; undefined where none flowed), recomputing from `saved` with autograd. A
     /// ResNet or FAN is recomputed whole (a FAN with the first pass's seed, batch statistics
-    /// and no second update of its running ones); a GCViT one level at a time from the last (TAO checkpoints
-    /// each level): level `i` is rerun from its kept input and backward of ⟨its feature map,
+    /// and no second update of its running ones); a GCViT one level at a time from the last
+    /// (TAO checkpoints each level): level `i` is rerun from its kept input and backward of ⟨its feature map,
     /// its gradient⟩ + ⟨the next level's input, that input's gradient⟩ fills its parameters'
     /// gradients and its input's, then the patch embedding's. Only one level's activations are
     /// alive at a time.
@@ -500,12 +503,13 @@ impl Backbone {
     ) {
         let surrogate = |terms: Vec<Tensor>| terms.into_iter().reduce(|a, b| a + b);
         let Body::GcVit(g) = &self.body else {
-            tch::manual_seed(seed);
             let again = match &self.body {
-                // The same batch statistics and stochastic depth; the running statistics were
+                // The same stochastic depth and batch statistics; the running statistics were
                 // updated by the first pass.
-                Body::Fan(f) if train => {
-                    self.with_masks(f.forward(images, Pass::Recompute), pixel_mask)
+                Body::Fan(f) => {
+                    tch::manual_seed(seed);
+                    let pass = if train { Pass::Recompute } else { Pass::Eval };
+                    self.with_masks(f.forward(images, pass), pixel_mask)
                 }
                 _ => self.forward(images, pixel_mask, train),
             };
