@@ -84,3 +84,38 @@ fn a_network_transformers_cannot_build_is_measured_alone() {
     assert!(!last.contains("peer_"), "{out}");
     assert!(kv(last, "gflops=") > 1.0, "{out}");
 }
+
+#[test]
+fn a_fan_without_taos_code_is_measured_alone() {
+    let out = common::output(
+        common::ddetr_in(common::root())
+            .args(["bench", "flops", "-e", "configs/dino_r50.yaml"])
+            .args([
+                "--set",
+                "model.backbone=fan_tiny",
+                "--set",
+                "model.num_queries=100",
+            ])
+            .args([
+                "--set",
+                "export.input_height=100",
+                "--set",
+                "export.input_width=140",
+            ])
+            .env_remove("TAO_PYTORCH_BACKEND")
+            .env_remove("LD_LIBRARY_PATH"),
+    );
+    let stdout = common::text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        common::text(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("peer: unavailable (TAO's FAN is the peer: set TAO_PYTORCH_BACKEND"),
+        "{stdout}"
+    );
+    let last = stdout.lines().last().unwrap();
+    assert!(last.starts_with("input=100x140 gflops="), "{stdout}");
+    assert!(!last.contains("peer_"), "{stdout}");
+}

@@ -4,7 +4,9 @@
 //! detectron2's and mmdet's analysis tools run), operator by operator. transformers computes the
 //! heads on every decoder layer (the auxiliary outputs) where a deployed graph computes the
 //! last layer's; the peer reports those extra calls and the comparison takes them off. A GCViT
-//! backbone is compared alone, with fvcore on timm's GCViT (`bench/peers/fvcore_gcvit_flops.py`).
+//! backbone is compared alone, with fvcore on timm's GCViT (`bench/peers/fvcore_gcvit_flops.py`),
+//! a FAN alone with fvcore on TAO's own FAN (`bench/peers/fvcore_fan_flops.py`, TAO's code from
+//! $TAO_PYTORCH_BACKEND).
 //!
 //! fvcore is installed into the peers' python with pip the first time it is missing there.
 
@@ -20,14 +22,20 @@ use ddetr_trainer::spec::{Architecture, Backbone, ExperimentSpec};
 
 use crate::peer::{self, PeerArgs};
 
-/// The peers: fvcore on transformers' Deformable DETR (the detector), and on timm's GCViT (the
-/// backbone alone: no library builds a Deformable DETR on a GCViT).
-const PEERS: [(&str, &str); 2] = [
+/// The peers: fvcore on transformers' Deformable DETR (the detector), on timm's GCViT and on
+/// TAO's own FAN (the backbones alone: no library builds a detector on them); `tao_fan.py`, which
+/// imports TAO's FAN, is written beside them.
+const PEERS: [(&str, &str); 4] = [
     (DETR_PEER, include_str!("../peers/fvcore_flops.py")),
     (GCVIT_PEER, include_str!("../peers/fvcore_gcvit_flops.py")),
+    (FAN_PEER, include_str!("../peers/fvcore_fan_flops.py")),
+    ("tao_fan.py", include_str!("../peers/tao_fan.py")),
 ];
 pub const DETR_PEER: &str = "fvcore_flops.py";
 pub const GCVIT_PEER: &str = "fvcore_gcvit_flops.py";
+pub const FAN_PEER: &str = "fvcore_fan_flops.py";
+/// Where the FAN peer finds TAO's code.
+const TAO_CODE: &str = "TAO_PYTORCH_BACKEND";
 
 /// Which peer script counts the spec's network, and its arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +78,9 @@ pub struct FvcoreCount {
     pub by_module_deployed: BTreeMap<String, f64>,
     #[serde(default)]
     pub fvcore: String,
+    /// What the peer counted, in a line (a backbone peer's own account).
+    #[serde(default)]
+    pub note: String,
 }
 
 impl FvcoreCount {
@@ -99,6 +110,7 @@ impl FvcoreCount {
             "bmm",
             "layer_norm",
             "group_norm",
+            "batch_norm",
             "grid_sampler",
             "upsample_nearest2d",
         ];
@@ -111,7 +123,7 @@ impl FvcoreCount {
             self.op("conv"),
             self.op("linear") - self.aux_heads,
             self.op("matmul") + self.op("bmm"),
-            self.op("layer_norm") + self.op("group_norm"),
+            self.op("layer_norm") + self.op("group_norm") + self.op("batch_norm"),
             self.op("grid_sampler"),
             other,
         ]
@@ -129,6 +141,9 @@ pub fn peer_args(spec: &ExperimentSpec) -> Result<Peer, String> {
     let m = &spec.model;
     if m.backbone.is_gcvit() {
         return gcvit_peer_args(spec);
+    }
+    if m.backbone.is_fan() {
+        return fan_peer_args(spec);
     }
     if spec.architecture() != Architecture::DeformableDetr {
         return Err("transformers has no DINO; the FLOPs peer is its Deformable DETR".into());
@@ -221,6 +236,31 @@ fn gcvit_peer_args(spec: &ExperimentSpec) -> Result<Peer, String> {
     })
 }
 
+/// fvcore on TAO's FAN (the backbone alone) at the export size (run only where TAO's code is at
+/// hand: [`TAO_CODE`]).
+fn fan_peer_args(spec: &ExperimentSpec) -> Result<Peer, String> {
+    let m = &spec.model;
+    let levels: Vec<String> = m
+        .return_interm_indices
+        .iter()
+        .filter(|&&i| i < 4)
+        .map(|i| i.to_string())
+        .collect();
+    Ok(Peer {
+        script: FAN_PEER,
+        args: vec![
+            "--variant".into(),
+            m.backbone.name().trim_start_matches("fan_").into(),
+            "--height".into(),
+            spec.export.input_height.to_string(),
+            "--width".into(),
+            spec.export.input_width.to_string(),
+            "--levels".into(),
+            levels.join(","),
+        ],
+    })
+}
+
 /// The peers' python with fvcore importable (pip-installed the first time), or why not.
 fn with_fvcore(py: PathBuf) -> Result<PathBuf, String> {
     let has = |py: &PathBuf| {
@@ -259,12 +299,18 @@ pub fn run(args: &FlopsBenchArgs) -> anyhow::Result<()> {
     let peer_args = peer_args(&spec);
     let name = peer_args.as_ref().map_or(DETR_PEER, |p| p.script);
     let script = dir.path().join(name);
-    let text = PEERS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .expect("a known peer")
-        .1;
-    std::fs::write(&script, text)?;
+    for (file, text) in PEERS {
+        std::fs::write(dir.path().join(file), text)?;
+    }
+    let peer_args = peer_args.and_then(|p| {
+        if p.script == FAN_PEER && std::env::var_os(TAO_CODE).is_none() {
+            Err(format!(
+                "TAO's FAN is the peer: set {TAO_CODE} to a checkout of NVIDIA/tao_pytorch_backend"
+            ))
+        } else {
+            Ok(p)
+        }
+    });
     let python = match &peer_args {
         Ok(_) => args
             .peer
@@ -363,10 +409,12 @@ fn report(
     let mut line = format!("input={h}x{w} gflops={:.4}", g(detector.total()));
     match theirs {
         Some(t) if backbone_only => {
-            out += &format!(
-                "(fvcore {} on {}: the stages the detector reads, TAO's output norm on each returned level and its pooled squeeze-excitation added)\n",
-                t.fvcore, t.model
-            );
+            let note = if t.note.is_empty() {
+                "the stages the detector reads, TAO's output norm on each returned level and its pooled squeeze-excitation added"
+            } else {
+                &t.note
+            };
+            out += &format!("(fvcore {} on {}: {note})\n", t.fvcore, t.model);
             line += &format!(
                 " backbone_gflops={:.4} peer_backbone_gflops={:.4} ratio={:.4}",
                 g(ours.total()),

@@ -27,7 +27,7 @@ fn ddetr_counts_what_fvcore_counts_on_transformers_deformable_detr() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let fixture = root.join("bench/tests/golden/flops_fvcore.json");
     let cases: Vec<Case> = serde_json::from_slice(&std::fs::read(&fixture).unwrap()).unwrap();
-    assert_eq!(cases.len(), 4);
+    assert_eq!(cases.len(), 5);
     let names = ["conv", "linear", "attention", "norms", "sampling", "other"];
     for case in &cases {
         let spec = ddetr_trainer::spec::load(&root.join(&case.spec), &case.overrides, None)
@@ -45,7 +45,7 @@ fn ddetr_counts_what_fvcore_counts_on_transformers_deformable_detr() {
         let modules =
             ddetr_trainer::flops::count_by_module(&graph, (opts.input_height, opts.input_width))
                 .unwrap();
-        // A backbone-alone peer (timm's GCViT) is held to the backbone's share.
+        // A backbone-alone peer (timm's GCViT, TAO's FAN) is held to the backbone's share.
         let backbone_only = case.fvcore.scope == "backbone";
         let ours = if backbone_only {
             modules["backbone"]

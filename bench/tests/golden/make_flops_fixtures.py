@@ -2,10 +2,11 @@
 transformers' Deformable DETR for a few configurations, each beside the ddetr spec and overrides
 that build the same network and the peer arguments `ddetr bench flops` must derive from it.
 `bench/tests/flops_fvcore.rs` checks that ddetr's count equals fvcore's, kind by kind and module
-by module (a GCViT: its backbone against timm's).
+by module (a GCViT: its backbone against timm's; a FAN: its backbone against TAO's own).
 
-Run with the peers' python (torch 2.11, transformers 5.x, timm, fvcore):
-    python bench/tests/golden/make_flops_fixtures.py
+Run with the peers' python (torch 2.11, transformers 5.x, timm, fvcore) and a checkout of
+NVIDIA/tao_pytorch_backend for the FAN case (@ 3a8a971 made the committed file):
+    TAO_PYTORCH_BACKEND=<checkout> python bench/tests/golden/make_flops_fixtures.py
 """
 import json
 import pathlib
@@ -61,6 +62,15 @@ CASES = [
                       "export.input_width=224"],
         "script": "fvcore_gcvit_flops.py",
         "args": ["--variant", "xxtiny", "--size", "224", "--levels", "1,2,3"],
+    },
+    {   # FAN-Tiny (DINO's) against TAO's own FANFPN, the backbone alone, off the stride grid
+        "name": "fan_tiny_backbone",
+        "spec": "configs/dino_r50.yaml",
+        "overrides": ["model.backbone=fan_tiny", "model.enc_layers=1", "model.dec_layers=1",
+                      "model.num_queries=100", "model.num_select=100",
+                      "export.input_height=100", "export.input_width=140"],
+        "script": "fvcore_fan_flops.py",
+        "args": ["--variant", "tiny", "--height", "100", "--width", "140", "--levels", "1,2,3"],
     },
 ]
 
