@@ -217,12 +217,6 @@ fn gcvit_peer_args(spec: &ExperimentSpec) -> Result<Peer, String> {
              {h}x{w}: set export.input_height=224 export.input_width=224"
         ));
     }
-    let levels: Vec<String> = m
-        .return_interm_indices
-        .iter()
-        .filter(|&&i| i < 4)
-        .map(|i| i.to_string())
-        .collect();
     Ok(Peer {
         script: GCVIT_PEER,
         args: vec![
@@ -231,21 +225,27 @@ fn gcvit_peer_args(spec: &ExperimentSpec) -> Result<Peer, String> {
             "--size".into(),
             "224".into(),
             "--levels".into(),
-            levels.join(","),
+            backbone_levels(m),
         ],
     })
 }
 
-/// fvcore on TAO's FAN (the backbone alone) at the export size (run only where TAO's code is at
-/// hand: [`TAO_CODE`]).
-fn fan_peer_args(spec: &ExperimentSpec) -> Result<Peer, String> {
-    let m = &spec.model;
+/// The backbone levels a transformer backbone's peer returns (`return_interm_indices` without
+/// the extra level), as `1,2,3`.
+fn backbone_levels(m: &ddetr_trainer::spec::ModelConfig) -> String {
     let levels: Vec<String> = m
         .return_interm_indices
         .iter()
         .filter(|&&i| i < 4)
         .map(|i| i.to_string())
         .collect();
+    levels.join(",")
+}
+
+/// fvcore on TAO's FAN (the backbone alone) at the export size (run only where TAO's code is at
+/// hand: [`TAO_CODE`]).
+fn fan_peer_args(spec: &ExperimentSpec) -> Result<Peer, String> {
+    let m = &spec.model;
     Ok(Peer {
         script: FAN_PEER,
         args: vec![
@@ -256,7 +256,7 @@ fn fan_peer_args(spec: &ExperimentSpec) -> Result<Peer, String> {
             "--width".into(),
             spec.export.input_width.to_string(),
             "--levels".into(),
-            levels.join(","),
+            backbone_levels(m),
         ],
     })
 }
