@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{launch_bin, one_node_launch, serial, tiny_workdir, TINY_64, TINY_TRAIN};
+use common::{serial, tiny_workdir, TINY_64, TINY_TRAIN};
 
 const PATIENCE: Duration = Duration::from_secs(400);
 const FAN: &[&str] = &[
@@ -40,24 +40,20 @@ fn fan_dino_trains_under_the_launcher_evaluates_infers_and_exports() {
     let d = work.path();
     let ddetr = |a: &[String]| common::run(d, &common::ddetr_bin(), a, &[], PATIENCE);
 
-    let mut launch = one_node_launch(2);
-    launch.extend(dino_task(
-        "train",
-        &[
-            TINY_64,
-            TINY_TRAIN,
-            FAN,
-            &["train.activation_checkpoint=true"],
-        ],
-    ));
-    let (st, err) = common::run(d, &launch_bin(), &launch, &[], PATIENCE);
-    assert!(st.success(), "{err}");
-    let train = d.join("results/train");
-    for f in ["model_epoch_001.safetensors", "status.json", "loss.png"] {
-        assert!(train.join(f).is_file(), "{f} missing:\n{err}");
-    }
-    let experiment = std::fs::read_to_string(train.join("experiment.yaml")).unwrap();
-    assert!(experiment.contains("backbone: fan_tiny"), "{experiment}");
+    common::train_on_two_ranks(
+        d,
+        dino_task(
+            "train",
+            &[
+                TINY_64,
+                TINY_TRAIN,
+                FAN,
+                &["train.activation_checkpoint=true"],
+            ],
+        ),
+        "fan_tiny",
+        PATIENCE,
+    );
     // The checkpoint holds the BatchNorms' running statistics, moved off their initial values
     // by the training batches.
     let ck = "results/train/dd_model_latest.safetensors";

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{launch_bin, one_node_launch, serial, tiny_task, tiny_workdir, TINY_64, TINY_TRAIN};
+use common::{serial, tiny_task, tiny_workdir, TINY_64, TINY_TRAIN};
 
 const PATIENCE: Duration = Duration::from_secs(400);
 const GCVIT: &[&str] = &["model.backbone=gc_vit_xxtiny"];
@@ -18,27 +18,20 @@ fn gcvit_deformable_detr_trains_evaluates_infers_and_exports_and_dino_trains() {
     let d = work.path();
     let ddetr = |a: &[String]| common::run(d, &common::ddetr_bin(), a, &[], PATIENCE);
 
-    let mut launch = one_node_launch(2);
-    launch.extend(tiny_task(
-        "train",
-        "results",
-        &[
-            TINY_64,
-            TINY_TRAIN,
-            GCVIT,
-            &["train.activation_checkpoint=true"],
-        ],
-    ));
-    let (st, err) = common::run(d, &launch_bin(), &launch, &[], PATIENCE);
-    assert!(st.success(), "{err}");
-    let train = d.join("results/train");
-    for f in ["model_epoch_001.safetensors", "status.json", "loss.png"] {
-        assert!(train.join(f).is_file(), "{f} missing:\n{err}");
-    }
-    let experiment = std::fs::read_to_string(train.join("experiment.yaml")).unwrap();
-    assert!(
-        experiment.contains("backbone: gc_vit_xxtiny"),
-        "{experiment}"
+    common::train_on_two_ranks(
+        d,
+        tiny_task(
+            "train",
+            "results",
+            &[
+                TINY_64,
+                TINY_TRAIN,
+                GCVIT,
+                &["train.activation_checkpoint=true"],
+            ],
+        ),
+        "gc_vit_xxtiny",
+        PATIENCE,
     );
 
     let ck = "results/train/dd_model_latest.safetensors";

@@ -306,6 +306,31 @@ where
     (st, p.stderr())
 }
 
+/// `task` (a `train` command line) under `ddetr-launch` on 2 CPU ranks in `dir`: asserts it
+/// succeeds, writes `results/train`'s epoch checkpoint, status and loss plot, and records
+/// `backbone` in its `experiment.yaml`; returns that folder.
+pub fn train_on_two_ranks(
+    dir: &Path,
+    task: Vec<String>,
+    backbone: &str,
+    limit: Duration,
+) -> PathBuf {
+    let mut launch = one_node_launch(2);
+    launch.extend(task);
+    let (st, err) = run(dir, &launch_bin(), &launch, &[], limit);
+    assert!(st.success(), "{err}");
+    let train = dir.join("results/train");
+    for f in ["model_epoch_001.safetensors", "status.json", "loss.png"] {
+        assert!(train.join(f).is_file(), "{f} missing:\n{err}");
+    }
+    let experiment = std::fs::read_to_string(train.join("experiment.yaml")).unwrap();
+    assert!(
+        experiment.contains(&format!("backbone: {backbone}")),
+        "{experiment}"
+    );
+    train
+}
+
 /// `kill <sig> <pid>`; panics unless it succeeds.
 pub fn signal(sig: &str, pid: i32) {
     let ok = Command::new("kill")
